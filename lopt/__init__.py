@@ -1,0 +1,27 @@
+"""lopt: learned optimizers on neural graphs.
+
+``NGOptimizer(model.parameters())`` is a drop-in ``torch.optim`` optimizer whose
+update rule is a graph network over the network's neurons and weights.
+"""
+
+from lopt.features import FeatureState
+from lopt.functional import init_state, ng_step
+from lopt.graph import NeuralGraph
+from lopt.optimizer import NGOptimizer, default_rule_path
+from lopt.rule import RuleConfig, UpdateRule, load_rule, save_rule
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "NGOptimizer",
+    "NeuralGraph",
+    "UpdateRule",
+    "RuleConfig",
+    "FeatureState",
+    "ng_step",
+    "init_state",
+    "save_rule",
+    "load_rule",
+    "default_rule_path",
+    "__version__",
+]

@@ -1,0 +1,127 @@
+"""Per-scalar optimizer features and the optimizer state they are built from.
+
+Everything here works on flat float32 vectors over all ``P`` scalars of a
+:class:`~lopt.graph.NeuralGraph`, whatever the parameters' dtype. The state is
+an immutable :class:`FeatureState` so that the same code serves the in-place
+optimizer (under ``torch.no_grad``) and meta-training (autograd through the
+unroll).
+
+Features of each scalar, in column order (:data:`FEATURE_NAMES`):
+
+* parameter value, gradient and momenta at the decays :data:`MOMENTUM_DECAYS`,
+  each divided by its per-tensor root-mean-square, so the rule sees shapes of
+  distributions, not scales (a network multiplied by 10 looks the same);
+* Adam-style ratios ``m_hat / sqrt(v_hat + eps)`` per momentum decay. They are
+  already scale-free and bounded (about [-1, 1]), and their magnitude carries
+  the signal-to-noise ratio of the gradient, so they are not re-normalised.
+
+Time features ``tanh(t / tau - 1)`` on a log grid of ``tau`` are shared by all
+scalars and returned separately (:func:`time_features`).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from lopt.graph import NeuralGraph
+
+__all__ = [
+    "FeatureState",
+    "MOMENTUM_DECAYS",
+    "SECOND_MOMENT_DECAY",
+    "TIME_SCALES",
+    "FEATURE_NAMES",
+    "NUM_FEATURES",
+    "NUM_TIME_FEATURES",
+    "ADAM_RATIO_FEATURE",
+    "init_feature_state",
+    "update_feature_state",
+    "scalar_features",
+    "time_features",
+]
+
+MOMENTUM_DECAYS = (0.5, 0.9, 0.99, 0.999)
+SECOND_MOMENT_DECAY = 0.999
+TIME_SCALES = (3.0, 30.0, 300.0, 3000.0, 30000.0)
+EPS = 1e-8
+#: eps inside sqrt of the second moment, as in Adam (and keeps 2nd derivatives finite)
+RATIO_EPS = 1e-16
+
+FEATURE_NAMES = (
+    ("param", "grad")
+    + tuple(f"mom_{b}" for b in MOMENTUM_DECAYS)
+    + tuple(f"adam_ratio_{b}" for b in MOMENTUM_DECAYS)
+)
+NUM_FEATURES = len(FEATURE_NAMES)
+NUM_TIME_FEATURES = len(TIME_SCALES)
+#: Column of the Adam ratio with beta1 = 0.9: the rule is initialised to follow it.
+ADAM_RATIO_FEATURE = FEATURE_NAMES.index("adam_ratio_0.9")
+_NUM_NORMALISED = 2 + len(MOMENTUM_DECAYS)
+
+
+class FeatureState(NamedTuple):
+    """Optimizer state over the flat parameter vector (all float32)."""
+
+    step: torch.Tensor  # () number of updates applied so far
+    momenta: torch.Tensor  # (len(MOMENTUM_DECAYS), P) gradient EMAs
+    second_moment: torch.Tensor  # (P,) EMA of squared gradients
+
+
+def init_feature_state(
+    num_scalars: int, device: torch.device | str | None = None
+) -> FeatureState:
+    """Zero state for ``num_scalars`` parameters."""
+    return FeatureState(
+        step=torch.zeros((), device=device),
+        momenta=torch.zeros(len(MOMENTUM_DECAYS), num_scalars, device=device),
+        second_moment=torch.zeros(num_scalars, device=device),
+    )
+
+
+def _decays(device) -> torch.Tensor:
+    return torch.tensor(MOMENTUM_DECAYS, device=device)[:, None]
+
+
+def update_feature_state(state: FeatureState, grad: torch.Tensor) -> FeatureState:
+    """Fold one gradient ``(P,)`` into the moving averages."""
+    betas = _decays(grad.device)
+    momenta = torch.lerp(state.momenta, grad.expand_as(state.momenta), 1.0 - betas)
+    second = torch.lerp(state.second_moment, grad * grad, 1.0 - SECOND_MOMENT_DECAY)
+    return FeatureState(state.step + 1, momenta, second)
+
+
+def _per_tensor_mean_square(graph: NeuralGraph, values: torch.Tensor) -> torch.Tensor:
+    """Mean square of each row of ``values (C, P)`` within each tensor,
+    broadcast back to ``(C, P)``."""
+    rows, total = values.shape
+    lengths = torch.tensor(graph.numels, device=values.device)
+    mean_sq = torch.segment_reduce(
+        values * values, "mean", lengths=lengths.expand(rows, -1), axis=1
+    )
+    return torch.repeat_interleave(mean_sq, lengths, dim=1, output_size=total)
+
+
+def scalar_features(
+    graph: NeuralGraph, param: torch.Tensor, grad: torch.Tensor, state: FeatureState
+) -> torch.Tensor:
+    """Features ``(NUM_FEATURES, P)`` of every scalar (channel-major).
+
+    ``state`` must already include ``grad`` (see :func:`update_feature_state`),
+    so that the ratios at step 1 are well defined.
+    """
+    raw = torch.cat([param[None], grad[None], state.momenta], dim=0)
+    normalised = raw * torch.rsqrt(_per_tensor_mean_square(graph, raw) + EPS)
+    t = state.step
+    betas = _decays(param.device)
+    m_hat = state.momenta / (1.0 - betas**t)
+    v_hat = state.second_moment / (1.0 - SECOND_MOMENT_DECAY**t)
+    ratios = m_hat * torch.rsqrt(v_hat + RATIO_EPS)
+    return torch.cat([normalised, ratios], dim=0)
+
+
+def time_features(step: torch.Tensor) -> torch.Tensor:
+    """``tanh(t / tau - 1)`` for each time scale, shape ``(NUM_TIME_FEATURES,)``."""
+    taus = torch.tensor(TIME_SCALES, device=step.device)
+    return torch.tanh(step / taus - 1.0)

@@ -1,0 +1,77 @@
+"""The pure learned-optimizer step: the single source of truth.
+
+:func:`ng_step` maps ``(rule, graph, params, grads, state)`` to
+``(new_params, new_state)`` on flat float32 vectors and changes nothing in
+place. :class:`~lopt.optimizer.NGOptimizer` calls it under ``torch.no_grad()``;
+meta-training and the ``higher`` integration call it with autograd on, so the
+result is differentiable in the rule's weights (and, optionally, through the
+parameters and gradients).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lopt.features import (
+    FeatureState,
+    init_feature_state,
+    scalar_features,
+    time_features,
+    update_feature_state,
+)
+from lopt.graph import NeuralGraph
+from lopt.rule import UpdateRule
+
+__all__ = ["ng_step", "init_state", "FeatureState"]
+
+
+def init_state(graph: NeuralGraph, device: torch.device | str | None = None) -> FeatureState:
+    """Zero optimizer state for every scalar of ``graph``."""
+    return init_feature_state(graph.num_scalars, device)
+
+
+def ng_step(
+    rule: UpdateRule,
+    graph: NeuralGraph,
+    params: torch.Tensor,
+    grads: torch.Tensor,
+    state: FeatureState,
+    lr: float | torch.Tensor = 1.0,
+    weight_decay: float | torch.Tensor = 0.0,
+    update_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, FeatureState]:
+    """One learned-optimizer step on flat vectors.
+
+    Args:
+        rule: the update rule.
+        graph: the neural graph of the parameters (``P`` scalars).
+        params: ``(P,)`` float32 parameter values.
+        grads: ``(P,)`` float32 gradients.
+        state: the optimizer state before this step.
+        lr: multiplier of the rule's step, a float or a ``(P,)`` tensor (one
+            value per scalar, for several param groups).
+        weight_decay: decoupled weight decay, scaled like AdamW's:
+            ``p -= lr * rule.config.step_scale * weight_decay * p``.
+        update_mask: optional ``(P,)`` bool; scalars where it is ``False`` keep
+            their value and their state (parameters that had no gradient).
+
+    Returns:
+        ``(new_params, new_state)``.
+    """
+    new_state = update_feature_state(state, grads)
+    if update_mask is not None:
+        new_state = FeatureState(
+            new_state.step,
+            torch.where(update_mask, new_state.momenta, state.momenta),
+            torch.where(update_mask, new_state.second_moment, state.second_moment),
+        )
+    feats = scalar_features(graph, params, grads, new_state)
+    update = rule(graph, feats, time_features(new_state.step))
+    if not isinstance(weight_decay, torch.Tensor) and weight_decay == 0.0:
+        new_params = params + lr * update
+    else:
+        decay = rule.config.step_scale * weight_decay * params
+        new_params = params + lr * (update - decay)
+    if update_mask is not None:
+        new_params = torch.where(update_mask, new_params, params)
+    return new_params, new_state

@@ -1,0 +1,270 @@
+"""Neural graphs: neurons are nodes, weights are edges.
+
+A :class:`NeuralGraph` is built **once** from an ordered list of parameter shapes
+by shape inference. Every scalar of every parameter is assigned to exactly one
+of two kinds of graph element:
+
+* an **edge** (a scalar weight of a tensor with two or more dimensions), which
+  connects an input neuron (``src``) to an output neuron (``dst``) and carries
+  its kernel offset as a static attribute;
+* a **node slot** (a scalar of a 1-D tensor that belongs to a layer: bias, norm
+  scale, norm shift, ...), or a **standalone** node for anything that matches
+  nothing (scalars, unmatched vectors).
+
+Everything is stored as flat index tensors over one flat vector of all ``P``
+scalars in **graph order**: the tensors that hold edges first, then the tensors
+that hold node slots (each tensor is wholly one or the other). Edge ``j`` is
+scalar ``j`` and slot ``s`` is scalar ``E + s``, so splitting per-scalar values
+into edges and slots is slicing, not gathering. Per-scalar values are kept
+channel-major, ``(C, P)``: on a CPU, elementwise work and small matrix products
+over long contiguous rows are several times faster than over ``(P, C)``.
+
+Shape inference rules (see ``DESIGN.md`` section 3.1):
+
+* a tensor of shape ``(out, in, *kernel)`` is a layer with ``out`` new nodes.
+  Its inputs are the previous layer's output nodes when ``in`` equals their
+  count, a flatten of them when ``in`` is a multiple of it (input feature ``i``
+  maps to node ``i // (in / prev_out)``), and fresh input nodes otherwise;
+* a 1-D tensor whose length equals the current layer's width is a node slot of
+  that layer's nodes; the k-th such vector after a layer gets slot type ``k``;
+* anything else becomes standalone nodes, one per scalar.
+
+No learned per-index information is attached to hidden neurons, so permuting
+the hidden neurons of a network permutes the graph and nothing else.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import torch
+
+__all__ = [
+    "NeuralGraph",
+    "NODE_ROLES",
+    "NUM_SLOT_TYPES",
+    "STANDALONE_SLOT",
+    "EDGE_ATTR_DIM",
+    "NODE_ATTR_DIM",
+]
+
+#: Node roles, one-hot encoded in :attr:`NeuralGraph.node_attr`.
+NODE_ROLES = ("input", "hidden", "output", "standalone")
+#: Slot types 0..2 are the first, second and third vector after a layer (bias,
+#: norm scale, norm shift in the common orderings); later vectors share type 2.
+NUM_LAYER_SLOT_TYPES = 3
+#: Slot type of standalone scalars.
+STANDALONE_SLOT = NUM_LAYER_SLOT_TYPES
+NUM_SLOT_TYPES = NUM_LAYER_SLOT_TYPES + 1
+#: Static edge attributes: kernel offset (up to 3 spatial dims, in [-1, 1]),
+#: and a flag for weights that belong to a kernel of more than one tap.
+MAX_KERNEL_DIMS = 3
+EDGE_ATTR_DIM = MAX_KERNEL_DIMS + 1
+#: Static node attributes: role one-hot and relative depth in [0, 1].
+NODE_ATTR_DIM = len(NODE_ROLES) + 1
+
+
+@dataclass
+class _Builder:
+    """Accumulates index tensors while walking the parameters in order."""
+
+    num_nodes: int = 0
+    node_role: list[torch.Tensor] = field(default_factory=list)
+    node_depth: list[torch.Tensor] = field(default_factory=list)
+    edge_src: list[torch.Tensor] = field(default_factory=list)
+    edge_dst: list[torch.Tensor] = field(default_factory=list)
+    edge_attr: list[torch.Tensor] = field(default_factory=list)
+    edge_tensors: list[int] = field(default_factory=list)
+    slot_tensors: list[int] = field(default_factory=list)
+    slot_node: list[torch.Tensor] = field(default_factory=list)
+    slot_type: list[torch.Tensor] = field(default_factory=list)
+
+    def add_nodes(self, count: int, role: int, depth: int) -> torch.Tensor:
+        ids = torch.arange(self.num_nodes, self.num_nodes + count)
+        self.num_nodes += count
+        self.node_role.append(torch.full((count,), role, dtype=torch.long))
+        self.node_depth.append(torch.full((count,), depth, dtype=torch.long))
+        return ids
+
+
+def _kernel_attr(kernel: Sequence[int]) -> torch.Tensor:
+    """Static attributes of the ``prod(kernel)`` taps of one kernel, (k, 4)."""
+    k = math.prod(kernel)
+    attr = torch.zeros(k, EDGE_ATTR_DIM)
+    if k == 1:
+        return attr
+    dims = list(kernel)[-MAX_KERNEL_DIMS:]
+    grids = torch.meshgrid(
+        *[torch.arange(d, dtype=torch.float32) for d in list(kernel)], indexing="ij"
+    )
+    for j, (d, grid) in enumerate(zip(dims, grids[-len(dims) :])):
+        half = max((d - 1) / 2.0, 1.0)
+        attr[:, j] = ((grid - (d - 1) / 2.0) / half).reshape(-1)
+    attr[:, MAX_KERNEL_DIMS] = 1.0
+    return attr
+
+
+@dataclass(frozen=True)
+class NeuralGraph:
+    """A network's parameters seen as a graph of neurons.
+
+    Shapes:
+        - ``edge_index``: ``(2, E)``, rows ``(src, dst)`` node ids.
+        - ``edge_attr``: ``(EDGE_ATTR_DIM, E)`` static edge attributes
+          (channel-major).
+        - ``slot_node``, ``slot_type``: ``(S,)`` node and type of each slot.
+        - ``node_attr``: ``(N, NODE_ATTR_DIM)`` static node attributes.
+        - ``tensor_order``: the parameter indices in graph order.
+        - ``tensor_id``: ``(P,)`` parameter index of each scalar (graph order).
+
+    ``E + S == P``: every scalar is exactly one edge or one node slot.
+    """
+
+    shapes: tuple[torch.Size, ...]
+    num_nodes: int
+    tensor_order: tuple[int, ...]
+    edge_index: torch.Tensor
+    edge_attr: torch.Tensor
+    slot_node: torch.Tensor
+    slot_type: torch.Tensor
+    node_attr: torch.Tensor
+    tensor_id: torch.Tensor
+
+    # ------------------------------------------------------------------ build
+    @classmethod
+    def from_shapes(cls, shapes: Iterable[Sequence[int]]) -> "NeuralGraph":
+        """Build the graph of parameters with the given shapes, in order."""
+        shapes = tuple(torch.Size(s) for s in shapes)
+        b = _Builder()
+        depth = 0
+        prev: torch.Tensor | None = None  # output nodes of the last layer
+        slots_used = 0
+        for index, shape in enumerate(shapes):
+            numel = shape.numel()
+            if len(shape) >= 2 and numel > 0:
+                out, inn = shape[0], shape[1]
+                kernel = tuple(shape[2:])
+                k = math.prod(kernel)
+                if prev is not None and inn == len(prev):
+                    inputs = prev
+                elif prev is not None and inn % len(prev) == 0:
+                    inputs = prev.repeat_interleave(inn // len(prev))
+                else:
+                    inputs = b.add_nodes(inn, NODE_ROLES.index("input"), depth)
+                depth += 1
+                outputs = b.add_nodes(out, NODE_ROLES.index("hidden"), depth)
+                # Flat weight index o*in*k + i*k + t  ->  (src=inputs[i], dst=outputs[o]).
+                b.edge_src.append(inputs.repeat_interleave(k).repeat(out))
+                b.edge_dst.append(outputs.repeat_interleave(inn * k))
+                b.edge_tensors.append(index)
+                b.edge_attr.append(_kernel_attr(kernel).repeat(out * inn, 1))
+                prev = outputs
+                slots_used = 0
+            elif len(shape) == 1 and prev is not None and shape[0] == len(prev):
+                b.slot_tensors.append(index)
+                b.slot_node.append(prev)
+                stype = min(slots_used, NUM_LAYER_SLOT_TYPES - 1)
+                b.slot_type.append(torch.full((numel,), stype, dtype=torch.long))
+                slots_used += 1
+            else:
+                nodes = b.add_nodes(numel, NODE_ROLES.index("standalone"), depth)
+                b.slot_tensors.append(index)
+                b.slot_node.append(nodes)
+                b.slot_type.append(torch.full((numel,), STANDALONE_SLOT))
+        return cls._finish(b, shapes, prev, depth)
+
+    @classmethod
+    def from_parameters(cls, params: Iterable[torch.Tensor]) -> "NeuralGraph":
+        """Build the graph of an ordered parameter list (uses shapes only)."""
+        return cls.from_shapes([p.shape for p in params])
+
+    @classmethod
+    def _finish(cls, b, shapes, last_layer, max_depth) -> "NeuralGraph":
+        def cat(parts, dtype=torch.long, width=None):
+            if parts:
+                return torch.cat(parts)
+            return torch.zeros((0,) if width is None else (0, width), dtype=dtype)
+
+        role = cat(b.node_role)
+        if last_layer is not None:
+            role[last_layer] = NODE_ROLES.index("output")
+        depth = cat(b.node_depth).float() / max(max_depth, 1)
+        node_attr = torch.cat(
+            [torch.nn.functional.one_hot(role, len(NODE_ROLES)).float(), depth[:, None]],
+            dim=1,
+        )
+        order = tuple(b.edge_tensors + b.slot_tensors)
+        numels = torch.tensor([shapes[i].numel() for i in order], dtype=torch.long)
+        tensor_id = torch.repeat_interleave(torch.tensor(order, dtype=torch.long), numels)
+        return cls(
+            shapes=shapes,
+            num_nodes=b.num_nodes,
+            tensor_order=order,
+            edge_index=torch.stack([cat(b.edge_src), cat(b.edge_dst)]),
+            edge_attr=cat(b.edge_attr, torch.float32, EDGE_ATTR_DIM).T.contiguous(),
+            slot_node=cat(b.slot_node),
+            slot_type=cat(b.slot_type),
+            node_attr=node_attr,
+            tensor_id=tensor_id,
+        )
+
+    # ------------------------------------------------------------ properties
+    @property
+    def num_edges(self) -> int:
+        return self.edge_index.shape[1]
+
+    @property
+    def num_slots(self) -> int:
+        return self.slot_node.numel()
+
+    @property
+    def num_scalars(self) -> int:
+        return self.tensor_id.numel()
+
+    @property
+    def numels(self) -> list[int]:
+        """Sizes of the parameter tensors, in graph order."""
+        return [self.shapes[i].numel() for i in self.tensor_order]
+
+    def to(self, device: torch.device | str) -> "NeuralGraph":
+        """A copy with every index tensor on ``device``."""
+        moved = {
+            name: getattr(self, name).to(device)
+            for name in self.__dataclass_fields__
+            if isinstance(getattr(self, name), torch.Tensor)
+        }
+        return NeuralGraph(
+            shapes=self.shapes,
+            num_nodes=self.num_nodes,
+            tensor_order=self.tensor_order,
+            **moved,
+        )
+
+    # ------------------------------------------------------- flat <-> tensors
+    def flatten(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Concatenate tensors given in parameter order into one flat float32
+        vector in graph order."""
+        return torch.cat([tensors[i].reshape(-1) for i in self.tensor_order]).float()
+
+    def unflatten(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Split the last dim of a graph-order ``(..., P)`` tensor into views of
+        the parameter shapes, returned in parameter order."""
+        lead = flat.shape[:-1]
+        parts = flat.split(self.numels, dim=-1)
+        out: list[torch.Tensor] = [flat] * len(self.shapes)
+        for i, part in zip(self.tensor_order, parts):
+            out[i] = part.view(*lead, *self.shapes[i])
+        return out
+
+    def split_scalars(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Split the last dim of ``(..., P)`` into edges ``(..., E)`` and slots
+        ``(..., S)`` (views)."""
+        return values[..., : self.num_edges], values[..., self.num_edges :]
+
+    def __repr__(self) -> str:
+        return (
+            f"NeuralGraph(tensors={len(self.shapes)}, nodes={self.num_nodes}, "
+            f"edges={self.num_edges}, slots={self.num_slots})"
+        )

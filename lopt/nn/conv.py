@@ -1,0 +1,131 @@
+"""The one message-passing operator of the backbone."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch_geometric.nn import MessagePassing
+
+__all__ = ["NGConv", "channel_linear"]
+
+_STD_EPS = 1e-5
+
+
+def channel_linear(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """Apply ``linear`` to channel-major ``x (F_in, n)``, giving ``(F_out, n)``."""
+    if linear.bias is None:
+        return linear.weight @ x
+    return torch.addmm(linear.bias[:, None], linear.weight, x)
+
+
+class NGConv(MessagePassing):
+    r"""Message passing on neural graphs with FiLM-modulated messages and edge
+    updates.
+
+    For an edge :math:`(i \to j)` with embedding :math:`e_{ij}`:
+
+    .. math::
+        m_{ij} = \gamma(e_{ij}) \odot (A h_i + B h_j) + \beta(e_{ij})
+
+    Nodes are projected before the gather, so the cost is
+    :math:`O(|E| \cdot d_{msg})`. Each node aggregates messages separately over
+    its fan-in (edges where it is ``dst``) and its fan-out (edges where it is
+    ``src``), with mean and standard deviation (PNA-style), then
+
+    .. math::
+        h_j' = h_j + \mathrm{MLP}([h_j, \mathrm{mean}_{in}, \mathrm{std}_{in},
+        \mathrm{mean}_{out}, \mathrm{std}_{out}])
+
+        e_{ij}' = e_{ij} + W_2\, \sigma(W_e e_{ij} + W_s h_i' + W_t h_j')
+
+    Every operation is per node, per edge, or a symmetric aggregation, so the
+    layer is equivariant to any relabelling of the nodes.
+
+    Edge tensors are **channel-major** ``(F_e, |E|)``: edges are as many as the
+    weights of the network, and on a CPU long contiguous rows are several times
+    faster to process than ``(|E|, F_e)``. Node tensors are node-major as
+    usual (nodes are few).
+
+    Args:
+        node_dim (int): width of node embeddings.
+        edge_dim (int): width of edge embeddings.
+        msg_dim (int, optional): width of messages. (default: ``edge_dim``)
+
+    Shapes:
+        - **input:** node features :math:`(|V|, F_v)`, edge indices
+          :math:`(2, |E|)`, edge features :math:`(F_e, |E|)`
+        - **output:** node features :math:`(|V|, F_v)`, edge features
+          :math:`(F_e, |E|)`
+    """
+
+    def __init__(self, node_dim: int, edge_dim: int, msg_dim: int | None = None):
+        # node_dim=-1: aggregate along the last axis of channel-major messages.
+        super().__init__(aggr="mean", node_dim=-1)
+        self.node_dim_ = node_dim
+        self.edge_dim = edge_dim
+        self.msg_dim = msg_dim or edge_dim
+        self.lin_src = nn.Linear(node_dim, self.msg_dim, bias=False)
+        self.lin_dst = nn.Linear(node_dim, self.msg_dim, bias=False)
+        self.film = nn.Linear(edge_dim, 2 * self.msg_dim)
+        self.node_mlp = nn.Sequential(
+            nn.Linear(node_dim + 4 * self.msg_dim, node_dim),
+            nn.SiLU(),
+            nn.Linear(node_dim, node_dim),
+        )
+        self.edge_lin = nn.Linear(edge_dim, edge_dim)
+        self.edge_src = nn.Linear(node_dim, edge_dim, bias=False)
+        self.edge_dst = nn.Linear(node_dim, edge_dim, bias=False)
+        self.edge_out = nn.Linear(edge_dim, edge_dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        for lin in (self.lin_src, self.lin_dst, self.edge_lin, self.edge_src,
+                    self.edge_dst):
+            lin.reset_parameters()
+        # FiLM starts as the identity modulation: gamma = 1, beta = 0.
+        nn.init.zeros_(self.film.weight)
+        with torch.no_grad():
+            self.film.bias.zero_()
+            self.film.bias[: self.msg_dim] = 1.0
+        for layer in self.node_mlp:
+            if isinstance(layer, nn.Linear):
+                layer.reset_parameters()
+        # Residual branches start small so that a deep stack starts near identity.
+        for lin in (self.node_mlp[-1], self.edge_out):
+            nn.init.normal_(lin.weight, std=0.01)
+            nn.init.zeros_(lin.bias)
+
+    def _mean_std(self, msg: torch.Tensor, index: torch.Tensor, num_nodes: int):
+        moments = self.aggregate(
+            torch.cat([msg, msg * msg], dim=0), index, dim_size=num_nodes
+        ).T
+        mean, mean_sq = moments.split(self.msg_dim, dim=1)
+        std = torch.sqrt((mean_sq - mean * mean).clamp(min=0.0) + _STD_EPS)
+        return mean, std
+
+    def forward(
+        self, x: torch.Tensor, edge_index: torch.Tensor, edge_attr: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        src, dst = edge_index[0], edge_index[1]
+        num_nodes = x.shape[0]
+        gamma, beta = channel_linear(self.film, edge_attr).split(self.msg_dim, dim=0)
+        proj_src = self.lin_src(x).T.index_select(1, src)
+        proj_dst = self.lin_dst(x).T.index_select(1, dst)
+        msg = torch.addcmul(beta, gamma, proj_src + proj_dst)
+        in_mean, in_std = self._mean_std(msg, dst, num_nodes)
+        out_mean, out_std = self._mean_std(msg, src, num_nodes)
+        x = x + self.node_mlp(torch.cat([x, in_mean, in_std, out_mean, out_std], 1))
+        hidden = (
+            channel_linear(self.edge_lin, edge_attr)
+            + self.edge_src(x).T.index_select(1, src)
+            + self.edge_dst(x).T.index_select(1, dst)
+        )
+        edge_attr = edge_attr + channel_linear(self.edge_out, nn.functional.silu(hidden))
+        return x, edge_attr
+
+    def __repr__(self) -> str:
+        return (
+            f"{self.__class__.__name__}(node_dim={self.node_dim_}, "
+            f"edge_dim={self.edge_dim}, msg_dim={self.msg_dim})"
+        )

@@ -1,0 +1,278 @@
+"""The learned update rule: graph backbone plus per-edge and per-node heads.
+
+An :class:`UpdateRule` maps ``(graph, per-scalar features, time features)`` to
+one update per scalar parameter. Each head predicts a direction ``d`` and a
+log-magnitude ``m``; the update is
+
+    update = -step_scale * d * exp(magnitude_scale * softclip(m))
+
+The heads have a linear skip path from the scalar's own features that is
+initialised to the Adam ratio ``m_hat / sqrt(v_hat)`` (beta1 = 0.9) while the
+learned path starts at zero, so an untrained rule *is* Adam with learning rate
+``step_scale``. Meta-training learns corrections from there; this keeps early
+meta-training stable and gives every rule a sane floor.
+
+Rules are saved as a directory with ``weights.safetensors`` and
+``config.json`` (format version, feature set, widths, provenance). Loading
+never executes code from the files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lopt.features import (
+    ADAM_RATIO_FEATURE,
+    FEATURE_NAMES,
+    MOMENTUM_DECAYS,
+    NUM_FEATURES,
+    NUM_TIME_FEATURES,
+    TIME_SCALES,
+)
+from lopt.graph import EDGE_ATTR_DIM, NODE_ATTR_DIM, NUM_SLOT_TYPES, NeuralGraph
+from lopt.nn import GraphBackbone
+from lopt.nn.conv import channel_linear
+
+__all__ = ["RuleConfig", "UpdateRule", "save_rule", "load_rule", "FORMAT_VERSION"]
+
+FORMAT_VERSION = 1
+_FORMAT_NAME = "lopt-rule"
+WEIGHTS_FILE = "weights.safetensors"
+CONFIG_FILE = "config.json"
+
+NODE_IN_DIM = NODE_ATTR_DIM + NUM_TIME_FEATURES + NUM_SLOT_TYPES * (NUM_FEATURES + 1)
+EDGE_IN_DIM = NUM_FEATURES + EDGE_ATTR_DIM
+
+
+@dataclass(frozen=True)
+class RuleConfig:
+    """Architecture and output constants of an :class:`UpdateRule`."""
+
+    node_dim: int = 32  # width of node embeddings
+    edge_dim: int = 4  # width of edge embeddings (edges are as many as weights)
+    num_layers: int = 1  # message-passing layers
+    head_hidden: int = 8  # hidden width of the per-edge and per-slot heads
+    step_scale: float = 1e-3  # b: base step, the Adam-equivalent learning rate
+    magnitude_scale: float = 1.0  # a: how strongly m rescales the step
+    magnitude_clip: float = 4.0  # |a * m| is soft-clipped to this (a factor e^4)
+
+    def __post_init__(self):
+        for name in ("node_dim", "edge_dim", "num_layers", "head_hidden"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < (0 if name == "num_layers" else 1):
+                raise ValueError(f"Invalid {name}: {value}")
+        for name in ("step_scale", "magnitude_scale", "magnitude_clip"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"Invalid {name}: {value}")
+
+
+class _Head(nn.Module):
+    """MLP on ``[embedding, own features]`` plus a linear skip from the features,
+    outputting ``(direction, log-magnitude)``. Channel-major: ``(C, n)``."""
+
+    def __init__(self, embed_dim: int, hidden: int):
+        super().__init__()
+        self.embed_in = nn.Linear(embed_dim, hidden)
+        self.feat_in = nn.Linear(NUM_FEATURES, hidden, bias=False)
+        self.out = nn.Linear(hidden, 2)
+        self.skip = nn.Linear(NUM_FEATURES, 2, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        self.embed_in.reset_parameters()
+        self.feat_in.reset_parameters()
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+        with torch.no_grad():
+            self.skip.weight.zero_()
+            self.skip.weight[0, ADAM_RATIO_FEATURE] = 1.0
+
+    def forward(self, embed: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+        # One product for the hidden layer's feature part and the skip path.
+        from_feats = torch.cat([self.feat_in.weight, self.skip.weight]) @ feats
+        hidden = channel_linear(self.embed_in, embed) + from_feats[:-2]
+        return channel_linear(self.out, nn.functional.silu(hidden)) + from_feats[-2:]
+
+
+class UpdateRule(nn.Module):
+    """Graph backbone plus heads: predicts one update per scalar parameter.
+
+    Args:
+        config (RuleConfig, optional): widths and output constants.
+
+    Shapes:
+        - **input:** a :class:`~lopt.graph.NeuralGraph` with ``P`` scalars,
+          features :math:`(F, P)` in graph order, time features :math:`(T,)`
+        - **output:** updates :math:`(P,)` in graph order
+    """
+
+    def __init__(self, config: RuleConfig | None = None):
+        super().__init__()
+        self.config = config or RuleConfig()
+        c = self.config
+        self.backbone = GraphBackbone(
+            NODE_IN_DIM, EDGE_IN_DIM, c.node_dim, c.edge_dim, c.num_layers
+        )
+        self.edge_head = _Head(c.edge_dim, c.head_hidden)
+        self.slot_head = _Head(c.node_dim + NUM_SLOT_TYPES, c.head_hidden)
+        self.metadata: dict[str, Any] = {}
+
+    def node_inputs(
+        self, graph: NeuralGraph, slot_feats: torch.Tensor, time: torch.Tensor
+    ) -> torch.Tensor:
+        """Static node attributes, time, and the features of each node's slots
+        (one block per slot type, plus an indicator), ``(N, NODE_IN_DIM)``."""
+        n, device = graph.num_nodes, slot_feats.device
+        index = graph.slot_node * NUM_SLOT_TYPES + graph.slot_type
+        ones = torch.ones(1, len(index), device=device)
+        slots = torch.zeros(NUM_FEATURES + 1, n * NUM_SLOT_TYPES, device=device)
+        slots = slots.index_add(1, index, torch.cat([slot_feats, ones], dim=0))
+        slots = slots.view(NUM_FEATURES + 1, n, NUM_SLOT_TYPES).permute(1, 2, 0)
+        return torch.cat(
+            [graph.node_attr, time.expand(n, -1), slots.reshape(n, -1)], dim=1
+        )
+
+    def forward(
+        self, graph: NeuralGraph, feats: torch.Tensor, time: torch.Tensor
+    ) -> torch.Tensor:
+        edge_feats, slot_feats = graph.split_scalars(feats)
+        x = self.node_inputs(graph, slot_feats, time)
+        h, e = self.backbone(x, graph.edge_index, (edge_feats, graph.edge_attr))
+        slot_type = nn.functional.one_hot(graph.slot_type, NUM_SLOT_TYPES).float()
+        slot_embed = torch.cat([h[graph.slot_node], slot_type], dim=1).T
+        out = torch.cat(
+            [self.edge_head(e, edge_feats), self.slot_head(slot_embed, slot_feats)], dim=1
+        )
+        return self._to_update(out[0], out[1])
+
+    def _to_update(self, direction: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        clip = c.magnitude_clip
+        log_scale = clip * torch.tanh(c.magnitude_scale * magnitude / clip)
+        return -c.step_scale * direction * torch.exp(log_scale)
+
+    def extra_repr(self) -> str:
+        return f"config={self.config}"
+
+
+# --------------------------------------------------------------------- files
+def _feature_spec() -> dict[str, Any]:
+    return {
+        "names": list(FEATURE_NAMES),
+        "momentum_decays": list(MOMENTUM_DECAYS),
+        "time_scales": list(TIME_SCALES),
+    }
+
+
+def save_rule(
+    rule: UpdateRule, path: str | os.PathLike, provenance: dict[str, Any] | None = None
+) -> Path:
+    """Save ``rule`` to directory ``path`` (created if needed).
+
+    Writes ``weights.safetensors`` and ``config.json``; each file is written to
+    a temporary name and renamed, so an interrupted save never leaves a
+    half-written file in place of a good one.
+
+    Args:
+        rule: the rule to save.
+        path: target directory.
+        provenance: JSON-serialisable facts about how the rule was made
+            (command, meta-training config, commit, validation scores). Merged
+            over ``rule.metadata``.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    meta = {**rule.metadata, **(provenance or {})}
+    config = {
+        "format": _FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "rule_config": asdict(rule.config),
+        "features": _feature_spec(),
+        "provenance": meta,
+    }
+    text = json.dumps(config, indent=2, sort_keys=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in rule.state_dict().items()}
+    with tempfile.TemporaryDirectory(dir=path) as tmp:
+        save_file(tensors, os.path.join(tmp, WEIGHTS_FILE))
+        Path(tmp, CONFIG_FILE).write_text(text)
+        os.replace(os.path.join(tmp, WEIGHTS_FILE), path / WEIGHTS_FILE)
+        os.replace(os.path.join(tmp, CONFIG_FILE), path / CONFIG_FILE)
+    return path
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        config = json.loads((path / CONFIG_FILE).read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"Rule config {path / CONFIG_FILE} is not valid JSON: {err}") from err
+    if not isinstance(config, dict) or config.get("format") != _FORMAT_NAME:
+        raise ValueError(f"{path / CONFIG_FILE} is not an lopt rule config")
+    version = config.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ValueError(
+            f"Rule {path} has format version {version!r}; this lopt reads "
+            f"version {FORMAT_VERSION}"
+        )
+    if config.get("features") != _feature_spec():
+        raise ValueError(
+            f"Rule {path} was trained on features {config.get('features')}, but this "
+            f"lopt computes {_feature_spec()}"
+        )
+    return config
+
+
+def load_rule(path: str | os.PathLike) -> UpdateRule:
+    """Load a rule saved by :func:`save_rule` from its directory.
+
+    Raises:
+        FileNotFoundError: ``path`` or one of its two files does not exist.
+        ValueError: a file is corrupted, of another format version, or does
+            not match the architecture its config describes.
+    """
+    path = Path(path)
+    if path.is_file() and path.name in (CONFIG_FILE, WEIGHTS_FILE):
+        path = path.parent
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"No rule at {path}: missing {name}")
+    config = _read_config(path)
+    try:
+        rule_config = RuleConfig(**config["rule_config"])
+    except (TypeError, KeyError) as err:
+        raise ValueError(f"Rule {path} has an invalid rule_config: {err}") from err
+    try:
+        tensors = load_file(str(path / WEIGHTS_FILE))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"Rule weights {path / WEIGHTS_FILE} are corrupted: {err}") from err
+    rule = UpdateRule(rule_config)
+    expected = rule.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"Rule weights {path / WEIGHTS_FILE} do not match its config: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    for name, value in tensors.items():
+        if value.shape != expected[name].shape:
+            raise ValueError(
+                f"Rule weights {path / WEIGHTS_FILE}: {name} has shape "
+                f"{tuple(value.shape)}, config expects {tuple(expected[name].shape)}"
+            )
+        if not torch.isfinite(value).all():
+            raise ValueError(f"Rule weights {path / WEIGHTS_FILE}: {name} is not finite")
+    rule.load_state_dict(tensors)
+    rule.metadata = dict(config.get("provenance") or {})
+    return rule
