@@ -1,0 +1,42 @@
+"""``python -m meta_train --preset smoke|default --out DIR [--resume]``."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+from meta_train.config import PRESETS, preset
+from meta_train.trainer import BEST_RULE, MetaTrainer
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m meta_train", description=__doc__)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="smoke")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt")
+    parser.add_argument("--iterations", type=int, help="override the preset's iterations")
+    parser.add_argument("--seed", type=int, help="override the preset's seed")
+    parser.add_argument("--threads", type=int, help="torch threads")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    overrides = {
+        k: v for k, v in
+        {"iterations": args.iterations, "seed": args.seed, "threads": args.threads}.items()
+        if v is not None
+    }
+    config = preset(args.preset, **overrides)
+    command = "python -m meta_train " + " ".join(
+        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
+    )
+    trainer = MetaTrainer(config, args.out, command=command)
+    if args.resume:
+        trainer.load_checkpoint()
+    trainer.train(progress=not args.no_progress)
+    print(f"best rule (validation score {trainer.best_score:.4f}, Adam(1e-3) "
+          f"{trainer.adam_score:.4f}): {trainer.out / BEST_RULE}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

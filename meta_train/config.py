@@ -1,0 +1,76 @@
+"""Meta-training configurations and presets (saved as JSON next to checkpoints)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+__all__ = ["MetaTrainConfig", "PRESETS", "preset"]
+
+
+@dataclass(frozen=True)
+class MetaTrainConfig:
+    """Outer-loop settings. Plain keyword arguments, no global config."""
+
+    iterations: int = 1000  # outer (meta) steps
+    num_tasks: int = 4  # inner tasks unrolled per meta-step (persistent slots)
+    truncation: int = 10  # inner steps per truncation
+    horizon: tuple[int, int] = (100, 2000)  # inner steps per task, log-uniform
+    outer_lr: float = 3e-3
+    outer_lr_final: float = 3e-4  # cosine decay to this
+    clip_norm: float = 1.0
+    seed: int = 0
+    val_every: int = 50  # meta-steps between validations
+    val_steps: int = 300  # inner steps per validation task
+    val_tasks: int = 4
+    checkpoint_every: int = 10
+    threads: int = 0  # torch threads; 0 leaves torch's default
+    rule: dict = field(default_factory=dict)  # overrides of lopt.RuleConfig
+    family: dict = field(default_factory=dict)  # overrides of MLPFamily
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "MetaTrainConfig":
+        data = json.loads(text)
+        data["horizon"] = tuple(data["horizon"])
+        return cls(**data)
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(self.to_json())
+
+
+PRESETS = {
+    # Seconds: used by tests and as a check that the pipeline runs.
+    "smoke": MetaTrainConfig(
+        iterations=6,
+        num_tasks=2,
+        truncation=4,
+        horizon=(8, 30),
+        val_every=3,
+        val_steps=20,
+        val_tasks=2,
+        checkpoint_every=2,
+        family={"widths": [8, 16], "max_depth": 2, "batch_sizes": [32], "conv_prob": 0.5},
+    ),
+    # The shipped default rule: under an hour on 2 CPU cores.
+    "default": MetaTrainConfig(
+        iterations=5000,
+        num_tasks=4,
+        truncation=10,
+        horizon=(100, 3000),
+        val_every=250,
+        val_steps=400,
+        val_tasks=4,
+        checkpoint_every=10,
+    ),
+}
+
+
+def preset(name: str, **overrides) -> MetaTrainConfig:
+    """A preset by name, with keyword overrides."""
+    if name not in PRESETS:
+        raise ValueError(f"Invalid preset: {name!r} (expected one of {sorted(PRESETS)})")
+    return replace(PRESETS[name], **overrides)

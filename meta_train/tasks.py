@@ -1,0 +1,163 @@
+"""Tasks and task families for meta-training.
+
+A :class:`TaskFamily` samples a JSON-serialisable :class:`TaskConfig` from a
+``torch.Generator``; :func:`make_task` turns a config into a :class:`Task`:
+initial parameters, a functional loss through ``torch.func.functional_call``
+and a batch sampler. Architectures here are deliberately *smaller* than those
+of the benchmark suite, so the benchmarks measure generalisation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from meta_train.data import load_dataset
+
+__all__ = ["TaskConfig", "Task", "TaskFamily", "MLPFamily", "make_task"]
+
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "silu": nn.SiLU}
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """Everything needed to rebuild a task exactly."""
+
+    dataset: str  # name in meta_train.data.DATASETS
+    hidden: tuple[int, ...]  # hidden widths (MLP) or channels (conv1d)
+    activation: str  # key of ACTIVATIONS
+    init_scale: float  # multiplier of PyTorch's default init
+    batch_size: int
+    seed: int  # initial weights
+    reparam: tuple[float, ...] = ()  # per-tensor weight re-parametrisation (or empty)
+    grad_noise: float = 0.0  # std of gradient noise relative to gradient RMS
+    kind: str = "mlp"  # "mlp" or "conv1d" (1-D CNN with pooling over the sequence)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "TaskConfig":
+        data = dict(data)
+        data["hidden"] = tuple(data["hidden"])
+        data["reparam"] = tuple(data.get("reparam", ()))
+        return cls(**data)
+
+
+class Task:
+    """A training problem seen functionally: ``loss(params, batch)``."""
+
+    def __init__(self, config: TaskConfig):
+        self.config = config
+        self.data = load_dataset(config.dataset)
+        torch.manual_seed(config.seed)
+        self.module = _build_module(config, self.data.num_features, self.data.num_classes)
+        self.names = [n for n, _ in self.module.named_parameters()]
+        scale = torch.tensor(config.reparam) if config.reparam else None
+        # With re-parametrisation the network uses w_eff = c * w: the optimizer
+        # sees w = w_eff / c, i.e. the same function at another scale.
+        self.scales = scale
+        self.init_params = [
+            p.detach() * config.init_scale / (1.0 if scale is None else scale[i])
+            for i, p in enumerate(self.module.parameters())
+        ]
+
+    def loss(self, params: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor):
+        if self.scales is not None:
+            params = [p * c for p, c in zip(params, self.scales.tolist())]
+        out = functional_call(self.module, dict(zip(self.names, params)), (x,))
+        return nn.functional.cross_entropy(out, y)
+
+    def batch(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.randint(len(self.data.x), (self.config.batch_size,), generator=generator)
+        return self.data.x[idx], self.data.y[idx]
+
+    def validation_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.data.x_val, self.data.y_val
+
+
+def _build_module(config: TaskConfig, num_features: int, num_classes: int) -> nn.Module:
+    act = ACTIVATIONS[config.activation]
+    layers: list[nn.Module] = []
+    if config.kind == "mlp":
+        width = num_features
+        for h in config.hidden:
+            layers += [nn.Linear(width, h), act()]
+            width = h
+        layers.append(nn.Linear(width, num_classes))
+    elif config.kind == "conv1d":
+        channels = 1
+        layers.append(nn.Unflatten(1, (1, num_features)))
+        for h in config.hidden:
+            layers += [nn.Conv1d(channels, h, 3, padding=1), act(), nn.MaxPool1d(2)]
+            channels = h
+        layers += [nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(channels, num_classes)]
+    else:
+        raise ValueError(f"Invalid task kind: {config.kind!r}")
+    return nn.Sequential(*layers)
+
+
+class TaskFamily:
+    """Samples task configurations; subclasses define the distribution."""
+
+    def sample(self, generator: torch.Generator) -> TaskConfig:  # pragma: no cover
+        raise NotImplementedError
+
+
+def _choice(options, generator):
+    return options[int(torch.randint(len(options), (1,), generator=generator))]
+
+
+def _log_uniform(low: float, high: float, generator) -> float:
+    u = float(torch.rand((), generator=generator))
+    return math.exp(math.log(low) + u * (math.log(high) - math.log(low)))
+
+
+@dataclass
+class MLPFamily(TaskFamily):
+    """Small MLP classifiers (and, with probability ``conv_prob``, 1-D CNNs on
+    mnist1d) of random depth, width, activation and init scale on mnist1d and
+    digits, with optional weight re-parametrisation and gradient noise."""
+
+    datasets: tuple[str, ...] = ("mnist1d", "digits")
+    widths: tuple[int, ...] = (16, 32, 64)
+    max_depth: int = 3
+    batch_sizes: tuple[int, ...] = (32, 64, 128)
+    init_scale: tuple[float, float] = (0.5, 2.0)
+    reparam_prob: float = 0.3  # probability of weight re-parametrisation
+    grad_noise_prob: float = 0.2
+    conv_prob: float = 0.25  # probability of a 1-D CNN on mnist1d instead of an MLP
+
+    def sample(self, generator: torch.Generator) -> TaskConfig:
+        depth = 1 + int(torch.randint(self.max_depth, (1,), generator=generator))
+        hidden = tuple(_choice(self.widths, generator) for _ in range(depth))
+        reparam: tuple[float, ...] = ()
+        if float(torch.rand((), generator=generator)) < self.reparam_prob:
+            reparam = tuple(
+                round(_log_uniform(0.1, 10.0, generator), 4) for _ in range(2 * depth + 2)
+            )
+        noise = 0.0
+        if float(torch.rand((), generator=generator)) < self.grad_noise_prob:
+            noise = round(_log_uniform(0.01, 0.3, generator), 4)
+        conv = float(torch.rand((), generator=generator)) < self.conv_prob
+        dataset = _choice(self.datasets, generator)
+        return TaskConfig(
+            kind="conv1d" if conv else "mlp",
+            dataset="mnist1d" if conv else dataset,
+            hidden=hidden,
+            activation=_choice(sorted(ACTIVATIONS), generator),
+            init_scale=round(_log_uniform(*self.init_scale, generator), 4),
+            batch_size=_choice(self.batch_sizes, generator),
+            seed=int(torch.randint(2**31 - 1, (1,), generator=generator)),
+            reparam=reparam,
+            grad_noise=noise,
+        )
+
+
+def make_task(config: TaskConfig) -> Task:
+    """Build the :class:`Task` of a configuration."""
+    return Task(config)

@@ -1,0 +1,282 @@
+"""The outer loop: meta-gradients from truncated unrolls, outer Adam, validation,
+best-rule selection, CSV logs and atomic, exactly-resumable checkpoints."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from lopt.features import FeatureState
+from lopt.functional import init_state, ng_step
+from lopt.graph import NeuralGraph
+from lopt.rule import RuleConfig, UpdateRule, save_rule
+from meta_train.config import MetaTrainConfig
+from meta_train.tasks import MLPFamily, TaskConfig, make_task
+from meta_train.unroll import InnerState, new_inner_state, truncated_unroll
+
+__all__ = ["MetaTrainer", "validate", "CHECKPOINT", "BEST_RULE", "LAST_RULE"]
+
+CHECKPOINT = "checkpoint.pt"
+BEST_RULE = "best_rule"
+LAST_RULE = "last_rule"
+LOG = "log.csv"
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+@torch.no_grad()
+def validate(rule: UpdateRule | None, configs: list[TaskConfig], steps: int) -> float:
+    """Mean over tasks of the mean ``log(L_t / L_0)`` over the last half of a
+    ``steps``-step run (lower is better). ``rule=None`` runs Adam(lr=1e-3) as a
+    reference on the same tasks and batches."""
+    scores = []
+    for config in configs:
+        task = make_task(config)
+        gen = torch.Generator().manual_seed(config.seed)
+        params = [p.clone() for p in task.init_params]
+        graph = NeuralGraph.from_shapes([p.shape for p in params])
+        flat, state = graph.flatten(params), init_state(graph)
+        adam = None
+        if rule is None:
+            params = [p.requires_grad_(True) for p in params]
+            adam = torch.optim.Adam(params, lr=1e-3)
+        losses = []
+        for _ in range(steps):
+            x, y = task.batch(gen)
+            with torch.enable_grad():
+                current = params if adam else [
+                    p.requires_grad_(True) for p in graph.unflatten(flat.clone())
+                ]
+                loss = task.loss(current, x, y)
+                grads = torch.autograd.grad(loss, current)
+            if not torch.isfinite(loss):
+                losses.append(float("inf"))
+                break
+            losses.append(float(loss))
+            if adam:
+                for p, g in zip(params, grads):
+                    p.grad = g
+                adam.step()
+            else:
+                flat, state = ng_step(rule, graph, flat, graph.flatten(grads), state)
+        init = losses[0]
+        tail = losses[len(losses) // 2 :]
+        scores.append(
+            sum(min(math.log(max(v, 1e-12) / init), math.log(10.0)) for v in tail) / len(tail)
+        )
+    return sum(scores) / len(scores)
+
+
+@dataclass
+class _Record:
+    iteration: int
+    meta_loss: float
+    grad_norm: float
+    skipped: int
+    lr: float
+    val_score: float | None
+    seconds: float
+
+
+class MetaTrainer:
+    """Meta-trains an :class:`UpdateRule` with truncated backprop through unrolls.
+
+    Args:
+        config: outer-loop settings.
+        out: output directory (checkpoint, logs, best and last rule).
+        command: the command line recorded in the rule's provenance.
+    """
+
+    def __init__(self, config: MetaTrainConfig, out: str | os.PathLike, command: str = ""):
+        self.config = config
+        self.out = Path(out)
+        self.command = command or " ".join([Path(sys.executable).name, *sys.argv])
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        torch.manual_seed(config.seed)
+        self.rule = UpdateRule(RuleConfig(**config.rule))
+        self.family = MLPFamily(**{k: tuple(v) if isinstance(v, list) else v
+                                   for k, v in config.family.items()})
+        self.outer = torch.optim.Adam(self.rule.parameters(), lr=config.outer_lr)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        val_gen = torch.Generator().manual_seed(config.seed + 10_000)
+        self.val_configs = [self.family.sample(val_gen) for _ in range(config.val_tasks)]
+        self.iteration = 0
+        self.skipped = 0
+        self.best_score = math.inf
+        self.adam_score: float | None = None
+        self.inner: list[InnerState] = []
+
+    # ----------------------------------------------------------- schedule
+    def _lr(self, iteration: int) -> float:
+        c = self.config
+        frac = min(iteration / max(c.iterations, 1), 1.0)
+        return c.outer_lr_final + 0.5 * (c.outer_lr - c.outer_lr_final) * (
+            1 + math.cos(math.pi * frac)
+        )
+
+    # --------------------------------------------------------------- step
+    def meta_step(self) -> _Record:
+        c = self.config
+        start = time.perf_counter()
+        while len(self.inner) < c.num_tasks:
+            self.inner.append(new_inner_state(self.family, self.generator, c.horizon))
+        losses = []
+        for i, inner in enumerate(self.inner):
+            loss, new_inner, diverged = truncated_unroll(
+                self.rule, inner, c.truncation, self.generator
+            )
+            losses.append(loss)
+            self.inner[i] = new_inner
+            if diverged or new_inner.done:
+                self.inner[i] = new_inner_state(self.family, self.generator, c.horizon)
+        meta_loss = torch.stack(losses).mean()
+        self.outer.zero_grad()
+        meta_loss.backward()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.rule.parameters(), c.clip_norm))
+        lr = self._lr(self.iteration)
+        for group in self.outer.param_groups:
+            group["lr"] = lr
+        if math.isfinite(grad_norm) and torch.isfinite(meta_loss):
+            self.outer.step()
+        else:
+            self.skipped += 1
+        self.iteration += 1
+        val = None
+        if self.iteration % c.val_every == 0 or self.iteration == c.iterations:
+            val = self.validate_and_select()
+        return _Record(self.iteration, float(meta_loss.detach()), grad_norm, self.skipped, lr, val,
+                       time.perf_counter() - start)
+
+    def validate_and_select(self) -> float:
+        c = self.config
+        if self.adam_score is None:
+            self.adam_score = validate(None, self.val_configs, c.val_steps)
+        score = validate(self.rule, self.val_configs, c.val_steps)
+        if score < self.best_score:
+            self.best_score = score
+            save_rule(self.rule, self.out / BEST_RULE, self._provenance(score))
+        return score
+
+    def _provenance(self, score: float) -> dict:
+        return {
+            "command": self.command,
+            "meta_train_config": self.config.to_json(),
+            "commit": _git_commit(),
+            "iteration": self.iteration,
+            "validation_score": score,
+            "validation_score_adam_1e-3": self.adam_score,
+            "validation_metric": "mean log(L_t/L_0) over the last half of "
+            f"{self.config.val_steps} steps on {self.config.val_tasks} fixed tasks "
+            "(lower is better)",
+        }
+
+    # -------------------------------------------------------------- train
+    def train(self, progress: bool = True, stop_after: int | None = None) -> UpdateRule:
+        """Run until ``config.iterations`` (or until iteration ``stop_after``, as
+        if killed there); returns the rule (the best one is on disk)."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.config.save(self.out / "config.json")
+        bar = tqdm(total=self.config.iterations, initial=self.iteration,
+                   disable=not progress, desc="meta-train", dynamic_ncols=True)
+        with open(self.out / LOG, "a", newline="") as log_file:
+            log = csv.writer(log_file)
+            if log_file.tell() == 0:
+                log.writerow(list(_Record.__dataclass_fields__))
+            end = self.config.iterations if stop_after is None else stop_after
+            while self.iteration < min(end, self.config.iterations):
+                record = self.meta_step()
+                log.writerow([getattr(record, k) for k in _Record.__dataclass_fields__])
+                log_file.flush()
+                postfix = {"meta_loss": f"{record.meta_loss:.3f}"}
+                if record.val_score is not None:
+                    postfix["val"] = f"{record.val_score:.3f}"
+                    postfix["adam"] = f"{self.adam_score:.3f}"
+                bar.set_postfix(postfix)
+                bar.update(1)
+                if (self.iteration % self.config.checkpoint_every == 0
+                        or self.iteration == self.config.iterations):
+                    self.save_checkpoint()
+        bar.close()
+        if self.iteration >= self.config.iterations:
+            save_rule(self.rule, self.out / LAST_RULE, self._provenance(float("nan")))
+        return self.rule
+
+    # --------------------------------------------------------- checkpoint
+    def save_checkpoint(self) -> Path:
+        """Write everything needed to continue exactly, atomically."""
+        inner = [
+            {
+                "config": i.config.to_json(),
+                "params": i.params,
+                "opt_state": list(i.opt_state),
+                "step": i.step,
+                "horizon": i.horizon,
+                "init_loss": i.init_loss,
+            }
+            for i in self.inner
+        ]
+        payload = {
+            "meta_train_config": self.config.to_json(),
+            "rule": self.rule.state_dict(),
+            "outer": self.outer.state_dict(),
+            "iteration": self.iteration,
+            "skipped": self.skipped,
+            "best_score": self.best_score,
+            "adam_score": self.adam_score,
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "inner": inner,
+        }
+        path = self.out / CHECKPOINT
+        tmp = path.with_suffix(".tmp")
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+        return path
+
+    def load_checkpoint(self) -> None:
+        """Restore from ``out/checkpoint.pt`` (tensors and plain data only)."""
+        path = self.out / CHECKPOINT
+        if not path.is_file():
+            raise FileNotFoundError(f"No checkpoint to resume at {path}")
+        payload = torch.load(path, weights_only=True)
+        saved = MetaTrainConfig.from_json(payload["meta_train_config"])
+        if saved != self.config:
+            raise ValueError(
+                f"Checkpoint {path} was written with another configuration; resume "
+                "with the same --preset and options"
+            )
+        self.rule.load_state_dict(payload["rule"])
+        self.outer.load_state_dict(payload["outer"])
+        self.iteration = payload["iteration"]
+        self.skipped = payload["skipped"]
+        self.best_score = payload["best_score"]
+        self.adam_score = payload["adam_score"]
+        self.generator.set_state(payload["generator"])
+        torch.set_rng_state(payload["torch_rng"])
+        self.inner = []
+        for item in payload["inner"]:
+            config = TaskConfig.from_json(item["config"])
+            task = make_task(config)
+            graph = NeuralGraph.from_shapes([p.shape for p in task.init_params])
+            self.inner.append(InnerState(
+                config, task, graph, item["params"], FeatureState(*item["opt_state"]),
+                item["step"], item["horizon"], item["init_loss"],
+            ))

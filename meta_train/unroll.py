@@ -1,0 +1,125 @@
+"""Truncated unrolls with persistent inner state.
+
+An :class:`InnerState` is one task being trained by the learned optimizer: its
+flat parameters and optimizer state persist across truncations, so a rule is
+meta-trained on every phase of training (early, middle, late), not only on the
+first ``T`` steps. Each truncation returns a meta-loss that is differentiable
+in the rule's weights (truncated backprop through time).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from lopt.features import FeatureState
+from lopt.functional import init_state, ng_step
+from lopt.graph import NeuralGraph
+from lopt.rule import UpdateRule
+from meta_train.tasks import Task, TaskConfig, TaskFamily, _log_uniform, make_task
+
+__all__ = ["InnerState", "new_inner_state", "truncated_unroll", "LOSS_CAP"]
+
+#: Per-step meta-loss terms are capped at log(10): a diverging inner run then
+#: gives a large but finite signal instead of an exploding meta-gradient.
+LOSS_CAP = math.log(10.0)
+
+
+@dataclass
+class InnerState:
+    """A task in the middle of its training by the learned optimizer."""
+
+    config: TaskConfig
+    task: Task
+    graph: NeuralGraph
+    params: torch.Tensor  # (P,) flat, graph order, detached
+    opt_state: FeatureState
+    step: int  # inner steps done
+    horizon: int  # inner steps before the task is replaced
+    init_loss: float  # training loss at initialisation (normaliser)
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.horizon
+
+
+def new_inner_state(
+    family: TaskFamily, generator: torch.Generator, horizon: tuple[int, int]
+) -> InnerState:
+    """Sample a task and a log-uniform horizon; start it at step 0."""
+    config = family.sample(generator)
+    return start_inner_state(config, round(_log_uniform(*horizon, generator)), generator)
+
+
+def start_inner_state(
+    config: TaskConfig, horizon: int, generator: torch.Generator
+) -> InnerState:
+    task = make_task(config)
+    graph = NeuralGraph.from_shapes([p.shape for p in task.init_params])
+    params = graph.flatten(task.init_params)
+    with torch.no_grad():
+        init_loss = float(task.loss(graph.unflatten(params), *task.batch(generator)))
+    return InnerState(
+        config, task, graph, params, init_state(graph), 0, horizon, max(init_loss, 1e-8)
+    )
+
+
+def _inner_grad(inner: InnerState, loss: torch.Tensor, params: torch.Tensor, generator):
+    grad = torch.autograd.grad(loss, params, retain_graph=True)[0].detach()
+    noise = inner.config.grad_noise
+    if noise > 0:
+        rms = grad.pow(2).mean().sqrt()
+        grad = grad + noise * rms * torch.randn(grad.shape, generator=generator)
+    return grad
+
+
+def truncated_unroll(
+    rule: UpdateRule,
+    inner: InnerState,
+    num_steps: int,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, InnerState, bool]:
+    """Run ``num_steps`` inner steps and return the meta-loss.
+
+    The meta-loss is the mean over the truncation of ``log(L_t / L_0)`` (capped
+    at :data:`LOSS_CAP`), where ``L_t`` is the training loss after ``t``
+    updates and ``L_0`` the task's initial loss: scale-free across tasks.
+    Gradients of the inner loss are treated as constants (first-order
+    meta-gradient); the parameters carry the dependence on the rule from step
+    to step.
+
+    Returns:
+        ``(meta_loss, new_inner_state, diverged)``; the new state is detached.
+    """
+    params = inner.params.requires_grad_(True)
+    opt_state = inner.opt_state
+    terms = []
+    diverged = False
+    for t in range(num_steps + 1):
+        x, y = inner.task.batch(generator)
+        loss = inner.task.loss(inner.graph.unflatten(params), x, y)
+        if not torch.isfinite(loss):
+            diverged = True
+            break
+        if t > 0:
+            terms.append(torch.clamp(torch.log(loss / inner.init_loss), max=LOSS_CAP))
+        if t == num_steps:
+            break
+        grad = _inner_grad(inner, loss, params, generator)
+        params, opt_state = ng_step(rule, inner.graph, params, grad, opt_state)
+    if not terms:
+        return torch.zeros(()), inner, True
+    meta_loss = torch.stack(terms).mean()
+    new_inner = InnerState(
+        inner.config,
+        inner.task,
+        inner.graph,
+        params.detach(),
+        FeatureState(*(s.detach() for s in opt_state)),
+        inner.step + len(terms),
+        inner.horizon,
+        inner.init_loss,
+    )
+    return meta_loss, new_inner, diverged
