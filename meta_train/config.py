@@ -57,7 +57,7 @@ PRESETS = {
     ),
     # The shipped default rule: under an hour on 2 CPU cores.
     "default": MetaTrainConfig(
-        iterations=5000,
+        iterations=3000,
         num_tasks=4,
         truncation=10,
         horizon=(100, 3000),

@@ -25,6 +25,9 @@ __all__ = ["InnerState", "new_inner_state", "truncated_unroll", "LOSS_CAP"]
 #: Per-step meta-loss terms are capped at log(10): a diverging inner run then
 #: gives a large but finite signal instead of an exploding meta-gradient.
 LOSS_CAP = math.log(10.0)
+#: Losses are floored at this fraction of the initial loss before the log: a
+#: batch fitted to a loss of exactly 0 would otherwise give log(0) = -inf.
+LOSS_FLOOR = 1e-6
 
 
 @dataclass
@@ -104,7 +107,8 @@ def truncated_unroll(
             diverged = True
             break
         if t > 0:
-            terms.append(torch.clamp(torch.log(loss / inner.init_loss), max=LOSS_CAP))
+            ratio = torch.clamp(loss / inner.init_loss, min=LOSS_FLOOR)
+            terms.append(torch.clamp(torch.log(ratio), max=LOSS_CAP))
         if t == num_steps:
             break
         grad = _inner_grad(inner, loss, params, generator)
