@@ -1,0 +1,371 @@
+"""NGOptimizer against Adam and tuned baselines on the held-out suite.
+
+Usage::
+
+    python -m benchmarks.compare [--quick] [--steps N] [--seeds K]
+        [--tasks a,b] [--rule PATH] [--out DIR]
+
+For every task of :mod:`benchmarks.suite`: ``NGOptimizer`` with the rule at its
+defaults (never tuned), Adam at lr 1e-3, and Adam, AdamW and SGD-momentum each
+at the best learning rate of a log-spaced grid (best = fewest divergent seeds,
+then lowest mean final smoothed train loss). Writes ``results.json`` (every
+run's curve, subsampled, and all summaries), ``results.md`` (tables) and
+``loss_curves.png`` into ``--out`` and prints the tables.
+
+Full settings: 1000 steps, 3 seeds, 7-point grids (half-decade spacing).
+``--quick``: 200 steps, 2 seeds, 4-point grids (decade spacing over the same
+range); a few minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from benchmarks import report
+from benchmarks.optimizers import BASELINES, load_ng_rule, lr_grid
+from benchmarks.plotting import plot_loss_curves
+from benchmarks.protocol import (
+    TIE_TOLERANCE,
+    Protocol,
+    entry_label,
+    execute,
+    run_record,
+    summarise_task,
+)
+from benchmarks.provenance import run_metadata
+from benchmarks.suite import TASKS, Task, get_tasks
+
+__all__ = [
+    "Settings",
+    "FULL",
+    "QUICK",
+    "make_protocol",
+    "run_compare",
+    "aggregate",
+    "markdown_report",
+    "write_outputs",
+    "main",
+]
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+#: Column order of the tables.
+ENTRY_ORDER = ("ng", "adam_default", "adam_tuned", "adamw_tuned", "sgd_tuned")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Budget of a comparison.
+
+    Attributes:
+        steps: optimizer steps per run.
+        seeds: number of seeds (``0 .. seeds - 1``).
+        grid_points: learning rates per tuned baseline.
+    """
+
+    steps: int
+    seeds: int
+    grid_points: int
+
+
+FULL = Settings(steps=1000, seeds=3, grid_points=7)
+QUICK = Settings(steps=200, seeds=2, grid_points=4)
+
+
+def make_protocol(settings: Settings) -> Protocol:
+    """The protocol for ``settings``: every baseline of :data:`BASELINES` tuned."""
+    return Protocol(
+        steps=settings.steps,
+        seeds=tuple(range(settings.seeds)),
+        grids={name: lr_grid(name, settings.grid_points) for name in BASELINES},
+    )
+
+
+def run_compare(
+    tasks: Sequence[Task],
+    protocol: Protocol,
+    *,
+    rule_path: str | None = None,
+    progress: bool = True,
+) -> dict:
+    """Run the comparison and return the JSON-ready results.
+
+    Args:
+        tasks: tasks to run.
+        protocol: steps, seeds and grids.
+        rule_path: the learned rule's directory (``None``: the default rule).
+        progress: show a progress bar over runs.
+
+    Returns:
+        ``{"benchmark", "config", "tasks": [summary + runs], "aggregate"}``.
+    """
+    rule = load_ng_rule(rule_path)
+    start = time.perf_counter()
+    runs = execute(tasks, protocol, rule=rule, progress=progress)
+    summaries = []
+    for task in tasks:
+        summary = summarise_task(task, runs[task.name], protocol)
+        summary["runs"] = [run_record(r) for r in runs[task.name]]
+        summaries.append(summary)
+    return {
+        "benchmark": "compare",
+        "config": {
+            "steps": protocol.steps,
+            "seeds": list(protocol.seeds),
+            "grids": {k: list(v) for k, v in protocol.grids.items()},
+            "default_adam_lr": protocol.default_adam_lr,
+            "smoothing_fraction": protocol.smoothing,
+            "smoothing_window": protocol.window,
+            "divergence_factor": protocol.divergence_factor,
+            "tasks": [t.name for t in tasks],
+            **run_metadata(rule_path, rule),
+        },
+        "tasks": summaries,
+        "aggregate": aggregate(summaries, time.perf_counter() - start),
+    }
+
+
+def _count_outcomes(summaries: Sequence[dict], key: str) -> dict[str, int]:
+    counts = {"win": 0, "tie": 0, "loss": 0}
+    for summary in summaries:
+        if key in summary["outcome"]:
+            counts[summary["outcome"][key]] += 1
+    return counts
+
+
+def aggregate(summaries: Sequence[dict], wall_s: float | None = None) -> dict:
+    """Suite-level numbers: wins, median speedup and divergences.
+
+    Censored speedups (tuned Adam never reached NG's final loss) enter the
+    median at their cap, so the median is then itself a lower bound.
+    """
+    speedups = [s["speedup"].get("adam_tuned") for s in summaries]
+    known = [s for s in speedups if s is not None]
+    divergences: dict[str, int] = {}
+    for summary in summaries:
+        for run in summary.get("runs", []):
+            key = run["optimizer"]
+            divergences[key] = divergences.get(key, 0) + int(run["diverged"])
+    return {
+        "num_tasks": len(summaries),
+        "outcome_vs_adam_default": _count_outcomes(summaries, "adam_default"),
+        "outcome_vs_adam_tuned": _count_outcomes(summaries, "adam_tuned"),
+        "median_speedup_vs_adam_tuned": (
+            statistics.median(s["value"] for s in known) if known else None
+        ),
+        "speedups_censored": sum(s["censored"] for s in known),
+        "speedups_missing": len(speedups) - len(known),
+        "divergences_by_optimizer": divergences,
+        "divergences_total": sum(divergences.values()),
+        "runs_total": sum(len(s.get("runs", [])) for s in summaries),
+        "wall_s": wall_s,
+    }
+
+
+def _best(values: list[float], higher: bool) -> int | None:
+    finite = [(v, i) for i, v in enumerate(values) if v == v and abs(v) != float("inf")]
+    if not finite:
+        return None
+    return (max if higher else min)(finite)[1]
+
+
+def _entry_cells(summary: dict, mean_key: str, std_key: str, higher: bool) -> list[str]:
+    entries = [summary["entries"].get(k) for k in ENTRY_ORDER]
+    means = [e[mean_key] if e else float("nan") for e in entries]
+    means = [float("nan") if m is None else m for m in means]
+    best = _best(means, higher)
+    cells = []
+    for i, (key, entry) in enumerate(zip(ENTRY_ORDER, entries)):
+        if entry is None:
+            cells.append("-")
+            continue
+        text = report.format_mean_std(entry[mean_key], entry[std_key])
+        if i == best:
+            text = f"**{text}**"
+        if key.endswith("_tuned"):
+            text += f" @{report.format_lr(entry['lr'])}"
+        if entry["divergences"]:
+            text += f" ({entry['divergences']}/{entry['runs']} div.)"
+        cells.append(text)
+    return cells
+
+
+def _headers(first: Sequence[str], summaries: Sequence[dict]) -> list[str]:
+    lr = summaries[0]["entries"]["adam_default"]["lr"] if summaries else None
+    return [*first, *(entry_label(k, lr) for k in ENTRY_ORDER)]
+
+
+def markdown_report(results: dict) -> str:
+    """The Markdown tables of a comparison (per-task rows plus aggregates)."""
+    cfg, summaries, agg = results["config"], results["tasks"], results["aggregate"]
+    grids = ", ".join(
+        f"{k}: {report.format_lr(min(v))}..{report.format_lr(max(v))} ({len(v)} pts)"
+        for k, v in cfg["grids"].items()
+    )
+    lines = [
+        "# NGOptimizer vs Adam on the held-out suite",
+        "",
+        f"{cfg['steps']} steps, seeds {cfg['seeds']}, lr grids {grids}; "
+        f"rule `{cfg['rule_path']}`; lopt {cfg['lopt_version']}, "
+        f"torch {cfg['torch_version']}, commit {str(cfg['git_commit'])[:10]}, "
+        f"{cfg['date']}.",
+        "",
+        "`*` = tuned per task (lr after `@`); **bold** = best in the row; "
+        "`div.` = diverged runs (non-finite loss or loss > "
+        f"{cfg['divergence_factor']:g}x the initial loss).",
+        "",
+        f"## Final train loss (mean ± std over seeds of the mean of the last "
+        f"{cfg['smoothing_window']} steps)",
+        "",
+    ]
+    rows = [
+        [s["name"], f"{s['num_params']:,}"]
+        + _entry_cells(s, "final_loss_mean", "final_loss_std", higher=False)
+        for s in summaries
+    ]
+    lines += [report.markdown_table(_headers(["task", "params"], summaries), rows), ""]
+
+    lines += ["## Held-out metric (mean ± std over seeds)", ""]
+    rows = [
+        [
+            s["name"],
+            s["metric"]["name"] + (" ↑" if s["metric"]["higher_is_better"] else " ↓"),
+        ]
+        + _entry_cells(s, "metric_mean", "metric_std", s["metric"]["higher_is_better"])
+        for s in summaries
+    ]
+    lines += [report.markdown_table(_headers(["task", "metric"], summaries), rows), ""]
+
+    lines += [
+        "## Speedup, cost and divergences",
+        "",
+        "Speedup = steps the baseline needs to reach NG's final smoothed loss / "
+        "steps NG needs (seed-mean smoothed curves); `>=` means the baseline "
+        "never got there within the budget.",
+        "",
+    ]
+    rows = []
+    for s in summaries:
+        e = s["entries"]
+        rows.append(
+            [
+                s["name"],
+                report.format_speedup(s["speedup"].get("adam_tuned")),
+                report.format_speedup(s["speedup"].get("adam_default")),
+                report.format_number(e["ng"]["ms_per_step_mean"]),
+                report.format_number(e["adam_default"]["ms_per_step_mean"]),
+                report.format_number(e["ng"]["wall_s_mean"]),
+                f"{s['divergences']['ng']}/{e['ng']['runs']}",
+                f"{s['divergences']['all_runs']}/{len(s.get('runs', []))}",
+            ]
+        )
+    headers = [
+        "task",
+        "speedup vs Adam*",
+        "speedup vs Adam(1e-3)",
+        "NG ms/step",
+        "Adam ms/step",
+        "NG s/run",
+        "NG div.",
+        "all div.",
+    ]
+    lines += [report.markdown_table(headers, rows), ""]
+
+    median = agg["median_speedup_vs_adam_tuned"]
+    median_text = "n/a" if median is None else f"{median:.2f}x"
+    if agg["speedups_censored"]:
+        median_text += f" (lower bound: {agg['speedups_censored']} censored)"
+    by_opt = ", ".join(f"{k} {v}" for k, v in agg["divergences_by_optimizer"].items())
+    n = agg["num_tasks"]
+    default, tuned = agg["outcome_vs_adam_default"], agg["outcome_vs_adam_tuned"]
+    lines += [
+        "## Aggregate",
+        "",
+        f"- NG beats Adam(1e-3) (final train loss lower by > "
+        f"{TIE_TOLERANCE:.0%}) on **{default['win']}/{n}** tasks "
+        f"({default['tie']} ties, {default['loss']} losses); tuned Adam on "
+        f"**{tuned['win']}/{n}** ({tuned['tie']} ties, {tuned['loss']} losses).",
+        f"- Median speedup over tuned Adam: **{median_text}**.",
+        f"- Divergences: **{agg['divergences_total']}** of {agg['runs_total']} runs "
+        f"({by_opt}).",
+    ]
+    if agg.get("wall_s") is not None:
+        lines.append(f"- Wall-clock: {agg['wall_s']:.0f} s for all runs.")
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(results: dict, out_dir: str | Path) -> dict[str, Path]:
+    """Write ``results.json``, ``results.md`` and ``loss_curves.png``."""
+    out = Path(out_dir)
+    return {
+        "json": report.write_json(out / "results.json", results),
+        "markdown": report.write_text(out / "results.md", markdown_report(results)),
+        "plot": plot_loss_curves(results["tasks"], out / "loss_curves.png"),
+    }
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.compare",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"tasks: {', '.join(TASKS)}",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"{QUICK.steps} steps, {QUICK.seeds} seeds, {QUICK.grid_points}-point "
+        f"grids (default: {FULL.steps}, {FULL.seeds}, {FULL.grid_points})",
+    )
+    parser.add_argument("--steps", type=int, help="steps per run (overrides)")
+    parser.add_argument("--seeds", type=int, help="number of seeds (overrides)")
+    parser.add_argument("--grid-points", type=int, help="lr grid size (overrides)")
+    parser.add_argument("--tasks", help="comma-separated task names (default: all)")
+    parser.add_argument("--rule", help="learned rule directory (default: shipped)")
+    parser.add_argument("--out", default=str(DEFAULT_OUT), help="output directory")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status."""
+    args = _parse(argv)
+    base = QUICK if args.quick else FULL
+    settings = Settings(
+        steps=args.steps or base.steps,
+        seeds=args.seeds or base.seeds,
+        grid_points=args.grid_points or base.grid_points,
+    )
+    torch.set_num_threads(args.threads)
+    try:
+        tasks = get_tasks(args.tasks.split(",") if args.tasks else None)
+        protocol = make_protocol(settings)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(
+        f"compare: {len(tasks)} tasks x {len(protocol.seeds)} seeds x "
+        f"{len(protocol.configs())} optimizer settings, {settings.steps} steps each",
+        flush=True,
+    )
+    results = run_compare(
+        tasks, protocol, rule_path=args.rule, progress=not args.no_progress
+    )
+    paths = write_outputs(results, args.out)
+    print()
+    print(markdown_report(results))
+    for kind, path in paths.items():
+        print(f"saved {kind}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,353 @@
+"""The held-out benchmark suite: tasks never seen in meta-training.
+
+Meta-training uses small MLPs (width <= 64, depth <= 3) on ``mnist1d`` and
+digits. Every task here differs in architecture, data or both: a wide and a
+deep MLP, a CNN, an autoencoder, a one-layer transformer, a GRU, logistic
+regressions on tabular data and an MLP on badly scaled inputs.
+
+A :class:`Task` gives a seeded model constructor, a seeded batch sampler, the
+train loss and a held-out metric; :func:`get_tasks` looks tasks up by name.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from benchmarks import data as datasets
+from benchmarks.data import Dataset
+
+__all__ = [
+    "HeldOutMetric",
+    "Task",
+    "ACCURACY",
+    "MSE",
+    "TASKS",
+    "get_tasks",
+    "mlp",
+    "mlp_task",
+]
+
+
+@dataclass(frozen=True)
+class HeldOutMetric:
+    """A metric computed on the held-out split.
+
+    Attributes:
+        name: short name for tables (``"accuracy"``, ``"mse"``).
+        fn: ``(model output, target) -> value``.
+        higher_is_better: direction of improvement.
+    """
+
+    name: str
+    fn: Callable[[torch.Tensor, torch.Tensor], float]
+    higher_is_better: bool
+
+
+def _accuracy(output: torch.Tensor, target: torch.Tensor) -> float:
+    return float((output.argmax(-1) == target).float().mean())
+
+
+def _mse(output: torch.Tensor, target: torch.Tensor) -> float:
+    return float(F.mse_loss(output, target))
+
+
+ACCURACY = HeldOutMetric("accuracy", _accuracy, higher_is_better=True)
+MSE = HeldOutMetric("mse", _mse, higher_is_better=False)
+
+
+def cross_entropy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over the last axis, for per-example or per-token labels."""
+    return F.cross_entropy(output.reshape(-1, output.shape[-1]), target.reshape(-1))
+
+
+@dataclass(frozen=True)
+class Task:
+    """One benchmark problem.
+
+    Attributes:
+        name: identifier used on the command line and in results.
+        description: one line for tables and plots.
+        load_data: returns the (cached) train / held-out split.
+        build: ``Dataset -> nn.Module``; called under a fixed seed by
+            :meth:`make_model`.
+        loss_fn: ``(output, target) -> scalar`` train loss.
+        metric: the held-out metric.
+        batch_size: examples per step.
+    """
+
+    name: str
+    description: str
+    load_data: Callable[[], Dataset]
+    build: Callable[[Dataset], nn.Module]
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    metric: HeldOutMetric
+    batch_size: int = 128
+
+    @property
+    def data(self) -> Dataset:
+        """The task's data set (loaded once per process)."""
+        return self.load_data()
+
+    def make_model(self, seed: int) -> nn.Module:
+        """A freshly initialised model; the same ``seed`` gives the same weights.
+
+        The global RNG is forked, so building a model leaves it untouched.
+        """
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.build(self.data)
+
+    def batch_generator(self, seed: int) -> torch.Generator:
+        """The generator :meth:`sample_batch` draws from for run ``seed``."""
+        return torch.Generator().manual_seed(10_007 * seed + 1)
+
+    def sample_batch(
+        self, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw a training batch (with replacement) using ``generator``."""
+        data = self.data
+        index = torch.randint(
+            0, len(data.x_train), (self.batch_size,), generator=generator
+        )
+        return data.x_train[index], data.y_train[index]
+
+    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]):
+        """Train loss of ``model`` on ``batch``."""
+        x, y = batch
+        return self.loss_fn(model(x), y)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """Held-out metric and held-out loss on the whole held-out split."""
+        was_training = model.training
+        model.eval()
+        try:
+            output = model(self.data.x_test)
+            target = self.data.y_test
+            return {
+                "metric": self.metric.fn(output, target),
+                "loss": float(self.loss_fn(output, target)),
+            }
+        finally:
+            model.train(was_training)
+
+    def num_params(self) -> int:
+        """Number of trainable scalars of the task's model."""
+        return sum(p.numel() for p in self.make_model(0).parameters())
+
+
+# ----------------------------------------------------------------------- models
+def mlp(sizes: Sequence[int], activation: type[nn.Module] = nn.ReLU) -> nn.Sequential:
+    """Fully connected net ``sizes[0] -> ... -> sizes[-1]``, no final activation."""
+    layers: list[nn.Module] = []
+    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        if i > 0:
+            layers.append(activation())
+        layers.append(nn.Linear(fan_in, fan_out))
+    return nn.Sequential(*layers)
+
+
+def _digits_cnn(data: Dataset) -> nn.Module:
+    # Two conv + max-pool stages on the 8x8 image, then flatten (32 x 2 x 2).
+    return nn.Sequential(
+        nn.Unflatten(1, (1, 8, 8)),
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * 2 * 2, data.num_classes),
+    )
+
+
+class TinyTransformer(nn.Module):
+    """Token embedding + learned positions, one encoder layer, per-token head."""
+
+    def __init__(self, vocab: int, length: int, width: int = 32, heads: int = 4):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.position = nn.Parameter(torch.randn(length, width) / math.sqrt(width))
+        self.encoder = nn.TransformerEncoderLayer(
+            width, heads, dim_feedforward=2 * width, dropout=0.0, batch_first=True
+        )
+        self.head = nn.Linear(width, vocab)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``(B, L)`` tokens -> ``(B, L, vocab)`` logits."""
+        return self.head(self.encoder(self.embed(tokens) + self.position))
+
+
+class SequenceClassifier(nn.Module):
+    """GRU over a signal cut into ``steps`` chunks, classified from the last state."""
+
+    def __init__(self, length: int, steps: int, hidden: int, classes: int):
+        super().__init__()
+        if length % steps:
+            raise ValueError(f"Invalid steps: {steps} (must divide {length})")
+        self.steps = steps
+        self.rnn = nn.GRU(length // steps, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, length)`` signal -> ``(B, classes)`` logits."""
+        _, last = self.rnn(x.reshape(len(x), self.steps, -1))
+        return self.head(last[-1])
+
+
+# ------------------------------------------------------------------------ tasks
+def _autoencoding(load: Callable[[], Dataset]) -> Callable[[], Dataset]:
+    """A loader whose targets are the inputs themselves."""
+
+    def loader() -> Dataset:
+        d = load()
+        return Dataset(d.x_train, d.x_train, d.x_test, d.x_test, 0)
+
+    return loader
+
+
+def _standardised(load: Callable[[], Dataset]) -> Callable[[], Dataset]:
+    cache: list[Dataset] = []
+
+    def loader() -> Dataset:
+        if not cache:
+            cache.append(datasets.standardise(load()))
+        return cache[0]
+
+    return loader
+
+
+def mlp_task(
+    name: str,
+    load_data: Callable[[], Dataset],
+    hidden: Sequence[int],
+    *,
+    description: str = "",
+    activation: type[nn.Module] = nn.ReLU,
+    batch_size: int = 128,
+) -> Task:
+    """A classification task with an MLP of the given hidden widths.
+
+    Args:
+        name: task identifier.
+        load_data: data loader (a function of :mod:`benchmarks.data`).
+        hidden: hidden-layer widths, e.g. ``[256, 256]``.
+        description: one line; generated when empty.
+        activation: hidden activation.
+        batch_size: examples per step.
+    """
+
+    def build(data: Dataset) -> nn.Module:
+        return mlp([data.num_features, *hidden, data.num_classes], activation)
+
+    return Task(
+        name,
+        description or f"MLP {'-'.join(map(str, hidden))}",
+        load_data,
+        build,
+        cross_entropy,
+        ACCURACY,
+        batch_size,
+    )
+
+
+def _build_suite() -> dict[str, Task]:
+    tasks = [
+        mlp_task(
+            "digits_mlp_wide",
+            datasets.digits,
+            [256, 256],
+            description="digits, MLP 256-256 (wide)",
+        ),
+        mlp_task(
+            "mnist1d_mlp_deep",
+            datasets.mnist1d,
+            [64] * 7,
+            description="mnist1d, MLP 7x64 (8 layers, deep)",
+        ),
+        Task(
+            "digits_cnn",
+            "digits 8x8, CNN 16-32 + max-pool + flatten",
+            datasets.digits,
+            _digits_cnn,
+            cross_entropy,
+            ACCURACY,
+        ),
+        Task(
+            "digits_autoencoder",
+            "digits, MLP autoencoder 64-128-32-128-64 (MSE)",
+            _autoencoding(datasets.digits),
+            lambda d: mlp([64, 128, 32, 128, 64]),
+            F.mse_loss,
+            MSE,
+        ),
+        Task(
+            "reverse_transformer",
+            "reverse 8 tokens (vocab 16), 1-layer transformer d=32",
+            datasets.reversal_sequences,
+            lambda d: TinyTransformer(d.num_classes, d.x_train.shape[1]),
+            cross_entropy,
+            ACCURACY,
+        ),
+        Task(
+            "mnist1d_gru",
+            "mnist1d as 10 steps x 4, GRU 48",
+            datasets.mnist1d,
+            lambda d: SequenceClassifier(d.num_features, 10, 48, d.num_classes),
+            cross_entropy,
+            ACCURACY,
+        ),
+        Task(
+            "breast_cancer_logreg",
+            "breast cancer (standardised), logistic regression",
+            _standardised(datasets.breast_cancer),
+            lambda d: nn.Linear(d.num_features, d.num_classes),
+            cross_entropy,
+            ACCURACY,
+            batch_size=64,
+        ),
+        Task(
+            "wine_logreg",
+            "wine (standardised), logistic regression",
+            _standardised(datasets.wine),
+            lambda d: nn.Linear(d.num_features, d.num_classes),
+            cross_entropy,
+            ACCURACY,
+            batch_size=32,
+        ),
+        mlp_task(
+            "wine_unscaled_mlp",
+            datasets.wine,
+            [32, 32],
+            description="wine, raw features (scales 0.1..1e3), MLP 32-32",
+            batch_size=32,
+        ),
+    ]
+    return {t.name: t for t in tasks}
+
+
+#: All tasks of the held-out suite, by name, in table order.
+TASKS: dict[str, Task] = _build_suite()
+
+
+def get_tasks(names: Sequence[str] | None = None) -> list[Task]:
+    """Tasks by name (all of :data:`TASKS` when ``names`` is empty or ``None``).
+
+    Raises:
+        ValueError: for an unknown name, listing the known ones.
+    """
+    if not names:
+        return list(TASKS.values())
+    unknown = [n for n in names if n not in TASKS]
+    if unknown:
+        raise ValueError(
+            f"Invalid task: {', '.join(unknown)} (known: {', '.join(TASKS)})"
+        )
+    return [TASKS[n] for n in names]

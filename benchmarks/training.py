@@ -1,0 +1,104 @@
+"""One training run: a task, an optimizer, a seed and a step budget.
+
+A run records the train loss of every step, stops early when it diverges
+(non-finite loss, or a loss above ``divergence_factor`` times the first step's
+loss) and evaluates the held-out metric at the end.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+from benchmarks.optimizers import OptimizerConfig
+from benchmarks.suite import Task
+from lopt import UpdateRule
+
+__all__ = ["DIVERGENCE_FACTOR", "RunResult", "train"]
+
+#: A run diverges when its loss exceeds this multiple of its initial loss.
+DIVERGENCE_FACTOR = 10.0
+
+
+@dataclass
+class RunResult:
+    """Outcome of one training run.
+
+    Attributes:
+        task: task name.
+        optimizer: the optimizer and learning rate.
+        seed: model-initialisation and batch-order seed.
+        steps: the step budget.
+        losses: train loss of each completed step (shorter than ``steps`` if
+            the run diverged).
+        diverged: whether the run was stopped for divergence.
+        diverged_at: the step (1-based) at which it was stopped.
+        held_out: ``{"metric": ..., "loss": ...}`` on the held-out split
+            (``nan`` for diverged runs).
+        wall_s: wall-clock seconds of the training loop (evaluation excluded).
+    """
+
+    task: str
+    optimizer: OptimizerConfig
+    seed: int
+    steps: int
+    losses: list[float] = field(default_factory=list)
+    diverged: bool = False
+    diverged_at: int | None = None
+    held_out: dict[str, float] = field(default_factory=dict)
+    wall_s: float = 0.0
+
+    @property
+    def ms_per_step(self) -> float:
+        """Mean wall-clock milliseconds per completed step."""
+        return 1e3 * self.wall_s / max(len(self.losses), 1)
+
+
+def train(
+    task: Task,
+    optimizer: OptimizerConfig,
+    steps: int,
+    seed: int,
+    *,
+    rule: UpdateRule | None = None,
+    divergence_factor: float = DIVERGENCE_FACTOR,
+) -> RunResult:
+    """Train ``task``'s model from seed ``seed`` for ``steps`` steps.
+
+    The same ``seed`` gives the same initial weights and the same batches for
+    every optimizer, so runs are paired across optimizers.
+
+    Args:
+        task: the problem.
+        optimizer: which optimizer, at which learning rate.
+        steps: number of optimizer steps.
+        seed: run seed.
+        rule: the learned rule for ``NGOptimizer`` (``None``: the default).
+        divergence_factor: stop when the loss exceeds this multiple of the
+            first step's loss.
+    """
+    model = task.make_model(seed)
+    opt = optimizer.build(model.parameters(), rule)
+    generator = task.batch_generator(seed)
+    result = RunResult(task.name, optimizer, seed, steps)
+    limit = math.inf
+    start = time.perf_counter()
+    for step in range(1, steps + 1):
+        opt.zero_grad(set_to_none=True)
+        loss = task.loss(model, task.sample_batch(generator))
+        value = float(loss.detach())
+        if step == 1:
+            limit = divergence_factor * abs(value)
+        if not math.isfinite(value) or value > limit:
+            result.diverged, result.diverged_at = True, step
+            break
+        result.losses.append(value)
+        loss.backward()
+        opt.step()
+    result.wall_s = time.perf_counter() - start
+    if result.diverged:
+        result.held_out = {"metric": math.nan, "loss": math.nan}
+    else:
+        result.held_out = task.evaluate(model)
+    return result
