@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
 
 from benchmarks import curves
 from benchmarks.protocol import entry_label
@@ -31,6 +32,7 @@ ENTRY_COLORS = {
     "sgd_tuned": "tab:purple",
 }
 _FLOOR = 1e-12  # log axes cannot show zero losses
+_PLAIN = FuncFormatter(lambda v, _: f"{v:g}")  # 0.5 rather than 5 x 10^-1
 
 
 def _save(fig: Figure, path: str | os.PathLike) -> Path:
@@ -126,32 +128,39 @@ def plot_overhead(rows: Sequence[dict], path: str | os.PathLike) -> Path:
     """
     families = list(dict.fromkeys(r["family"] for r in rows))
     panels = [
-        ("step_ms", "optimizer step (ms)"),
-        ("train_step_ms", "forward + backward + step (ms)"),
-        ("peak_bytes", "peak extra memory of the step (bytes)"),
+        ("step_ms", "optimizer step (ms)", 1.0),
+        ("train_step_ms", "forward + backward + step (ms)", 1.0),
+        ("peak_bytes", "step memory, MiB (solid: peak, dashed: state)", 2.0**-20),
     ]
     fig = Figure(figsize=(4.2 * len(panels), 3.4), layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False).ravel()
     styles = {"ng": ("tab:red", "NG"), "adam": ("tab:blue", "Adam(foreach)")}
     markers = ["o", "s", "^", "D"]
-    for ax, (key, title) in zip(axes, panels):
+    for ax, (key, title, scale) in zip(axes, panels):
         for marker, family in zip(markers, families):
             fam = [r for r in rows if r["family"] == family]
             params = [r["num_params"] for r in fam]
             for opt, (color, name) in styles.items():
-                values = [r[opt].get(key) for r in fam]
-                pts = [
-                    (p, v) for p, v in zip(params, values) if v is not None and v > 0
-                ]
-                if pts:
-                    xs, ys = zip(*pts)
-                    ax.plot(
-                        xs, ys, marker=marker, color=color, label=f"{name} {family}"
-                    )
+                series = [(key, "-", f"{name} {family}")]
+                if key == "peak_bytes":
+                    series.append(("state_bytes", "--", None))
+                for field, style, label in series:
+                    values = [r[opt].get(field) for r in fam]
+                    pts = [
+                        (p, v * scale)
+                        for p, v in zip(params, values)
+                        if v is not None and v > 0
+                    ]
+                    if pts:
+                        xs, ys = zip(*pts)
+                        ax.plot(
+                            xs, ys, ls=style, marker=marker, color=color, label=label
+                        )
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("parameters", fontsize=8)
         ax.set_title(title, fontsize=9)
+        ax.yaxis.set_major_formatter(_PLAIN)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3, which="both", lw=0.4)
         ax.legend(fontsize=6)
@@ -204,6 +213,10 @@ def plot_scaling(sweeps: dict[str, list[dict]], path: str | os.PathLike) -> Path
         for ax in axes[:, col]:
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
+            ax.set_xticks(xs, [str(x) for x in xs])
+            ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+            ax.yaxis.set_major_formatter(_PLAIN)
+            ax.yaxis.set_minor_formatter(_PLAIN)
             ax.set_xlabel(f"MLP {name}", fontsize=8)
             ax.tick_params(labelsize=7)
             ax.grid(alpha=0.3, which="both", lw=0.4)

@@ -1,0 +1,338 @@
+"""Does NGOptimizer's advantage grow as networks get wider and deeper?
+
+Usage::
+
+    python -m benchmarks.scaling [--quick] [--out DIR]
+
+MLPs on ``mnist1d`` swept in width (2 hidden layers of 32 .. 1024 units) and in
+depth (2 .. 12 hidden layers of 64 units); meta-training saw width <= 64 and
+depth <= 3. At each point: NGOptimizer at its defaults, Adam at lr 1e-3 and
+Adam tuned over a small learning-rate grid, on the same seeds. Reported: the
+ratio of final smoothed train losses (NG / baseline, < 1 means NG is better)
+and the speedup over each baseline (see :mod:`benchmarks.curves`), plus the
+held-out accuracy.
+
+Full: 1000 steps, 2 seeds, widths 32..1024, depths 2..12, a 5-point grid
+(1e-4..1e-2). ``--quick``: 150 steps, 1 seed, widths 32, 128, 512, depths 2, 6,
+12, a 3-point grid (3.2e-4..3.2e-3); about a minute on 2 CPU cores.
+
+Writes ``scaling.json``, ``scaling.md`` and ``scaling.png`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks import data as datasets
+from benchmarks import report
+from benchmarks.optimizers import load_ng_rule
+from benchmarks.plotting import plot_scaling
+from benchmarks.protocol import Protocol, entry_label, execute, summarise_task
+from benchmarks.provenance import run_metadata
+from benchmarks.suite import Task, mlp_task
+
+__all__ = [
+    "SweepSettings",
+    "FULL",
+    "QUICK",
+    "sweep_tasks",
+    "run_scaling",
+    "markdown_report",
+    "write_outputs",
+    "main",
+]
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+#: Width of every hidden layer in the depth sweep.
+DEPTH_SWEEP_WIDTH = 64
+#: Hidden layers in the width sweep.
+WIDTH_SWEEP_DEPTH = 2
+BASELINE_KEYS = ("adam_default", "adam_tuned")
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    """What a scaling run covers.
+
+    Attributes:
+        widths: hidden widths of the width sweep.
+        depths: hidden-layer counts of the depth sweep.
+        steps: optimizer steps per run.
+        seeds: number of seeds.
+        grid: Adam learning rates tried for "tuned Adam".
+    """
+
+    widths: tuple[int, ...]
+    depths: tuple[int, ...]
+    steps: int
+    seeds: int
+    grid: tuple[float, ...]
+
+
+def _log_grid(low: float, high: float, points: int) -> tuple[float, ...]:
+    return tuple(float(f"{v:.3g}") for v in np.logspace(low, high, points))
+
+
+FULL = SweepSettings(
+    widths=(32, 64, 128, 256, 512, 1024),
+    depths=(2, 3, 4, 6, 8, 12),
+    steps=1000,
+    seeds=2,
+    grid=_log_grid(-4, -2, 5),
+)
+QUICK = SweepSettings(
+    widths=(32, 128, 512),
+    depths=(2, 6, 12),
+    steps=150,
+    seeds=1,
+    grid=_log_grid(-3.5, -2.5, 3),
+)
+
+
+def sweep_tasks(settings: SweepSettings) -> dict[str, list[tuple[int, Task]]]:
+    """The MLP tasks of each sweep: ``{"width": [(w, task)], "depth": [...]}``."""
+    widths = [
+        (
+            w,
+            mlp_task(
+                f"mnist1d_width_{w}",
+                datasets.mnist1d,
+                [w] * WIDTH_SWEEP_DEPTH,
+                description=f"mnist1d, MLP {WIDTH_SWEEP_DEPTH}x{w}",
+            ),
+        )
+        for w in settings.widths
+    ]
+    depths = [
+        (
+            d,
+            mlp_task(
+                f"mnist1d_depth_{d}",
+                datasets.mnist1d,
+                [DEPTH_SWEEP_WIDTH] * d,
+                description=f"mnist1d, MLP {d}x{DEPTH_SWEEP_WIDTH}",
+            ),
+        )
+        for d in settings.depths
+    ]
+    return {"width": widths, "depth": depths}
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return a / b if np.isfinite(a) and np.isfinite(b) and b > 0 else None
+
+
+def _point(value: int, summary: dict) -> dict:
+    entries = summary["entries"]
+    ng_loss = entries["ng"]["final_loss_mean"]
+    return {
+        "value": value,
+        "task": summary["name"],
+        "num_params": summary["num_params"],
+        "final_loss": {k: e["final_loss_mean"] for k, e in entries.items()},
+        "metric": {k: e["metric_mean"] for k, e in entries.items()},
+        "lr": {k: e["lr"] for k, e in entries.items()},
+        "divergences": {k: e["divergences"] for k, e in entries.items()},
+        "ms_per_step": {k: e["ms_per_step_mean"] for k, e in entries.items()},
+        "loss_ratio": {
+            k: _ratio(ng_loss, entries[k]["final_loss_mean"]) for k in BASELINE_KEYS
+        },
+        "speedup": {k: summary["speedup"].get(k) for k in BASELINE_KEYS},
+    }
+
+
+def run_scaling(
+    settings: SweepSettings, *, rule_path: str | None = None, progress: bool = True
+) -> dict:
+    """Run both sweeps and return the JSON-ready results.
+
+    Returns:
+        ``{"benchmark", "config", "sweeps": {"width": points, "depth": points}}``
+        where each point holds final losses, held-out accuracies, the tuned
+        learning rate, loss ratios and speedups.
+    """
+    rule = load_ng_rule(rule_path)
+    protocol = Protocol(
+        steps=settings.steps,
+        seeds=tuple(range(settings.seeds)),
+        grids={"adam": settings.grid},
+    )
+    sweeps = sweep_tasks(settings)
+    tasks = [task for points in sweeps.values() for _, task in points]
+    start = time.perf_counter()
+    runs = execute(tasks, protocol, rule=rule, progress=progress)
+    results = {
+        name: [
+            _point(value, summarise_task(task, runs[task.name], protocol))
+            for value, task in points
+        ]
+        for name, points in sweeps.items()
+    }
+    return {
+        "benchmark": "scaling",
+        "config": {
+            "widths": list(settings.widths),
+            "depths": list(settings.depths),
+            "width_sweep_depth": WIDTH_SWEEP_DEPTH,
+            "depth_sweep_width": DEPTH_SWEEP_WIDTH,
+            "steps": settings.steps,
+            "seeds": list(protocol.seeds),
+            "adam_grid": list(settings.grid),
+            "smoothing_window": protocol.window,
+            "wall_s": time.perf_counter() - start,
+            **run_metadata(rule_path, rule),
+        },
+        "sweeps": results,
+    }
+
+
+def _sweep_table(name: str, points: Sequence[dict]) -> str:
+    fmt = report.format_number
+    headers = [
+        name,
+        "params",
+        "NG loss",
+        "Adam(1e-3) loss",
+        "Adam* loss",
+        "Adam* lr",
+        "NG / Adam(1e-3)",
+        "NG / Adam*",
+        "speedup vs Adam(1e-3)",
+        "speedup vs Adam*",
+        "NG acc",
+        "Adam* acc",
+    ]
+    rows = [
+        [
+            p["value"],
+            f"{p['num_params']:,}",
+            fmt(p["final_loss"]["ng"]),
+            fmt(p["final_loss"]["adam_default"]),
+            fmt(p["final_loss"]["adam_tuned"]),
+            report.format_lr(p["lr"]["adam_tuned"]),
+            fmt(p["loss_ratio"]["adam_default"]),
+            fmt(p["loss_ratio"]["adam_tuned"]),
+            report.format_speedup(p["speedup"]["adam_default"]),
+            report.format_speedup(p["speedup"]["adam_tuned"]),
+            fmt(p["metric"]["ng"]),
+            fmt(p["metric"]["adam_tuned"]),
+        ]
+        for p in points
+    ]
+    return report.markdown_table(headers, rows)
+
+
+def _trend(name: str, points: Sequence[dict]) -> str:
+    first, last = points[0], points[-1]
+    parts = []
+    for key in BASELINE_KEYS:
+        a, b = first["loss_ratio"][key], last["loss_ratio"][key]
+        label = entry_label(key, first["lr"]["adam_default"])
+        parts.append(
+            f"vs {label} {report.format_number(a)} -> {report.format_number(b)}"
+        )
+    return (
+        f"- {name} {first['value']} -> {last['value']}: final-loss ratio NG / "
+        f"baseline {'; '.join(parts)} (< 1: NG better)."
+    )
+
+
+def markdown_report(results: dict) -> str:
+    """Markdown tables of a scaling run, one per sweep, plus the trends."""
+    cfg = results["config"]
+    lines = [
+        "# NGOptimizer vs Adam as MLPs grow (mnist1d)",
+        "",
+        f"{cfg['steps']} steps, seeds {cfg['seeds']}, tuned Adam over "
+        f"{', '.join(report.format_lr(x) for x in cfg['adam_grid'])}; final loss = "
+        f"mean of the last {cfg['smoothing_window']} steps, seed mean; rule "
+        f"`{cfg['rule_path']}`; commit {str(cfg['git_commit'])[:10]}, {cfg['date']}. "
+        "Meta-training saw width <= 64 and depth <= 3.",
+        "",
+    ]
+    sweeps = results["sweeps"]
+    if sweeps.get("width"):
+        lines += [
+            f"## Width ({cfg['width_sweep_depth']} hidden layers)",
+            "",
+            _sweep_table("width", sweeps["width"]),
+            "",
+        ]
+    if sweeps.get("depth"):
+        lines += [
+            f"## Depth (hidden layers of {cfg['depth_sweep_width']})",
+            "",
+            _sweep_table("depth", sweeps["depth"]),
+            "",
+        ]
+    lines += ["## Trends", ""]
+    lines += [_trend(name, points) for name, points in sweeps.items() if points]
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(results: dict, out_dir: str | Path) -> dict[str, Path]:
+    """Write ``scaling.json``, ``scaling.md`` and ``scaling.png``."""
+    out = Path(out_dir)
+    return {
+        "json": report.write_json(out / "scaling.json", results),
+        "markdown": report.write_text(out / "scaling.md", markdown_report(results)),
+        "plot": plot_scaling(results["sweeps"], out / "scaling.png"),
+    }
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(",") if v.strip())
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.scaling", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"{QUICK.steps} steps, {QUICK.seeds} seed, widths {QUICK.widths}, "
+        f"depths {QUICK.depths}",
+    )
+    parser.add_argument("--widths", type=_ints, help="comma-separated widths")
+    parser.add_argument("--depths", type=_ints, help="comma-separated depths")
+    parser.add_argument("--steps", type=int, help="steps per run (overrides)")
+    parser.add_argument("--seeds", type=int, help="number of seeds (overrides)")
+    parser.add_argument("--rule", help="learned rule directory (default: shipped)")
+    parser.add_argument("--out", default=str(DEFAULT_OUT), help="output directory")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status."""
+    args = _parse(argv)
+    base = QUICK if args.quick else FULL
+    settings = SweepSettings(
+        widths=base.widths if args.widths is None else args.widths,
+        depths=base.depths if args.depths is None else args.depths,
+        steps=args.steps or base.steps,
+        seeds=args.seeds or base.seeds,
+        grid=base.grid,
+    )
+    torch.set_num_threads(args.threads)
+    results = run_scaling(settings, rule_path=args.rule, progress=not args.no_progress)
+    paths = write_outputs(results, args.out)
+    print()
+    print(markdown_report(results))
+    for kind, path in paths.items():
+        print(f"saved {kind}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
