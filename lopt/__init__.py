@@ -7,6 +7,7 @@ update rule is a graph network over the network's neurons and weights.
 from lopt.features import FeatureState
 from lopt.functional import init_state, ng_step
 from lopt.graph import NeuralGraph
+from lopt.higher import DifferentiableNGOptimizer  # registers NGOptimizer with higher
 from lopt.optimizer import NGOptimizer, default_rule_path
 from lopt.rule import RuleConfig, UpdateRule, load_rule, save_rule
 
@@ -14,6 +15,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "NGOptimizer",
+    "DifferentiableNGOptimizer",
     "NeuralGraph",
     "UpdateRule",
     "RuleConfig",

@@ -80,13 +80,13 @@ def init_feature_state(
     )
 
 
-def _decays(device) -> torch.Tensor:
-    return torch.tensor(MOMENTUM_DECAYS, device=device)[:, None]
+def _decays(like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(MOMENTUM_DECAYS, device=like.device, dtype=like.dtype)[:, None]
 
 
 def update_feature_state(state: FeatureState, grad: torch.Tensor) -> FeatureState:
     """Fold one gradient ``(P,)`` into the moving averages."""
-    betas = _decays(grad.device)
+    betas = _decays(state.momenta)
     momenta = torch.lerp(state.momenta, grad.expand_as(state.momenta), 1.0 - betas)
     second = torch.lerp(state.second_moment, grad * grad, 1.0 - SECOND_MOMENT_DECAY)
     return FeatureState(state.step + 1, momenta, second)
@@ -114,7 +114,7 @@ def scalar_features(
     raw = torch.cat([param[None], grad[None], state.momenta], dim=0)
     normalised = raw * torch.rsqrt(_per_tensor_mean_square(graph, raw) + EPS)
     t = state.step
-    betas = _decays(param.device)
+    betas = _decays(state.momenta)
     m_hat = state.momenta / (1.0 - betas**t)
     v_hat = state.second_moment / (1.0 - SECOND_MOMENT_DECAY**t)
     ratios = m_hat * torch.rsqrt(v_hat + RATIO_EPS)
@@ -123,5 +123,5 @@ def scalar_features(
 
 def time_features(step: torch.Tensor) -> torch.Tensor:
     """``tanh(t / tau - 1)`` for each time scale, shape ``(NUM_TIME_FEATURES,)``."""
-    taus = torch.tensor(TIME_SCALES, device=step.device)
+    taus = torch.tensor(TIME_SCALES, device=step.device, dtype=step.dtype)
     return torch.tanh(step / taus - 1.0)

@@ -255,7 +255,7 @@ class NeuralGraph:
         parts = flat.split(self.numels, dim=-1)
         out: list[torch.Tensor] = [flat] * len(self.shapes)
         for i, part in zip(self.tensor_order, parts):
-            out[i] = part.view(*lead, *self.shapes[i])
+            out[i] = part.view(lead + self.shapes[i])
         return out
 
     def split_scalars(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -134,10 +134,11 @@ class UpdateRule(nn.Module):
     ) -> torch.Tensor:
         """Static node attributes, time, and the features of each node's slots
         (one block per slot type, plus an indicator), ``(N, NODE_IN_DIM)``."""
-        n, device = graph.num_nodes, slot_feats.device
+        n = graph.num_nodes
+        like = {"device": slot_feats.device, "dtype": slot_feats.dtype}
         index = graph.slot_node * NUM_SLOT_TYPES + graph.slot_type
-        ones = torch.ones(1, len(index), device=device)
-        slots = torch.zeros(NUM_FEATURES + 1, n * NUM_SLOT_TYPES, device=device)
+        ones = torch.ones(1, len(index), **like)
+        slots = torch.zeros(NUM_FEATURES + 1, n * NUM_SLOT_TYPES, **like)
         slots = slots.index_add(1, index, torch.cat([slot_feats, ones], dim=0))
         slots = slots.view(NUM_FEATURES + 1, n, NUM_SLOT_TYPES).permute(1, 2, 0)
         return torch.cat(
@@ -150,7 +151,7 @@ class UpdateRule(nn.Module):
         edge_feats, slot_feats = graph.split_scalars(feats)
         x = self.node_inputs(graph, slot_feats, time)
         h, e = self.backbone(x, graph.edge_index, (edge_feats, graph.edge_attr))
-        slot_type = nn.functional.one_hot(graph.slot_type, NUM_SLOT_TYPES).float()
+        slot_type = nn.functional.one_hot(graph.slot_type, NUM_SLOT_TYPES).to(h.dtype)
         slot_embed = torch.cat([h[graph.slot_node], slot_type], dim=1).T
         out = torch.cat(
             [self.edge_head(e, edge_feats), self.slot_head(slot_embed, slot_feats)], dim=1

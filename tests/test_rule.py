@@ -1,0 +1,256 @@
+"""UpdateRule: outputs, Adam initialisation, rule files, the shipped rule."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+
+import pytest
+import torch
+from conftest import TINY_CONFIG, mlp, random_rule, regression_data
+from torch import nn
+
+import lopt
+from lopt import NeuralGraph, NGOptimizer, RuleConfig, UpdateRule, load_rule, save_rule
+from lopt.features import (
+    NUM_TIME_FEATURES,
+    init_feature_state,
+    scalar_features,
+    time_features,
+    update_feature_state,
+)
+from lopt.rule import CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE
+
+
+def _inputs(seed=0):
+    graph = NeuralGraph.from_parameters(mlp().parameters())
+    gen = torch.Generator().manual_seed(seed)
+    grad = torch.randn(graph.num_scalars, generator=gen)
+    state = update_feature_state(init_feature_state(graph.num_scalars), grad)
+    param = torch.randn(graph.num_scalars, generator=gen)
+    return graph, scalar_features(graph, param, grad, state), time_features(state.step)
+
+
+def test_output_shape_and_repr():
+    rule = UpdateRule(TINY_CONFIG)
+    graph, feats, time = _inputs()
+    assert time.shape == (NUM_TIME_FEATURES,)
+    assert rule(graph, feats, time).shape == (graph.num_scalars,)
+    assert repr(TINY_CONFIG) in repr(rule)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"node_dim": 0}, "Invalid node_dim: 0"),
+        ({"num_layers": -1}, "Invalid num_layers: -1"),
+        ({"edge_dim": 2.5}, "Invalid edge_dim: 2.5"),
+        ({"step_scale": 0.0}, "Invalid step_scale: 0.0"),
+        ({"magnitude_clip": float("inf")}, "Invalid magnitude_clip: inf"),
+    ],
+)
+def test_invalid_config(kwargs, message):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        RuleConfig(**kwargs)
+
+
+def test_untrained_rule_is_adam():
+    """Two routes to the same maths: an untrained rule and torch.optim.Adam."""
+    x, y = regression_data()
+    models = [mlp(), mlp()]
+    opts = [
+        NGOptimizer(models[0].parameters(), rule=UpdateRule(TINY_CONFIG)),
+        torch.optim.Adam(models[1].parameters(), lr=TINY_CONFIG.step_scale, eps=0.0),
+    ]
+    for _ in range(5):
+        for model, opt in zip(models, opts):
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_randomised_rule_is_not_adam():
+    graph, feats, time = _inputs()
+    adam = UpdateRule(TINY_CONFIG)(graph, feats, time)
+    assert not torch.allclose(random_rule()(graph, feats, time), adam, atol=1e-5)
+
+
+# ----------------------------------------------------------------- rule files
+def test_save_load_round_trip(tmp_path):
+    rule = random_rule(seed=4)
+    save_rule(rule, tmp_path / "rule")
+    loaded = load_rule(tmp_path / "rule")
+    assert loaded.config == rule.config
+    graph, feats, time = _inputs()
+    assert torch.equal(loaded(graph, feats, time), rule(graph, feats, time))
+    # The config file path works as well as its directory.
+    again = load_rule(tmp_path / "rule" / CONFIG_FILE)
+    assert torch.equal(again(graph, feats, time), rule(graph, feats, time))
+
+
+def test_provenance_round_trip(tmp_path):
+    rule = random_rule()
+    rule.metadata = {"note": "from metadata", "commit": "old"}
+    provenance = {"commit": "abc123", "val_score": 0.25, "config": {"steps": [1, 2]}}
+    save_rule(rule, tmp_path, provenance=provenance)
+    loaded = load_rule(tmp_path)
+    assert loaded.metadata == {"note": "from metadata", **provenance}
+    config = json.loads((tmp_path / CONFIG_FILE).read_text())
+    assert config["format_version"] == FORMAT_VERSION
+    assert config["provenance"]["commit"] == "abc123"
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="No rule at .*: missing config.json"):
+        load_rule(tmp_path / "nowhere")
+
+
+def test_missing_weights(tmp_path):
+    save_rule(random_rule(), tmp_path)
+    (tmp_path / WEIGHTS_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match="missing weights.safetensors"):
+        load_rule(tmp_path)
+
+
+def test_corrupted_weights(tmp_path):
+    save_rule(random_rule(), tmp_path)
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randint(0, 256, (2000,), generator=gen, dtype=torch.uint8)
+    (tmp_path / WEIGHTS_FILE).write_bytes(bytes(noise.tolist()))
+    with pytest.raises(ValueError, match="corrupted"):
+        load_rule(tmp_path)
+
+
+def test_truncated_weights(tmp_path):
+    save_rule(random_rule(), tmp_path)
+    data = (tmp_path / WEIGHTS_FILE).read_bytes()
+    (tmp_path / WEIGHTS_FILE).write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="corrupted"):
+        load_rule(tmp_path)
+
+
+def test_invalid_json(tmp_path):
+    save_rule(random_rule(), tmp_path)
+    (tmp_path / CONFIG_FILE).write_text('{"format": "lopt-rule", ')
+    with pytest.raises(ValueError, match="is not valid JSON"):
+        load_rule(tmp_path)
+
+
+def _edit_config(path, edit):
+    config = json.loads((path / CONFIG_FILE).read_text())
+    edit(config)
+    (path / CONFIG_FILE).write_text(json.dumps(config))
+
+
+def test_not_a_rule_config(tmp_path):
+    save_rule(random_rule(), tmp_path)
+    _edit_config(tmp_path, lambda c: c.pop("format"))
+    with pytest.raises(ValueError, match="is not an lopt rule config"):
+        load_rule(tmp_path)
+
+
+def test_wrong_format_version(tmp_path):
+    save_rule(random_rule(), tmp_path)
+    _edit_config(tmp_path, lambda c: c.update(format_version=FORMAT_VERSION + 1))
+    message = "has format version 2; this lopt reads version 1"
+    with pytest.raises(ValueError, match=message):
+        load_rule(tmp_path)
+
+
+def test_other_feature_set(tmp_path):
+    save_rule(random_rule(), tmp_path)
+    _edit_config(tmp_path, lambda c: c["features"].update(time_scales=[1.0]))
+    with pytest.raises(ValueError, match="was trained on features"):
+        load_rule(tmp_path)
+
+
+def test_unknown_config_key(tmp_path):
+    save_rule(random_rule(), tmp_path)
+    _edit_config(tmp_path, lambda c: c["rule_config"].update(width=3))
+    with pytest.raises(ValueError, match="has an invalid rule_config"):
+        load_rule(tmp_path)
+
+
+def test_weights_that_do_not_match_config(tmp_path):
+    save_rule(random_rule(config=RuleConfig(edge_dim=4)), tmp_path)
+    _edit_config(tmp_path, lambda c: c["rule_config"].update(edge_dim=8))
+    with pytest.raises(ValueError, match="config expects"):
+        load_rule(tmp_path)
+
+
+def test_weights_with_missing_layers(tmp_path):
+    save_rule(random_rule(config=RuleConfig(num_layers=1)), tmp_path)
+    _edit_config(tmp_path, lambda c: c["rule_config"].update(num_layers=2))
+    with pytest.raises(ValueError, match="do not match its config: missing"):
+        load_rule(tmp_path)
+
+
+def test_non_finite_weight(tmp_path):
+    rule = random_rule()
+    with torch.no_grad():
+        rule.edge_head.out.weight[0, 0] = float("nan")
+    save_rule(rule, tmp_path)
+    with pytest.raises(ValueError, match="edge_head.out.weight is not finite"):
+        load_rule(tmp_path)
+
+
+def test_loading_never_unpickles(tmp_path, monkeypatch):
+    rule = random_rule()
+    save_rule(rule, tmp_path)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("loading a rule must not unpickle")
+
+    monkeypatch.setattr(torch, "load", forbidden)
+    monkeypatch.setattr(pickle, "load", forbidden)
+    monkeypatch.setattr(pickle, "loads", forbidden)
+    monkeypatch.setattr(pickle, "Unpickler", forbidden)
+    loaded = load_rule(tmp_path)
+    load_rule(lopt.default_rule_path())
+    graph, feats, time = _inputs()
+    assert torch.equal(loaded(graph, feats, time), rule(graph, feats, time))
+
+
+def test_save_overwrites_in_place(tmp_path):
+    save_rule(random_rule(seed=1), tmp_path)
+    save_rule(random_rule(seed=2), tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CONFIG_FILE, WEIGHTS_FILE]
+    graph, feats, time = _inputs()
+    expected = random_rule(seed=2)(graph, feats, time)
+    assert torch.equal(load_rule(tmp_path)(graph, feats, time), expected)
+
+
+# --------------------------------------------------------------- shipped rule
+def test_default_rule_loads():
+    rule = load_rule(lopt.default_rule_path())
+    assert isinstance(rule, UpdateRule)
+    assert isinstance(NGOptimizer(mlp().parameters()).rule, UpdateRule)
+
+
+def test_default_rule_trains_a_small_cnn():
+    datasets = pytest.importorskip("sklearn.datasets")
+    images, labels = datasets.load_digits(return_X_y=True)
+    x = torch.tensor(images[:256], dtype=torch.float32).view(-1, 1, 8, 8) / 16
+    y = torch.tensor(labels[:256])
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(16, 10),
+    )
+    opt = NGOptimizer(model.parameters(), rule=lopt.default_rule_path())
+    losses = []
+    for _ in range(100):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.75 * losses[0], losses[::10]
