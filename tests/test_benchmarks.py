@@ -1,0 +1,222 @@
+"""Tests of the benchmark package: the suite, the curve arithmetic and the three
+commands, each run end to end on a tiny configuration into a temporary folder."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks import compare, curves, overhead, scaling
+from benchmarks.optimizers import BASELINES, OptimizerConfig, lr_grid
+from benchmarks.protocol import Protocol, execute, loss_outcome, summarise_task
+from benchmarks.report import format_lr, markdown_table
+from benchmarks.suite import TASKS, get_tasks
+from benchmarks.training import train
+from lopt import RuleConfig, UpdateRule, save_rule
+
+torch.set_num_threads(1)
+
+ENTRIES = ("ng", "adam_default", "adam_tuned", "adamw_tuned", "sgd_tuned")
+
+
+def _table_rows(markdown: str, first_cell: str) -> list[str]:
+    return [
+        line for line in markdown.splitlines() if line.startswith(f"| {first_cell} |")
+    ]
+
+
+def _check_png(path) -> None:
+    assert path.is_file()
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert path.stat().st_size > 1000
+
+
+# ------------------------------------------------------------------------ suite
+def test_suite_has_held_out_tasks():
+    assert len(TASKS) >= 8
+    with pytest.raises(ValueError, match="Invalid task: nope"):
+        get_tasks(["nope"])
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_task_is_seeded_and_finite(name):
+    task = TASKS[name]
+    a, b = task.make_model(3), task.make_model(3)
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+    x1, y1 = task.sample_batch(task.batch_generator(5))
+    x2, y2 = task.sample_batch(task.batch_generator(5))
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert len(x1) == task.batch_size
+    loss = task.loss(a, (x1, y1))
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    held_out = task.evaluate(a)
+    assert set(held_out) == {"metric", "loss"}
+    assert all(math.isfinite(v) for v in held_out.values())
+
+
+# ----------------------------------------------------------------------- curves
+def test_smoothing_and_final_loss():
+    losses = [4.0, 2.0, 3.0, 1.0]
+    np.testing.assert_allclose(curves.smooth(losses, 2), [4.0, 3.0, 2.5, 2.0])
+    assert curves.final_loss(losses, 2) == 2.0
+    assert curves.smoothing_window(1000) == 50
+    assert curves.smoothing_window(10) == 1
+
+
+def test_speedup_counts_steps_to_ng_final_loss():
+    ng = np.array([3.0, 2.0, 1.0, 1.0])
+    slow = np.array([3.0, 2.5, 2.0, 1.5, 1.2, 1.0, 0.9, 0.8])
+    s = curves.speedup(ng, slow, total_steps=8)
+    assert (s.value, s.censored, s.ng_steps, s.baseline_steps) == (2.0, False, 3, 6)
+    never = curves.speedup(ng, np.array([3.0, 2.9, 2.8]), total_steps=8)
+    assert never.censored and never.value == pytest.approx(8 / 3)
+
+
+def test_subsample_keeps_means():
+    steps, values = curves.subsample(np.arange(1.0, 11.0), points=5)
+    assert steps == [2, 4, 6, 8, 10]
+    assert values == [1.5, 3.5, 5.5, 7.5, 9.5]
+
+
+def test_formatting():
+    assert [format_lr(x) for x in lr_grid("adam", 7)[:3]] == ["1e-4", "3.2e-4", "1e-3"]
+    assert lr_grid("sgd", 4) == (1e-3, 1e-2, 1e-1, 1.0)
+    table = markdown_table(["a", "b"], [[1, 2], [3, 4]])
+    assert table.count("\n") == 3
+    with pytest.raises(ValueError, match="Invalid row"):
+        markdown_table(["a", "b"], [[1]])
+
+
+# --------------------------------------------------------------------- protocol
+def test_divergence_is_stopped_and_not_tuned():
+    task = TASKS["wine_unscaled_mlp"]
+    run = train(task, OptimizerConfig("sgd", 10.0), steps=30, seed=0)
+    assert run.diverged and run.diverged_at is not None
+    assert len(run.losses) == run.diverged_at - 1 < 30
+    assert math.isnan(run.held_out["metric"])
+
+    protocol = Protocol(steps=15, seeds=(0,), grids={"sgd": (1e-4, 10.0)})
+    runs = execute([task], protocol, progress=False)
+    summary = summarise_task(task, runs[task.name], protocol)
+    assert summary["best_lr"]["sgd"] == 1e-4
+    assert summary["divergences"]["all_runs"] >= 1
+
+
+def test_loss_outcome_has_ties():
+    entry = lambda loss: {"final_loss_mean": loss}  # noqa: E731
+    assert loss_outcome(entry(1.0), entry(1.005)) == "tie"
+    assert loss_outcome(entry(0.5), entry(1.0)) == "win"
+    assert loss_outcome(entry(2.0), entry(1.0)) == "loss"
+    assert loss_outcome(entry(1.0), entry(math.nan)) == "win"
+
+
+# --------------------------------------------------------------------- commands
+def test_compare_main_writes_well_formed_outputs(tmp_path, capsys):
+    tasks = ["wine_logreg", "digits_cnn"]
+    argv = ["--steps", "20", "--seeds", "1", "--grid-points", "2"]
+    argv += ["--tasks", ",".join(tasks), "--out", str(tmp_path), "--no-progress"]
+    assert compare.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert f"saved json: {tmp_path / 'results.json'}" in printed
+
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results) == {"benchmark", "config", "tasks", "aggregate"}
+    assert results["config"]["steps"] == 20
+    assert set(results["config"]["grids"]) == set(BASELINES)
+    assert [t["name"] for t in results["tasks"]] == tasks
+    for task in results["tasks"]:
+        assert set(task["entries"]) == set(ENTRIES)
+        for entry in task["entries"].values():
+            assert math.isfinite(entry["final_loss_mean"])
+            assert math.isfinite(entry["ms_per_step_mean"])
+        speedup = task["speedup"]["adam_tuned"]
+        assert speedup["value"] > 0 and isinstance(speedup["censored"], bool)
+        # 1 NG + 3 baselines x 2 grid points + Adam(1e-3), one seed.
+        assert len(task["runs"]) == 8
+        curve = task["runs"][0]["curve"]
+        assert len(curve["step"]) == len(curve["loss"]) == 20
+    agg = results["aggregate"]
+    assert agg["num_tasks"] == 2 and agg["runs_total"] == 16
+    assert sum(agg["outcome_vs_adam_default"].values()) == 2
+    assert agg["median_speedup_vs_adam_tuned"] > 0
+
+    markdown = (tmp_path / "results.md").read_text()
+    for name in tasks:
+        assert len(_table_rows(markdown, name)) == 3  # loss, metric, speedup tables
+    assert "## Aggregate" in markdown
+    _check_png(tmp_path / "loss_curves.png")
+
+
+def test_compare_uses_the_rule_given(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    rule = UpdateRule(RuleConfig(node_dim=8, edge_dim=4, head_hidden=4))
+    with torch.no_grad():
+        for p in rule.parameters():
+            p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+    save_rule(rule, tmp_path / "rule")
+    protocol = Protocol(steps=15, seeds=(0,))
+    results = compare.run_compare(
+        get_tasks(["wine_logreg"]),
+        protocol,
+        rule_path=str(tmp_path / "rule"),
+        progress=False,
+    )
+    entries = results["tasks"][0]["entries"]
+    assert set(entries) == {"ng", "adam_default"}
+    # A random rule is not Adam: the two runs must differ.
+    assert (
+        entries["ng"]["final_loss_mean"] != entries["adam_default"]["final_loss_mean"]
+    )
+    assert results["config"]["rule_path"] == str(tmp_path / "rule")
+
+
+def test_overhead_main_writes_well_formed_outputs(tmp_path):
+    # One family: each memory probe is a fresh interpreter (seconds to start).
+    argv = ["--sizes", "3000", "--families", "mlp", "--repeats", "2"]
+    assert overhead.main([*argv, "--out", str(tmp_path), "--no-progress"]) == 0
+    results = json.loads((tmp_path / "overhead.json").read_text())
+    (row,) = results["rows"]
+    assert row["family"] == "mlp"
+    assert abs(row["num_params"] - 3000) / 3000 < 0.2
+    for name in ("ng", "adam"):
+        assert row[name]["step_ms"] > 0 and row[name]["train_step_ms"] > 0
+        assert row[name]["peak_bytes"] >= 0 and row[name]["state_bytes"] > 0
+    assert row["ratio"]["step_ms"] > 0
+    markdown = (tmp_path / "overhead.md").read_text()
+    assert len(_table_rows(markdown, f"mlp ({row['width']} units)")) == 1
+    _check_png(tmp_path / "overhead.png")
+
+
+def test_overhead_cnn_series_times_both_optimizers():
+    (row,) = overhead.measure_overhead(
+        ["cnn"], [3000], repeats=2, warmup=1, memory=False, progress=False
+    )
+    assert overhead.FAMILIES["cnn"](row["width"]) == row["num_params"]
+    assert (
+        sum(p.numel() for p in overhead.build_model("cnn", row["width"]).parameters())
+        == row["num_params"]
+    )
+    assert row["ratio"]["step_ms"] > 0 and row["ratio"]["train_step_ms"] > 0
+    assert row["ratio"]["peak_bytes"] is None  # not measured
+
+
+def test_scaling_main_writes_well_formed_outputs(tmp_path):
+    argv = ["--quick", "--widths", "16,48", "--depths", "3", "--steps", "20"]
+    assert scaling.main([*argv, "--out", str(tmp_path), "--no-progress"]) == 0
+    results = json.loads((tmp_path / "scaling.json").read_text())
+    sweeps = results["sweeps"]
+    assert [p["value"] for p in sweeps["width"]] == [16, 48]
+    assert [p["value"] for p in sweeps["depth"]] == [3]
+    for point in sweeps["width"] + sweeps["depth"]:
+        for key in ("adam_default", "adam_tuned"):
+            assert point["loss_ratio"][key] > 0
+            assert point["speedup"][key]["value"] > 0
+        assert math.isfinite(point["final_loss"]["ng"])
+    markdown = (tmp_path / "scaling.md").read_text()
+    assert len(_table_rows(markdown, "16")) == len(_table_rows(markdown, "3")) == 1
+    _check_png(tmp_path / "scaling.png")
