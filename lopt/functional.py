@@ -25,7 +25,9 @@ from lopt.rule import UpdateRule
 __all__ = ["ng_step", "init_state", "FeatureState"]
 
 
-def init_state(graph: NeuralGraph, device: torch.device | str | None = None) -> FeatureState:
+def init_state(
+    graph: NeuralGraph, device: torch.device | str | None = None
+) -> FeatureState:
     """Zero optimizer state for every scalar of ``graph``."""
     return init_feature_state(graph.num_scalars, device)
 

@@ -36,8 +36,8 @@ the hidden neurons of a network permutes the graph and nothing else.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
 
 import torch
 
@@ -134,7 +134,7 @@ class NeuralGraph:
 
     # ------------------------------------------------------------------ build
     @classmethod
-    def from_shapes(cls, shapes: Iterable[Sequence[int]]) -> "NeuralGraph":
+    def from_shapes(cls, shapes: Iterable[Sequence[int]]) -> NeuralGraph:
         """Build the graph of parameters with the given shapes, in order."""
         shapes = tuple(torch.Size(s) for s in shapes)
         b = _Builder()
@@ -155,7 +155,7 @@ class NeuralGraph:
                     inputs = b.add_nodes(inn, NODE_ROLES.index("input"), depth)
                 depth += 1
                 outputs = b.add_nodes(out, NODE_ROLES.index("hidden"), depth)
-                # Flat weight index o*in*k + i*k + t  ->  (src=inputs[i], dst=outputs[o]).
+                # Weight (o, i, t) -> edge (src=inputs[i], dst=outputs[o]).
                 b.edge_src.append(inputs.repeat_interleave(k).repeat(out))
                 b.edge_dst.append(outputs.repeat_interleave(inn * k))
                 b.edge_tensors.append(index)
@@ -176,12 +176,12 @@ class NeuralGraph:
         return cls._finish(b, shapes, prev, depth)
 
     @classmethod
-    def from_parameters(cls, params: Iterable[torch.Tensor]) -> "NeuralGraph":
+    def from_parameters(cls, params: Iterable[torch.Tensor]) -> NeuralGraph:
         """Build the graph of an ordered parameter list (uses shapes only)."""
         return cls.from_shapes([p.shape for p in params])
 
     @classmethod
-    def _finish(cls, b, shapes, last_layer, max_depth) -> "NeuralGraph":
+    def _finish(cls, b, shapes, last_layer, max_depth) -> NeuralGraph:
         def cat(parts, dtype=torch.long, width=None):
             if parts:
                 return torch.cat(parts)
@@ -192,12 +192,17 @@ class NeuralGraph:
             role[last_layer] = NODE_ROLES.index("output")
         depth = cat(b.node_depth).float() / max(max_depth, 1)
         node_attr = torch.cat(
-            [torch.nn.functional.one_hot(role, len(NODE_ROLES)).float(), depth[:, None]],
+            [
+                torch.nn.functional.one_hot(role, len(NODE_ROLES)).float(),
+                depth[:, None],
+            ],
             dim=1,
         )
         order = tuple(b.edge_tensors + b.slot_tensors)
         numels = torch.tensor([shapes[i].numel() for i in order], dtype=torch.long)
-        tensor_id = torch.repeat_interleave(torch.tensor(order, dtype=torch.long), numels)
+        tensor_id = torch.repeat_interleave(
+            torch.tensor(order, dtype=torch.long), numels
+        )
         return cls(
             shapes=shapes,
             num_nodes=b.num_nodes,
@@ -228,7 +233,7 @@ class NeuralGraph:
         """Sizes of the parameter tensors, in graph order."""
         return [self.shapes[i].numel() for i in self.tensor_order]
 
-    def to(self, device: torch.device | str) -> "NeuralGraph":
+    def to(self, device: torch.device | str) -> NeuralGraph:
         """A copy with every index tensor on ``device``."""
         moved = {
             name: getattr(self, name).to(device)

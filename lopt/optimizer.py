@@ -1,10 +1,11 @@
-"""``NGOptimizer``: the learned neural-graph optimizer as a ``torch.optim.Optimizer``."""
+"""``NGOptimizer``: the learned neural-graph optimizer, a ``torch.optim.Optimizer``."""
 
 from __future__ import annotations
 
 import math
 import os
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch.optim import Optimizer
@@ -107,7 +108,9 @@ class NGOptimizer(Optimizer):
         params = [params] if isinstance(params, torch.Tensor) else list(params)
         for p in params:
             if isinstance(p, torch.Tensor) and not p.is_floating_point():
-                raise ValueError(f"Invalid parameter dtype: {p.dtype} (need a float dtype)")
+                raise ValueError(
+                    f"Invalid parameter dtype: {p.dtype} (need a float dtype)"
+                )
         super().add_param_group({**param_group, "params": params})
         # The graph spans every group: rebuild it (keeping state) at the next step.
         self._graph = None
@@ -128,7 +131,9 @@ class NGOptimizer(Optimizer):
             return
         devices = {p.device for p in params}
         if len(devices) > 1:
-            raise ValueError(f"Invalid parameters: all must be on one device, got {devices}")
+            raise ValueError(
+                f"Invalid parameters: all must be on one device, got {devices}"
+            )
         self._rebuild({p: self.state.get(p, {}) for p in params}, params)
 
     def _rebuild(self, source: dict[torch.Tensor, dict], params: list[torch.Tensor]):
@@ -139,7 +144,9 @@ class NGOptimizer(Optimizer):
         flat = init_state(graph, device)
         steps = [float(s["step"]) for s in source.values() if "step" in s]
         flat.step.fill_(max(steps, default=0.0))
-        for p, m, v in zip(params, *self._views(graph, flat.momenta, flat.second_moment)):
+        for p, m, v in zip(
+            params, *self._views(graph, flat.momenta, flat.second_moment)
+        ):
             saved = source.get(p, {})
             if "momenta" in saved:
                 m.copy_(saved["momenta"].reshape(m.shape))
@@ -177,7 +184,9 @@ class NGOptimizer(Optimizer):
         has_grad = [g is not None for g in grads]
         mask = None
         if not all(has_grad):
-            grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+            grads = [
+                torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)
+            ]
             mask = self._per_scalar(graph, has_grad, torch.bool)
         flat_grad = graph.flatten(grads)
         if not bool(torch.isfinite(flat_grad).all()):
@@ -187,7 +196,14 @@ class NGOptimizer(Optimizer):
             return loss
         lr, weight_decay = self._group_values(graph)
         new_params, new_state = ng_step(
-            self.rule, graph, graph.flatten(params), flat_grad, flat, lr, weight_decay, mask
+            self.rule,
+            graph,
+            graph.flatten(params),
+            flat_grad,
+            flat,
+            lr,
+            weight_decay,
+            mask,
         )
         torch._foreach_copy_(params, graph.unflatten(new_params))
         flat.step.copy_(new_state.step)

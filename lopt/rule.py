@@ -74,7 +74,9 @@ class RuleConfig:
                 raise ValueError(f"Invalid {name}: {value}")
         for name in ("step_scale", "magnitude_scale", "magnitude_clip"):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            if not (
+                isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+            ):
                 raise ValueError(f"Invalid {name}: {value}")
 
 
@@ -154,11 +156,14 @@ class UpdateRule(nn.Module):
         slot_type = nn.functional.one_hot(graph.slot_type, NUM_SLOT_TYPES).to(h.dtype)
         slot_embed = torch.cat([h[graph.slot_node], slot_type], dim=1).T
         out = torch.cat(
-            [self.edge_head(e, edge_feats), self.slot_head(slot_embed, slot_feats)], dim=1
+            [self.edge_head(e, edge_feats), self.slot_head(slot_embed, slot_feats)],
+            dim=1,
         )
         return self._to_update(out[0], out[1])
 
-    def _to_update(self, direction: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    def _to_update(
+        self, direction: torch.Tensor, magnitude: torch.Tensor
+    ) -> torch.Tensor:
         c = self.config
         clip = c.magnitude_clip
         log_scale = clip * torch.tanh(c.magnitude_scale * magnitude / clip)
@@ -217,7 +222,9 @@ def _read_config(path: Path) -> dict[str, Any]:
     try:
         config = json.loads((path / CONFIG_FILE).read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"Rule config {path / CONFIG_FILE} is not valid JSON: {err}") from err
+        raise ValueError(
+            f"Rule config {path / CONFIG_FILE} is not valid JSON: {err}"
+        ) from err
     if not isinstance(config, dict) or config.get("format") != _FORMAT_NAME:
         raise ValueError(f"{path / CONFIG_FILE} is not an lopt rule config")
     version = config.get("format_version")
@@ -256,7 +263,9 @@ def load_rule(path: str | os.PathLike) -> UpdateRule:
     try:
         tensors = load_file(str(path / WEIGHTS_FILE))
     except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"Rule weights {path / WEIGHTS_FILE} are corrupted: {err}") from err
+        raise ValueError(
+            f"Rule weights {path / WEIGHTS_FILE} are corrupted: {err}"
+        ) from err
     rule = UpdateRule(rule_config)
     expected = rule.state_dict()
     missing = sorted(set(expected) - set(tensors))
@@ -273,7 +282,9 @@ def load_rule(path: str | os.PathLike) -> UpdateRule:
                 f"{tuple(value.shape)}, config expects {tuple(expected[name].shape)}"
             )
         if not torch.isfinite(value).all():
-            raise ValueError(f"Rule weights {path / WEIGHTS_FILE}: {name} is not finite")
+            raise ValueError(
+                f"Rule weights {path / WEIGHTS_FILE}: {name} is not finite"
+            )
     rule.load_state_dict(tensors)
     rule.metadata = dict(config.get("provenance") or {})
     return rule

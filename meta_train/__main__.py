@@ -14,15 +14,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m meta_train", description=__doc__)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="smoke")
     parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt")
-    parser.add_argument("--iterations", type=int, help="override the preset's iterations")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from DIR/checkpoint.pt"
+    )
+    parser.add_argument(
+        "--iterations", type=int, help="override the preset's iterations"
+    )
     parser.add_argument("--seed", type=int, help="override the preset's seed")
     parser.add_argument("--threads", type=int, help="torch threads")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     overrides = {
-        k: v for k, v in
-        {"iterations": args.iterations, "seed": args.seed, "threads": args.threads}.items()
+        k: v
+        for k, v in {
+            "iterations": args.iterations,
+            "seed": args.seed,
+            "threads": args.threads,
+        }.items()
         if v is not None
     }
     config = preset(args.preset, **overrides)
@@ -33,8 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume:
         trainer.load_checkpoint()
     trainer.train(progress=not args.no_progress)
-    print(f"best rule (validation score {trainer.best_score:.4f}, Adam(1e-3) "
-          f"{trainer.adam_score:.4f}): {trainer.out / BEST_RULE}")
+    print(
+        f"best rule (validation score {trainer.best_score:.4f}, Adam(1e-3) "
+        f"{trainer.adam_score:.4f}): {trainer.out / BEST_RULE}"
+    )
     return 0
 
 

@@ -33,7 +33,7 @@ class MetaTrainConfig:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "MetaTrainConfig":
+    def from_json(cls, text: str) -> MetaTrainConfig:
         data = json.loads(text)
         data["horizon"] = tuple(data["horizon"])
         return cls(**data)
@@ -53,7 +53,12 @@ PRESETS = {
         val_steps=20,
         val_tasks=2,
         checkpoint_every=2,
-        family={"widths": [8, 16], "max_depth": 2, "batch_sizes": [32], "conv_prob": 0.5},
+        family={
+            "widths": [8, 16],
+            "max_depth": 2,
+            "batch_sizes": [32],
+            "conv_prob": 0.5,
+        },
     ),
     # The shipped default rule: under an hour on 2 CPU cores.
     "default": MetaTrainConfig(
@@ -72,5 +77,7 @@ PRESETS = {
 def preset(name: str, **overrides) -> MetaTrainConfig:
     """A preset by name, with keyword overrides."""
     if name not in PRESETS:
-        raise ValueError(f"Invalid preset: {name!r} (expected one of {sorted(PRESETS)})")
+        raise ValueError(
+            f"Invalid preset: {name!r} (expected one of {sorted(PRESETS)})"
+        )
     return replace(PRESETS[name], **overrides)

@@ -3,7 +3,7 @@ packages, cached in memory per process."""
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import torch
@@ -40,7 +40,7 @@ def _to_dataset(x, y, x_val, y_val) -> Dataset:
     )
 
 
-@lru_cache(maxsize=None)
+@cache
 def _mnist1d() -> Dataset:
     from mnist1d.data import get_dataset_args, make_dataset
 
@@ -50,7 +50,7 @@ def _mnist1d() -> Dataset:
     return _to_dataset(data["x"], data["y"], data["x_test"], data["y_test"])
 
 
-@lru_cache(maxsize=None)
+@cache
 def _digits() -> Dataset:
     from sklearn.datasets import load_digits
 
@@ -67,5 +67,7 @@ DATASETS = {"mnist1d": _mnist1d, "digits": _digits}
 def load_dataset(name: str) -> Dataset:
     """One of :data:`DATASETS` by name."""
     if name not in DATASETS:
-        raise ValueError(f"Invalid dataset: {name!r} (expected one of {sorted(DATASETS)})")
+        raise ValueError(
+            f"Invalid dataset: {name!r} (expected one of {sorted(DATASETS)})"
+        )
     return DATASETS[name]()

@@ -41,7 +41,7 @@ class TaskConfig:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict) -> "TaskConfig":
+    def from_json(cls, data: dict) -> TaskConfig:
         data = dict(data)
         data["hidden"] = tuple(data["hidden"])
         data["reparam"] = tuple(data.get("reparam", ()))
@@ -55,7 +55,9 @@ class Task:
         self.config = config
         self.data = load_dataset(config.dataset)
         torch.manual_seed(config.seed)
-        self.module = _build_module(config, self.data.num_features, self.data.num_classes)
+        self.module = _build_module(
+            config, self.data.num_features, self.data.num_classes
+        )
         self.names = [n for n, _ in self.module.named_parameters()]
         scale = torch.tensor(config.reparam) if config.reparam else None
         # With re-parametrisation the network uses w_eff = c * w: the optimizer
@@ -73,7 +75,9 @@ class Task:
         return nn.functional.cross_entropy(out, y)
 
     def batch(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.randint(len(self.data.x), (self.config.batch_size,), generator=generator)
+        idx = torch.randint(
+            len(self.data.x), (self.config.batch_size,), generator=generator
+        )
         return self.data.x[idx], self.data.y[idx]
 
     def validation_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,7 +99,11 @@ def _build_module(config: TaskConfig, num_features: int, num_classes: int) -> nn
         for h in config.hidden:
             layers += [nn.Conv1d(channels, h, 3, padding=1), act(), nn.MaxPool1d(2)]
             channels = h
-        layers += [nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(channels, num_classes)]
+        layers += [
+            nn.AdaptiveAvgPool1d(1),
+            nn.Flatten(),
+            nn.Linear(channels, num_classes),
+        ]
     else:
         raise ValueError(f"Invalid task kind: {config.kind!r}")
     return nn.Sequential(*layers)
@@ -138,7 +146,8 @@ class MLPFamily(TaskFamily):
         reparam: tuple[float, ...] = ()
         if float(torch.rand((), generator=generator)) < self.reparam_prob:
             reparam = tuple(
-                round(_log_uniform(0.1, 10.0, generator), 4) for _ in range(2 * depth + 2)
+                round(_log_uniform(0.1, 10.0, generator), 4)
+                for _ in range(2 * depth + 2)
             )
         noise = 0.0
         if float(torch.rand((), generator=generator)) < self.grad_noise_prob:

@@ -34,7 +34,10 @@ LOG = "log.csv"
 def _git_commit() -> str:
     try:
         return subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
             cwd=Path(__file__).resolve().parent,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
@@ -61,9 +64,11 @@ def validate(rule: UpdateRule | None, configs: list[TaskConfig], steps: int) -> 
         for _ in range(steps):
             x, y = task.batch(gen)
             with torch.enable_grad():
-                current = params if adam else [
-                    p.requires_grad_(True) for p in graph.unflatten(flat.clone())
-                ]
+                current = (
+                    params
+                    if adam
+                    else [p.requires_grad_(True) for p in graph.unflatten(flat.clone())]
+                )
                 loss = task.loss(current, x, y)
                 grads = torch.autograd.grad(loss, current)
             if not torch.isfinite(loss):
@@ -79,7 +84,8 @@ def validate(rule: UpdateRule | None, configs: list[TaskConfig], steps: int) -> 
         init = losses[0]
         tail = losses[len(losses) // 2 :]
         scores.append(
-            sum(min(math.log(max(v, 1e-12) / init), math.log(10.0)) for v in tail) / len(tail)
+            sum(min(math.log(max(v, 1e-12) / init), math.log(10.0)) for v in tail)
+            / len(tail)
         )
     return sum(scores) / len(scores)
 
@@ -104,7 +110,9 @@ class MetaTrainer:
         command: the command line recorded in the rule's provenance.
     """
 
-    def __init__(self, config: MetaTrainConfig, out: str | os.PathLike, command: str = ""):
+    def __init__(
+        self, config: MetaTrainConfig, out: str | os.PathLike, command: str = ""
+    ):
         self.config = config
         self.out = Path(out)
         self.command = command or " ".join([Path(sys.executable).name, *sys.argv])
@@ -112,12 +120,18 @@ class MetaTrainer:
             torch.set_num_threads(config.threads)
         torch.manual_seed(config.seed)
         self.rule = UpdateRule(RuleConfig(**config.rule))
-        self.family = MLPFamily(**{k: tuple(v) if isinstance(v, list) else v
-                                   for k, v in config.family.items()})
+        self.family = MLPFamily(
+            **{
+                k: tuple(v) if isinstance(v, list) else v
+                for k, v in config.family.items()
+            }
+        )
         self.outer = torch.optim.Adam(self.rule.parameters(), lr=config.outer_lr)
         self.generator = torch.Generator().manual_seed(config.seed)
         val_gen = torch.Generator().manual_seed(config.seed + 10_000)
-        self.val_configs = [self.family.sample(val_gen) for _ in range(config.val_tasks)]
+        self.val_configs = [
+            self.family.sample(val_gen) for _ in range(config.val_tasks)
+        ]
         self.iteration = 0
         self.skipped = 0
         self.best_score = math.inf
@@ -150,7 +164,9 @@ class MetaTrainer:
         meta_loss = torch.stack(losses).mean()
         self.outer.zero_grad()
         meta_loss.backward()
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.rule.parameters(), c.clip_norm))
+        grad_norm = float(
+            torch.nn.utils.clip_grad_norm_(self.rule.parameters(), c.clip_norm)
+        )
         lr = self._lr(self.iteration)
         for group in self.outer.param_groups:
             group["lr"] = lr
@@ -162,8 +178,15 @@ class MetaTrainer:
         val = None
         if self.iteration % c.val_every == 0 or self.iteration == c.iterations:
             val = self.validate_and_select()
-        return _Record(self.iteration, float(meta_loss.detach()), grad_norm, self.skipped, lr, val,
-                       time.perf_counter() - start)
+        return _Record(
+            self.iteration,
+            float(meta_loss.detach()),
+            grad_norm,
+            self.skipped,
+            lr,
+            val,
+            time.perf_counter() - start,
+        )
 
     def validate_and_select(self) -> float:
         c = self.config
@@ -194,8 +217,13 @@ class MetaTrainer:
         if killed there); returns the rule (the best one is on disk)."""
         self.out.mkdir(parents=True, exist_ok=True)
         self.config.save(self.out / "config.json")
-        bar = tqdm(total=self.config.iterations, initial=self.iteration,
-                   disable=not progress, desc="meta-train", dynamic_ncols=True)
+        bar = tqdm(
+            total=self.config.iterations,
+            initial=self.iteration,
+            disable=not progress,
+            desc="meta-train",
+            dynamic_ncols=True,
+        )
         with open(self.out / LOG, "a", newline="") as log_file:
             log = csv.writer(log_file)
             if log_file.tell() == 0:
@@ -211,8 +239,10 @@ class MetaTrainer:
                     postfix["adam"] = f"{self.adam_score:.3f}"
                 bar.set_postfix(postfix)
                 bar.update(1)
-                if (self.iteration % self.config.checkpoint_every == 0
-                        or self.iteration == self.config.iterations):
+                if (
+                    self.iteration % self.config.checkpoint_every == 0
+                    or self.iteration == self.config.iterations
+                ):
                     self.save_checkpoint()
         bar.close()
         if self.iteration >= self.config.iterations:
@@ -276,7 +306,15 @@ class MetaTrainer:
             config = TaskConfig.from_json(item["config"])
             task = make_task(config)
             graph = NeuralGraph.from_shapes([p.shape for p in task.init_params])
-            self.inner.append(InnerState(
-                config, task, graph, item["params"], FeatureState(*item["opt_state"]),
-                item["step"], item["horizon"], item["init_loss"],
-            ))
+            self.inner.append(
+                InnerState(
+                    config,
+                    task,
+                    graph,
+                    item["params"],
+                    FeatureState(*item["opt_state"]),
+                    item["step"],
+                    item["horizon"],
+                    item["init_loss"],
+                )
+            )

@@ -53,7 +53,9 @@ def new_inner_state(
 ) -> InnerState:
     """Sample a task and a log-uniform horizon; start it at step 0."""
     config = family.sample(generator)
-    return start_inner_state(config, round(_log_uniform(*horizon, generator)), generator)
+    return start_inner_state(
+        config, round(_log_uniform(*horizon, generator)), generator
+    )
 
 
 def start_inner_state(

@@ -49,7 +49,9 @@ class GraphBackbone(nn.Module):
         )
         # Edges are as many as weights: their encoder is one linear map.
         self.edge_encoder = nn.Linear(edge_in, edge_dim)
-        self.layers = nn.ModuleList(NGConv(node_dim, edge_dim) for _ in range(num_layers))
+        self.layers = nn.ModuleList(
+            NGConv(node_dim, edge_dim) for _ in range(num_layers)
+        )
 
     def reset_parameters(self) -> None:
         for layer in self.node_encoder:
@@ -82,7 +84,8 @@ class GraphBackbone(nn.Module):
 
     def __repr__(self) -> str:
         return (
-            f"{self.__class__.__name__}(node_in={self.node_in}, edge_in={self.edge_in}, "
+            f"{self.__class__.__name__}(node_in={self.node_in}, "
+            f"edge_in={self.edge_in}, "
             f"node_dim={self.node_dim}, edge_dim={self.edge_dim}, "
             f"num_layers={self.num_layers})"
         )

@@ -80,8 +80,13 @@ class NGConv(MessagePassing):
 
     def reset_parameters(self) -> None:
         super().reset_parameters()
-        for lin in (self.lin_src, self.lin_dst, self.edge_lin, self.edge_src,
-                    self.edge_dst):
+        for lin in (
+            self.lin_src,
+            self.lin_dst,
+            self.edge_lin,
+            self.edge_src,
+            self.edge_dst,
+        ):
             lin.reset_parameters()
         # FiLM starts as the identity modulation: gamma = 1, beta = 0.
         nn.init.zeros_(self.film.weight)
@@ -121,7 +126,9 @@ class NGConv(MessagePassing):
             + self.edge_src(x).T.index_select(1, src)
             + self.edge_dst(x).T.index_select(1, dst)
         )
-        edge_attr = edge_attr + channel_linear(self.edge_out, nn.functional.silu(hidden))
+        edge_attr = edge_attr + channel_linear(
+            self.edge_out, nn.functional.silu(hidden)
+        )
         return x, edge_attr
 
     def __repr__(self) -> str:
