@@ -215,6 +215,10 @@ def save_rule(
         Path(tmp, CONFIG_FILE).write_text(text)
         os.replace(os.path.join(tmp, WEIGHTS_FILE), path / WEIGHTS_FILE)
         os.replace(os.path.join(tmp, CONFIG_FILE), path / CONFIG_FILE)
+    for name in (WEIGHTS_FILE, CONFIG_FILE):
+        # Files made inside a TemporaryDirectory may be private (0600); a rule is
+        # read by whoever runs the optimizer.
+        os.chmod(path / name, 0o644)
     return path
 
 

@@ -32,14 +32,14 @@ LOG = "log.csv"
 
 
 def _git_commit() -> str:
+    """HEAD of the checkout the code runs from, ``+dirty`` with local changes."""
+    here = Path(__file__).resolve().parent
     try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=Path(__file__).resolve().parent,
+        run = lambda *a: subprocess.run(  # noqa: E731
+            ["git", *a], capture_output=True, text=True, check=True, cwd=here
         ).stdout.strip()
+        dirty = "+dirty" if run("status", "--porcelain") else ""
+        return run("rev-parse", "HEAD") + dirty
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -137,6 +137,8 @@ class MetaTrainer:
         self.best_score = math.inf
         self.adam_score: float | None = None
         self.inner: list[InnerState] = []
+        # The code that trains is the code at start: record its commit now.
+        self.commit = _git_commit()
 
     # ----------------------------------------------------------- schedule
     def _lr(self, iteration: int) -> float:
@@ -202,7 +204,7 @@ class MetaTrainer:
         return {
             "command": self.command,
             "meta_train_config": self.config.to_json(),
-            "commit": _git_commit(),
+            "commit": self.commit,
             "iteration": self.iteration,
             "validation_score": score,
             "validation_score_adam_1e-3": self.adam_score,
