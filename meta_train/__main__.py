@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 
-from meta_train.config import PRESETS, preset
+from meta_train.config import PRESETS, MetaTrainConfig, preset
 from meta_train.trainer import BEST_RULE, MetaTrainer
 
 
@@ -22,6 +23,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seed", type=int, help="override the preset's seed")
     parser.add_argument("--threads", type=int, help="torch threads")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=JSON",
+        help="override a MetaTrainConfig field, e.g. --set truncation=30 "
+        "--set 'rule={\"num_layers\": 2}'",
+    )
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     overrides = {
@@ -33,6 +42,18 @@ def main(argv: list[str] | None = None) -> int:
         }.items()
         if v is not None
     }
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or key not in MetaTrainConfig.__dataclass_fields__:
+            parser.error(
+                f"invalid --set {item!r}: expected FIELD=JSON with FIELD in "
+                f"{sorted(MetaTrainConfig.__dataclass_fields__)}"
+            )
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parser.error(f"invalid --set {item!r}: {value!r} is not JSON")
+        overrides[key] = tuple(parsed) if isinstance(parsed, list) else parsed
     config = preset(args.preset, **overrides)
     command = "python -m meta_train " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
