@@ -191,6 +191,7 @@ def _entry_cells(summary: dict, mean_key: str, std_key: str, higher: bool) -> li
             text = f"**{text}**"
         if key.endswith("_tuned"):
             text += f" @{report.format_lr(entry['lr'])}"
+            text += "†" if entry.get("lr_at_grid_edge") else ""
         if entry["divergences"]:
             text += f" ({entry['divergences']}/{entry['runs']} div.)"
         cells.append(text)
@@ -217,7 +218,8 @@ def markdown_report(results: dict) -> str:
         f"torch {cfg['torch_version']}, commit {str(cfg['git_commit'])[:10]}, "
         f"{cfg['date']}.",
         "",
-        "`*` = tuned per task (lr after `@`); **bold** = best in the row; "
+        "`*` = tuned per task (lr after `@`; `†` = at the edge of the grid); "
+        "**bold** = best in the row; "
         "`div.` = diverged runs (non-finite loss or loss > "
         f"{cfg['divergence_factor']:g}x the initial loss).",
         "",

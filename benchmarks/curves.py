@@ -21,6 +21,7 @@ import numpy as np
 
 __all__ = [
     "SMOOTHING_FRACTION",
+    "SPEEDUP_RTOL",
     "smoothing_window",
     "smooth",
     "final_loss",
@@ -34,6 +35,8 @@ __all__ = [
 
 #: Fraction of a run's steps averaged by the smoothing window.
 SMOOTHING_FRACTION = 0.05
+#: A curve "reaches" a target loss when within this relative tolerance of it.
+SPEEDUP_RTOL = 1e-3
 
 
 def smoothing_window(steps: int, fraction: float = SMOOTHING_FRACTION) -> int:
@@ -108,13 +111,18 @@ class Speedup:
 
 
 def speedup(
-    ng_curve: np.ndarray, baseline_curve: np.ndarray, total_steps: int
+    ng_curve: np.ndarray,
+    baseline_curve: np.ndarray,
+    total_steps: int,
+    rtol: float = SPEEDUP_RTOL,
 ) -> Speedup:
     """Speedup of the learned optimizer over a baseline, from smoothed curves.
 
     The target is the learned optimizer's final smoothed loss. Both runs are
-    timed by the first step their smoothed curve reaches it, so the measure is
-    symmetric and noise in the last steps does not favour either side.
+    timed by the first step their smoothed curve comes within ``rtol`` of it
+    (``curve <= target * (1 + rtol)``), so the measure is symmetric, noise in
+    the last steps does not favour either side, and two curves equal up to
+    floating-point rounding give exactly 1.
 
     Args:
         ng_curve: smoothed (seed-mean) curve of the learned optimizer.
@@ -122,11 +130,13 @@ def speedup(
             shorter than ``total_steps`` if the baseline diverged.
         total_steps: the step budget (the cap used when the baseline never
             reaches the target).
+        rtol: relative tolerance of "reaching" the target.
     """
     target = float(ng_curve[-1])
-    ng_steps = steps_to_reach(ng_curve, target)
+    threshold = target + abs(target) * rtol
+    ng_steps = steps_to_reach(ng_curve, threshold)
     assert ng_steps is not None  # the last point always reaches itself
-    base_steps = steps_to_reach(baseline_curve, target)
+    base_steps = steps_to_reach(baseline_curve, threshold)
     if base_steps is None:
         return Speedup(total_steps / ng_steps, True, target, ng_steps, None)
     return Speedup(base_steps / ng_steps, False, target, ng_steps, base_steps)

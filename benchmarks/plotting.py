@@ -32,7 +32,23 @@ ENTRY_COLORS = {
     "sgd_tuned": "tab:purple",
 }
 _FLOOR = 1e-12  # log axes cannot show zero losses
-_PLAIN = FuncFormatter(lambda v, _: f"{v:g}")  # 0.5 rather than 5 x 10^-1
+
+
+def _plain_log_labels(ax) -> None:
+    """Plain numbers (0.5, not 5 x 10^-1) on a log y axis; minor ticks are
+    labelled when the axis spans under one decade (2 and 5 under two)."""
+
+    def minor(value: float, _) -> str:
+        low, high = ax.get_ylim()
+        decades = math.log10(high / low) if low > 0 else math.inf
+        mantissa = round(value / 10 ** math.floor(math.log10(value) + 1e-9))
+        if decades < 1 or (decades < 2 and mantissa in (2, 5)):
+            return f"{value:g}"
+        return ""
+
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(minor))
+    ax.tick_params(which="both", labelsize=7)
 
 
 def _save(fig: Figure, path: str | os.PathLike) -> Path:
@@ -106,6 +122,7 @@ def plot_loss_curves(
                 if not complete:
                     ax.plot([], [], color=color, ls="--", label=f"{label} (diverged)")
         ax.set_yscale("log")
+        _plain_log_labels(ax)
         ax.set_title(task["description"], fontsize=8)
         ax.set_xlabel("step", fontsize=8)
         ax.set_ylabel("train loss (smoothed)", fontsize=8)
@@ -160,7 +177,7 @@ def plot_overhead(rows: Sequence[dict], path: str | os.PathLike) -> Path:
         ax.set_yscale("log")
         ax.set_xlabel("parameters", fontsize=8)
         ax.set_title(title, fontsize=9)
-        ax.yaxis.set_major_formatter(_PLAIN)
+        _plain_log_labels(ax)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3, which="both", lw=0.4)
         ax.legend(fontsize=6)
@@ -215,8 +232,7 @@ def plot_scaling(sweeps: dict[str, list[dict]], path: str | os.PathLike) -> Path
             ax.set_yscale("log")
             ax.set_xticks(xs, [str(x) for x in xs])
             ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
-            ax.yaxis.set_major_formatter(_PLAIN)
-            ax.yaxis.set_minor_formatter(_PLAIN)
+            _plain_log_labels(ax)
             ax.set_xlabel(f"MLP {name}", fontsize=8)
             ax.tick_params(labelsize=7)
             ax.grid(alpha=0.3, which="both", lw=0.4)

@@ -239,6 +239,8 @@ def summarise_task(task: Task, runs: Sequence[RunResult], protocol: Protocol) ->
         ]
         best = min(scored, key=_tuning_key)
         best_lr[name] = best["lr"]
+        # A best lr on the grid's edge means the grid may not contain the optimum.
+        best["lr_at_grid_edge"] = len(grid) > 1 and best["lr"] in (min(grid), max(grid))
         entries[f"{name}_tuned"] = best
 
     ng_curve = _smoothed_mean(_runs_of(runs, OptimizerConfig(NG)), window)

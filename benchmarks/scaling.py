@@ -140,6 +140,7 @@ def _point(value: int, summary: dict) -> dict:
         "final_loss": {k: e["final_loss_mean"] for k, e in entries.items()},
         "metric": {k: e["metric_mean"] for k, e in entries.items()},
         "lr": {k: e["lr"] for k, e in entries.items()},
+        "lr_at_grid_edge": bool(entries["adam_tuned"].get("lr_at_grid_edge")),
         "divergences": {k: e["divergences"] for k, e in entries.items()},
         "ms_per_step": {k: e["ms_per_step_mean"] for k, e in entries.items()},
         "loss_ratio": {
@@ -217,7 +218,8 @@ def _sweep_table(name: str, points: Sequence[dict]) -> str:
             fmt(p["final_loss"]["ng"]),
             fmt(p["final_loss"]["adam_default"]),
             fmt(p["final_loss"]["adam_tuned"]),
-            report.format_lr(p["lr"]["adam_tuned"]),
+            report.format_lr(p["lr"]["adam_tuned"])
+            + ("†" if p["lr_at_grid_edge"] else ""),
             fmt(p["loss_ratio"]["adam_default"]),
             fmt(p["loss_ratio"]["adam_tuned"]),
             report.format_speedup(p["speedup"]["adam_default"]),
@@ -255,7 +257,8 @@ def markdown_report(results: dict) -> str:
         f"{', '.join(report.format_lr(x) for x in cfg['adam_grid'])}; final loss = "
         f"mean of the last {cfg['smoothing_window']} steps, seed mean; rule "
         f"`{cfg['rule_path']}`; commit {str(cfg['git_commit'])[:10]}, {cfg['date']}. "
-        "Meta-training saw width <= 64 and depth <= 3.",
+        "Meta-training saw width <= 64 and depth <= 3. `†`: tuned lr at the edge "
+        "of the grid.",
         "",
     ]
     sweeps = results["sweeps"]
