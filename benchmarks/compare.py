@@ -165,6 +165,7 @@ def aggregate(summaries: Sequence[dict], wall_s: float | None = None) -> dict:
         "divergences_by_optimizer": divergences,
         "divergences_total": sum(divergences.values()),
         "runs_total": sum(len(s.get("runs", [])) for s in summaries),
+        "failures": [f"{s['name']}: {f}" for s in summaries for f in s["failures"]],
         "wall_s": wall_s,
     }
 
@@ -300,6 +301,9 @@ def markdown_report(results: dict) -> str:
     ]
     if agg.get("wall_s") is not None:
         lines.append(f"- Wall-clock: {agg['wall_s']:.0f} s for all runs.")
+    if agg["failures"]:
+        lines.append(f"- **{len(agg['failures'])} runs failed** with an exception:")
+        lines += [f"  - {failure}" for failure in agg["failures"]]
     return "\n".join(lines) + "\n"
 
 
@@ -366,6 +370,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(markdown_report(results))
     for kind, path in paths.items():
         print(f"saved {kind}: {path}")
+    if results["aggregate"]["failures"]:
+        print(f"{len(results['aggregate']['failures'])} runs failed", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -74,7 +74,8 @@ def _entry_curves(task: dict, entry: dict):
             continue
         window = curves.smoothing_window(values.size)
         values = np.maximum(curves.smooth(values, window), _FLOOR)
-        (diverged if run["diverged"] else complete).append((steps, values))
+        incomplete = run["diverged"] or run.get("error")
+        (diverged if incomplete else complete).append((steps, values))
     return complete, diverged
 
 

@@ -104,6 +104,9 @@ def execute(
 ) -> dict[str, list[RunResult]]:
     """Run the whole plan, with a progress bar over runs.
 
+    A run that raises is recorded with its ``error`` (and reported on the
+    console) instead of ending the whole benchmark.
+
     Args:
         tasks: the tasks.
         protocol: what to run.
@@ -119,14 +122,22 @@ def execute(
     bar = tqdm(plan, desc="runs", unit="run", disable=not progress, dynamic_ncols=True)
     for task, config, seed in bar:
         bar.set_postfix_str(f"{task.name} {config.label} seed {seed}", refresh=False)
-        result = train(
-            task,
-            config,
-            protocol.steps,
-            seed,
-            rule=rule,
-            divergence_factor=protocol.divergence_factor,
-        )
+        try:
+            result = train(
+                task,
+                config,
+                protocol.steps,
+                seed,
+                rule=rule,
+                divergence_factor=protocol.divergence_factor,
+            )
+        except Exception as err:  # one failed run must not end the suite
+            result = RunResult(task.name, config, seed, protocol.steps)
+            result.error = f"{type(err).__name__}: {err}"
+            result.held_out = {"metric": math.nan, "loss": math.nan}
+            bar.write(
+                f"run failed: {task.name} {config.label} seed {seed}: {result.error}"
+            )
         results[task.name].append(result)
         if on_run is not None:
             on_run(result)
@@ -150,7 +161,7 @@ def _runs_of(runs: Sequence[RunResult], config: OptimizerConfig) -> list[RunResu
 
 def _summary(runs: Sequence[RunResult], window: int) -> dict:
     """Seed statistics of one optimizer configuration on one task."""
-    finals = [curves.final_loss(r.losses, window) for r in runs if not r.diverged]
+    finals = [curves.final_loss(r.losses, window) for r in runs if r.completed]
     metric = [r.held_out["metric"] for r in runs]
     held_loss = [r.held_out["loss"] for r in runs]
     loss_mean, loss_std = curves.mean_std(finals)
@@ -160,6 +171,7 @@ def _summary(runs: Sequence[RunResult], window: int) -> dict:
         "lr": runs[0].optimizer.lr,
         "runs": len(runs),
         "divergences": sum(r.diverged for r in runs),
+        "failures": sum(r.error is not None for r in runs),
         "final_loss_mean": loss_mean,
         "final_loss_std": loss_std,
         "metric_mean": metric_mean,
@@ -187,11 +199,12 @@ def loss_outcome(ng: dict, baseline: dict, tolerance: float = TIE_TOLERANCE) -> 
 
 def _tuning_key(summary: dict) -> tuple[int, float]:
     loss = summary["final_loss_mean"]
-    return summary["divergences"], loss if math.isfinite(loss) else math.inf
+    incomplete = summary["divergences"] + summary["failures"]
+    return incomplete, loss if math.isfinite(loss) else math.inf
 
 
 def _smoothed_mean(runs: Sequence[RunResult], window: int) -> np.ndarray | None:
-    curve = curves.mean_curve([r.losses for r in runs if not r.diverged])
+    curve = curves.mean_curve([r.losses for r in runs if r.completed])
     return None if curve is None else curves.smooth(curve, window)
 
 
@@ -272,6 +285,9 @@ def summarise_task(task: Task, runs: Sequence[RunResult], protocol: Protocol) ->
             "ng": entries[NG]["divergences"],
             "all_runs": sum(r.diverged for r in runs),
         },
+        "failures": [
+            f"{r.optimizer.label} seed {r.seed}: {r.error}" for r in runs if r.error
+        ],
         "outcome": outcome,
     }
 
@@ -287,6 +303,7 @@ def run_record(result: RunResult, points: int = 200) -> dict:
         "completed_steps": len(result.losses),
         "diverged": result.diverged,
         "diverged_at": result.diverged_at,
+        "error": result.error,
         "initial_loss": result.losses[0] if result.losses else math.nan,
         "held_out": result.held_out,
         "wall_s": result.wall_s,

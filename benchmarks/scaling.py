@@ -147,6 +147,7 @@ def _point(value: int, summary: dict) -> dict:
             k: _ratio(ng_loss, entries[k]["final_loss_mean"]) for k in BASELINE_KEYS
         },
         "speedup": {k: summary["speedup"].get(k) for k in BASELINE_KEYS},
+        "failures": summary["failures"],
     }
 
 
@@ -278,6 +279,15 @@ def markdown_report(results: dict) -> str:
         ]
     lines += ["## Trends", ""]
     lines += [_trend(name, points) for name, points in sweeps.items() if points]
+    failures = [
+        f"{p['task']}: {f}"
+        for points in sweeps.values()
+        for p in points
+        for f in p["failures"]
+    ]
+    if failures:
+        lines += ["", f"**{len(failures)} runs failed** with an exception:", ""]
+        lines += [f"- {failure}" for failure in failures]
     return "\n".join(lines) + "\n"
 
 

@@ -37,6 +37,8 @@ class RunResult:
         held_out: ``{"metric": ..., "loss": ...}`` on the held-out split
             (``nan`` for diverged runs).
         wall_s: wall-clock seconds of the training loop (evaluation excluded).
+        error: ``"Type: message"`` of an exception that ended the run (set by
+            :func:`benchmarks.protocol.execute`, which records it and goes on).
     """
 
     task: str
@@ -48,6 +50,12 @@ class RunResult:
     diverged_at: int | None = None
     held_out: dict[str, float] = field(default_factory=dict)
     wall_s: float = 0.0
+    error: str | None = None
+
+    @property
+    def completed(self) -> bool:
+        """Whether the run went through its whole budget (no divergence, no error)."""
+        return not self.diverged and self.error is None
 
     @property
     def ms_per_step(self) -> float:

@@ -3,6 +3,7 @@ commands, each run end to end on a tiny configuration into a temporary folder.""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -105,6 +106,20 @@ def test_divergence_is_stopped_and_not_tuned():
     summary = summarise_task(task, runs[task.name], protocol)
     assert summary["best_lr"]["sgd"] == 1e-4
     assert summary["divergences"]["all_runs"] >= 1
+
+
+def test_a_failing_run_is_recorded_not_fatal():
+    def broken_loss(output, target):
+        raise RuntimeError("boom")
+
+    task = dataclasses.replace(TASKS["wine_logreg"], loss_fn=broken_loss)
+    protocol = Protocol(steps=5, seeds=(0,), grids={"adam": (1e-3, 1e-2)})
+    runs = execute([task], protocol, progress=False)[task.name]
+    assert len(runs) == 3 and all(r.error == "RuntimeError: boom" for r in runs)
+    summary = summarise_task(task, runs, protocol)
+    assert len(summary["failures"]) == 3
+    assert summary["entries"]["ng"]["failures"] == 1
+    assert summary["speedup"]["adam_tuned"] is None
 
 
 def test_loss_outcome_has_ties():
