@@ -12,9 +12,9 @@ then lowest mean final smoothed train loss). Writes ``results.json`` (every
 run's curve, subsampled, and all summaries), ``results.md`` (tables) and
 ``loss_curves.png`` into ``--out`` and prints the tables.
 
-Full settings: 1000 steps, 3 seeds, 7-point grids (half-decade spacing).
-``--quick``: 200 steps, 2 seeds, 4-point grids (decade spacing over the same
-range); a few minutes on 2 CPU cores.
+Full settings: 1000 steps, 3 seeds, 9-point grids (half-decade spacing over
+four decades: Adam / AdamW 1e-4..1, SGD 1e-3..10). ``--quick``: 200 steps, 2
+seeds, 5-point grids (decade spacing over the same range); a few minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -75,8 +75,8 @@ class Settings:
     grid_points: int
 
 
-FULL = Settings(steps=1000, seeds=3, grid_points=7)
-QUICK = Settings(steps=200, seeds=2, grid_points=4)
+FULL = Settings(steps=1000, seeds=3, grid_points=9)
+QUICK = Settings(steps=200, seeds=2, grid_points=5)
 
 
 def make_protocol(settings: Settings) -> Protocol:

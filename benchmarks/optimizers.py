@@ -36,7 +36,7 @@ BASELINES = ("adam", "adamw", "sgd")
 #: Names used in tables and plots.
 DISPLAY_NAMES = {NG: "NG", "adam": "Adam", "adamw": "AdamW", "sgd": "SGD-m"}
 #: Log10 range ``(low, high)`` of each baseline's learning-rate grid.
-GRID_RANGES = {"adam": (-4.0, -1.0), "adamw": (-4.0, -1.0), "sgd": (-3.0, 0.0)}
+GRID_RANGES = {"adam": (-4.0, 0.0), "adamw": (-4.0, 0.0), "sgd": (-3.0, 1.0)}
 #: AdamW's decoupled weight decay (PyTorch's default).
 ADAMW_WEIGHT_DECAY = 1e-2
 #: SGD's heavy-ball momentum.
@@ -46,8 +46,10 @@ SGD_MOMENTUM = 0.9
 def lr_grid(name: str, points: int) -> tuple[float, ...]:
     """``points`` log-spaced learning rates spanning the baseline's range.
 
-    With 7 points the grid is half-decade spaced (``1e-4, 3.2e-4, ..., 1e-1``
-    for Adam); with 4 it is every other point of that grid (decades).
+    The ranges span four decades (Adam / AdamW ``1e-4 .. 1``, SGD ``1e-3 ..
+    10``), wide enough that the best rate is rarely on an edge: with 9 points
+    the grid is half-decade spaced (``1e-4, 3.2e-4, ..., 1``), with 5 it is
+    every other point of that grid (decades).
     """
     if name not in GRID_RANGES:
         raise ValueError(f"Invalid optimizer: {name!r} (known: {list(GRID_RANGES)})")

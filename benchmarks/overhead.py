@@ -303,6 +303,10 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
+def _times(ratio: float | None) -> str:
+    return "n/a" if ratio is None else f"{report.format_number(ratio)}x"
+
+
 def markdown_report(results: dict) -> str:
     """Markdown table of an overhead measurement."""
     cfg = results["config"]
@@ -332,13 +336,13 @@ def markdown_report(results: dict) -> str:
                 f"{r['num_params']:.2e}",
                 fmt(ng["step_ms"]),
                 fmt(adam["step_ms"]),
-                f"{fmt(ratio['step_ms'])}x",
+                _times(ratio["step_ms"]),
                 fmt(ng["train_step_ms"]),
                 fmt(adam["train_step_ms"]),
-                f"{fmt(ratio['train_step_ms'])}x",
+                _times(ratio["train_step_ms"]),
                 size(ng.get("peak_bytes")),
                 size(adam.get("peak_bytes")),
-                f"{fmt(ratio['peak_bytes'])}x",
+                _times(ratio["peak_bytes"]),
                 size(ng.get("state_bytes")),
                 size(adam.get("state_bytes")),
             ]

@@ -85,8 +85,8 @@ def test_subsample_keeps_means():
 
 
 def test_formatting():
-    assert [format_lr(x) for x in lr_grid("adam", 7)[:3]] == ["1e-4", "3.2e-4", "1e-3"]
-    assert lr_grid("sgd", 4) == (1e-3, 1e-2, 1e-1, 1.0)
+    assert [format_lr(x) for x in lr_grid("adam", 9)[:3]] == ["1e-4", "3.2e-4", "1e-3"]
+    assert lr_grid("sgd", 5) == (1e-3, 1e-2, 1e-1, 1.0, 10.0)
     table = markdown_table(["a", "b"], [[1, 2], [3, 4]])
     assert table.count("\n") == 3
     with pytest.raises(ValueError, match="Invalid row"):
