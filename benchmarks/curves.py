@@ -97,6 +97,10 @@ class Speedup:
         ng_steps: first step at which the learned optimizer's smoothed curve
             reaches ``target``.
         baseline_steps: the same for the baseline (``None`` if never).
+        to_baseline_final: the other direction, informative when ``value`` is
+            censored: the baseline's steps divided by the steps the learned
+            optimizer needs to reach the *baseline's* final smoothed loss
+            (``None`` if it never does or the baseline did not finish).
     """
 
     value: float
@@ -104,6 +108,7 @@ class Speedup:
     target: float
     ng_steps: int
     baseline_steps: int | None
+    to_baseline_final: float | None = None
 
     def as_dict(self) -> dict:
         """Plain-dict form for JSON."""
@@ -137,9 +142,14 @@ def speedup(
     ng_steps = steps_to_reach(ng_curve, threshold)
     assert ng_steps is not None  # the last point always reaches itself
     base_steps = steps_to_reach(baseline_curve, threshold)
+    reverse = None
+    if len(baseline_curve) == total_steps:
+        base_final = float(baseline_curve[-1])
+        hit = steps_to_reach(ng_curve, base_final + abs(base_final) * rtol)
+        reverse = total_steps / hit if hit is not None else None
     if base_steps is None:
-        return Speedup(total_steps / ng_steps, True, target, ng_steps, None)
-    return Speedup(base_steps / ng_steps, False, target, ng_steps, base_steps)
+        return Speedup(total_steps / ng_steps, True, target, ng_steps, None, reverse)
+    return Speedup(base_steps / ng_steps, False, target, ng_steps, base_steps, reverse)
 
 
 def subsample(

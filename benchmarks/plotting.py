@@ -214,6 +214,21 @@ def plot_scaling(sweeps: dict[str, list[dict]], path: str | os.PathLike) -> Path
             speed = [p["speedup"].get(key) for p in points]
             values = [np.nan if s is None else s["value"] for s in speed]
             axes[1, col].plot(xs, values, "o-", color=color, label=label)
+            reverse = [
+                np.nan
+                if s is None or s.get("to_baseline_final") is None
+                else s["to_baseline_final"]
+                for s in speed
+            ]
+            axes[1, col].plot(
+                xs,
+                reverse,
+                "s--",
+                color=color,
+                alpha=0.6,
+                ms=4,
+                label=f"{label}, to its final loss",
+            )
             for x, s in zip(xs, speed):
                 if s is not None and s["censored"]:
                     axes[1, col].annotate(
@@ -227,7 +242,9 @@ def plot_scaling(sweeps: dict[str, list[dict]], path: str | os.PathLike) -> Path
         axes[0, col].axhline(1.0, color="black", lw=0.6)
         axes[1, col].axhline(1.0, color="black", lw=0.6)
         axes[0, col].set_ylabel("final loss NG / baseline (<1: NG better)", fontsize=8)
-        axes[1, col].set_ylabel("speedup of NG (>1: NG faster)", fontsize=8)
+        axes[1, col].set_ylabel(
+            "speedup of NG (>1: NG faster; \u2265: lower bound)", fontsize=8
+        )
         for ax in axes[:, col]:
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")

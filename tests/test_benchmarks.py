@@ -74,8 +74,12 @@ def test_speedup_counts_steps_to_ng_final_loss():
     slow = np.array([3.0, 2.5, 2.0, 1.5, 1.2, 1.0, 0.9, 0.8])
     s = curves.speedup(ng, slow, total_steps=8)
     assert (s.value, s.censored, s.ng_steps, s.baseline_steps) == (2.0, False, 3, 6)
+    assert s.to_baseline_final is None  # NG never gets down to 0.8
     never = curves.speedup(ng, np.array([3.0, 2.9, 2.8]), total_steps=8)
     assert never.censored and never.value == pytest.approx(8 / 3)
+    assert never.to_baseline_final is None  # the baseline stopped early
+    short = curves.speedup(ng, np.array([3.0, 2.5, 2.2, 2.0]), total_steps=4)
+    assert short.censored and short.to_baseline_final == 4 / 2
 
 
 def test_subsample_keeps_means():
