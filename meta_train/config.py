@@ -20,6 +20,8 @@ class MetaTrainConfig:
     outer_lr: float = 3e-3
     outer_lr_final: float = 3e-4  # cosine decay to this
     clip_norm: float = 1.0
+    estimator: str = "tbptt"  # "tbptt" (truncated backprop) or "pes" (antithetic PES)
+    pes_sigma: float = 0.01  # std of PES perturbations of the rule's weights
     seed: int = 0
     val_every: int = 50  # meta-steps between validations
     val_steps: int = 300  # inner steps per validation task
@@ -37,6 +39,14 @@ class MetaTrainConfig:
         data = json.loads(text)
         data["horizon"] = tuple(data["horizon"])
         return cls(**data)
+
+    def __post_init__(self):
+        from meta_train.estimators import ESTIMATORS
+
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(
+                f"Invalid estimator: {self.estimator!r} (expected one of {ESTIMATORS})"
+            )
 
     def save(self, path: Path) -> None:
         Path(path).write_text(self.to_json())

@@ -3,6 +3,7 @@ best-rule selection, CSV logs and atomic, exactly-resumable checkpoints."""
 
 from __future__ import annotations
 
+import copy
 import csv
 import math
 import os
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from tqdm import tqdm
 
 from lopt.features import FeatureState
@@ -20,8 +22,9 @@ from lopt.functional import init_state, ng_step
 from lopt.graph import NeuralGraph
 from lopt.rule import RuleConfig, UpdateRule, save_rule
 from meta_train.config import MetaTrainConfig
+from meta_train.estimators import PESSlot, pes_step
 from meta_train.tasks import MLPFamily, TaskConfig, make_task
-from meta_train.unroll import InnerState, new_inner_state, truncated_unroll
+from meta_train.unroll import LOSS_CAP, InnerState, new_inner_state, truncated_unroll
 
 __all__ = ["MetaTrainer", "validate", "CHECKPOINT", "BEST_RULE", "LAST_RULE"]
 
@@ -149,23 +152,70 @@ class MetaTrainer:
         )
 
     # --------------------------------------------------------------- step
+    def _new_slot(self) -> InnerState | PESSlot:
+        c = self.config
+        inner = new_inner_state(self.family, self.generator, c.horizon)
+        if c.estimator == "tbptt":
+            return inner
+        xi = torch.zeros(sum(p.numel() for p in self.rule.parameters()))
+        return PESSlot(inner, copy.copy(inner), xi)
+
+    def _tbptt_gradient(self) -> torch.Tensor:
+        losses = []
+        for i, inner in enumerate(self.inner):
+            loss, new_inner, diverged = truncated_unroll(
+                self.rule, inner, self.config.truncation, self.generator
+            )
+            losses.append(loss)
+            self.inner[i] = (
+                self._new_slot() if diverged or new_inner.done else new_inner
+            )
+        meta_loss = torch.stack(losses).mean()
+        self.outer.zero_grad()
+        meta_loss.backward()
+        return meta_loss.detach()
+
+    def _pes_gradient(self) -> torch.Tensor:
+        c = self.config
+        theta = parameters_to_vector(self.rule.parameters()).detach()
+        work = copy.deepcopy(self.rule).requires_grad_(False)
+
+        def unroll(th, inner, gen):
+            vector_to_parameters(th, work.parameters())
+            loss, new_inner, diverged = truncated_unroll(
+                work, inner, c.truncation, gen, differentiable=False
+            )
+            return (float(loss) if not diverged else float(LOSS_CAP)), new_inner
+
+        grads, losses = [], []
+        for i, slot in enumerate(self.inner):
+            grad, loss, new_slot = pes_step(
+                theta, slot, unroll, c.pes_sigma, self.generator
+            )
+            grads.append(grad)
+            losses.append(loss)
+            done = new_slot.pos.done or not (
+                torch.isfinite(new_slot.pos.params).all()
+                and torch.isfinite(new_slot.neg.params).all()
+            )
+            self.inner[i] = self._new_slot() if done else new_slot
+        self.outer.zero_grad()
+        flat_grad = torch.stack(grads).mean(0)
+        offset = 0
+        for p in self.rule.parameters():
+            p.grad = flat_grad[offset : offset + p.numel()].view_as(p).clone()
+            offset += p.numel()
+        return torch.tensor(sum(losses) / len(losses))
+
     def meta_step(self) -> _Record:
         c = self.config
         start = time.perf_counter()
         while len(self.inner) < c.num_tasks:
-            self.inner.append(new_inner_state(self.family, self.generator, c.horizon))
-        losses = []
-        for i, inner in enumerate(self.inner):
-            loss, new_inner, diverged = truncated_unroll(
-                self.rule, inner, c.truncation, self.generator
-            )
-            losses.append(loss)
-            self.inner[i] = new_inner
-            if diverged or new_inner.done:
-                self.inner[i] = new_inner_state(self.family, self.generator, c.horizon)
-        meta_loss = torch.stack(losses).mean()
-        self.outer.zero_grad()
-        meta_loss.backward()
+            self.inner.append(self._new_slot())
+        if c.estimator == "pes":
+            meta_loss = self._pes_gradient()
+        else:
+            meta_loss = self._tbptt_gradient()
         grad_norm = float(
             torch.nn.utils.clip_grad_norm_(self.rule.parameters(), c.clip_norm)
         )
@@ -182,7 +232,7 @@ class MetaTrainer:
             val = self.validate_and_select()
         return _Record(
             self.iteration,
-            float(meta_loss.detach()),
+            float(meta_loss),
             grad_norm,
             self.skipped,
             lr,
@@ -255,15 +305,10 @@ class MetaTrainer:
     def save_checkpoint(self) -> Path:
         """Write everything needed to continue exactly, atomically."""
         inner = [
-            {
-                "config": i.config.to_json(),
-                "params": i.params,
-                "opt_state": list(i.opt_state),
-                "step": i.step,
-                "horizon": i.horizon,
-                "init_loss": i.init_loss,
-            }
-            for i in self.inner
+            {"pos": _inner_to_dict(s.pos), "neg": _inner_to_dict(s.neg), "xi": s.xi}
+            if isinstance(s, PESSlot)
+            else {"state": _inner_to_dict(s)}
+            for s in self.inner
         ]
         payload = {
             "meta_train_config": self.config.to_json(),
@@ -303,20 +348,36 @@ class MetaTrainer:
         self.adam_score = payload["adam_score"]
         self.generator.set_state(payload["generator"])
         torch.set_rng_state(payload["torch_rng"])
-        self.inner = []
-        for item in payload["inner"]:
-            config = TaskConfig.from_json(item["config"])
-            task = make_task(config)
-            graph = NeuralGraph.from_shapes([p.shape for p in task.init_params])
-            self.inner.append(
-                InnerState(
-                    config,
-                    task,
-                    graph,
-                    item["params"],
-                    FeatureState(*item["opt_state"]),
-                    item["step"],
-                    item["horizon"],
-                    item["init_loss"],
-                )
-            )
+        self.inner = [
+            PESSlot(_inner_from_dict(it["pos"]), _inner_from_dict(it["neg"]), it["xi"])
+            if "xi" in it
+            else _inner_from_dict(it["state"])
+            for it in payload["inner"]
+        ]
+
+
+def _inner_to_dict(inner: InnerState) -> dict:
+    return {
+        "config": inner.config.to_json(),
+        "params": inner.params.detach(),
+        "opt_state": list(inner.opt_state),
+        "step": inner.step,
+        "horizon": inner.horizon,
+        "init_loss": inner.init_loss,
+    }
+
+
+def _inner_from_dict(item: dict) -> InnerState:
+    config = TaskConfig.from_json(item["config"])
+    task = make_task(config)
+    graph = NeuralGraph.from_shapes([p.shape for p in task.init_params])
+    return InnerState(
+        config,
+        task,
+        graph,
+        item["params"],
+        FeatureState(*item["opt_state"]),
+        item["step"],
+        item["horizon"],
+        item["init_loss"],
+    )

@@ -85,6 +85,7 @@ def truncated_unroll(
     inner: InnerState,
     num_steps: int,
     generator: torch.Generator,
+    differentiable: bool = True,
 ) -> tuple[torch.Tensor, InnerState, bool]:
     """Run ``num_steps`` inner steps and return the meta-loss.
 
@@ -94,6 +95,9 @@ def truncated_unroll(
     Gradients of the inner loss are treated as constants (first-order
     meta-gradient); the parameters carry the dependence on the rule from step
     to step.
+
+    With ``differentiable=False`` (evolution strategies) the parameters are
+    detached after every step, so no graph grows across the truncation.
 
     Returns:
         ``(meta_loss, new_inner_state, diverged)``; the new state is detached.
@@ -115,6 +119,9 @@ def truncated_unroll(
             break
         grad = _inner_grad(inner, loss, params, generator)
         params, opt_state = ng_step(rule, inner.graph, params, grad, opt_state)
+        if not differentiable:
+            params = params.detach().requires_grad_(True)
+            opt_state = FeatureState(*(s.detach() for s in opt_state))
     if not terms:
         return torch.zeros(()), inner, True
     meta_loss = torch.stack(terms).mean()

@@ -30,8 +30,9 @@ def test_smoke_cli_writes_loadable_rule(tmp_path):
     assert (tmp_path / "log.csv").read_text().count("\n") == 1 + preset("smoke").iterations
 
 
-def test_resume_reaches_the_same_weights(tmp_path):
-    config = preset("smoke")
+@pytest.mark.parametrize("estimator", ["tbptt", "pes"])
+def test_resume_reaches_the_same_weights(tmp_path, estimator):
+    config = preset("smoke", estimator=estimator)
     straight = MetaTrainer(config, tmp_path / "a")
     straight.train(progress=False)
 
@@ -43,6 +44,20 @@ def test_resume_reaches_the_same_weights(tmp_path):
     resumed.train(progress=False)
     for name, value in straight.rule.state_dict().items():
         assert torch.equal(value, resumed.rule.state_dict()[name]), name
+
+
+def test_pes_moves_the_rule(tmp_path):
+    trainer = MetaTrainer(preset("smoke", estimator="pes", iterations=2), tmp_path)
+    before = [p.clone() for p in trainer.rule.parameters()]
+    trainer.train(progress=False)
+    assert trainer.skipped == 0
+    moved = [not torch.equal(a, b) for a, b in zip(before, trainer.rule.parameters())]
+    assert all(moved)
+
+
+def test_invalid_estimator():
+    with pytest.raises(ValueError, match="Invalid estimator: 'sgd'"):
+        preset("smoke", estimator="sgd")
 
 
 def test_resume_rejects_other_config(tmp_path):
