@@ -20,6 +20,7 @@ seeds, 5-point grids (decade spacing over the same range); a few minutes on 2 CP
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import time
@@ -170,8 +171,10 @@ def aggregate(summaries: Sequence[dict], wall_s: float | None = None) -> dict:
     }
 
 
-def _best(values: list[float], higher: bool) -> int | None:
-    finite = [(v, i) for i, v in enumerate(values) if v == v and abs(v) != float("inf")]
+def _best(values: list[float | None], higher: bool) -> int | None:
+    finite = [
+        (v, i) for i, v in enumerate(values) if v is not None and math.isfinite(v)
+    ]
     if not finite:
         return None
     return (max if higher else min)(finite)[1]
@@ -179,9 +182,7 @@ def _best(values: list[float], higher: bool) -> int | None:
 
 def _entry_cells(summary: dict, mean_key: str, std_key: str, higher: bool) -> list[str]:
     entries = [summary["entries"].get(k) for k in ENTRY_ORDER]
-    means = [e[mean_key] if e else float("nan") for e in entries]
-    means = [float("nan") if m is None else m for m in means]
-    best = _best(means, higher)
+    best = _best([e[mean_key] if e else None for e in entries], higher)
     cells = []
     for i, (key, entry) in enumerate(zip(ENTRY_ORDER, entries)):
         if entry is None:
@@ -195,6 +196,8 @@ def _entry_cells(summary: dict, mean_key: str, std_key: str, higher: bool) -> li
             text += "†" if entry.get("lr_at_grid_edge") else ""
         if entry["divergences"]:
             text += f" ({entry['divergences']}/{entry['runs']} div.)"
+        if entry.get("failures"):
+            text += f" ({entry['failures']}/{entry['runs']} failed)"
         cells.append(text)
     return cells
 
@@ -321,7 +324,7 @@ def write_outputs(results: dict, out_dir: str | Path) -> dict[str, Path]:
     """Write ``results.json``, ``results.md`` and ``loss_curves.png``."""
     out = Path(out_dir)
     return {
-        "json": report.write_json(out / "results.json", results),
+        "json": report.write_json(out / "results.json", results, compact=True),
         "markdown": report.write_text(out / "results.md", markdown_report(results)),
         "plot": plot_loss_curves(results["tasks"], out / "loss_curves.png"),
     }
@@ -364,6 +367,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         tasks = get_tasks(args.tasks.split(",") if args.tasks else None)
         protocol = make_protocol(settings)
+        load_ng_rule(args.rule)  # fail now, not after the first runs
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -164,7 +164,8 @@ def subsample(
     if x.size == 0:
         return [], []
     edges = np.unique(np.linspace(0, x.size, min(points, x.size) + 1).astype(int))
-    values = [float(x[a:b].mean()) for a, b in zip(edges[:-1], edges[1:])]
+    # 6 significant digits: plenty for plots, and keeps result files small.
+    values = [float(f"{x[a:b].mean():.6g}") for a, b in zip(edges[:-1], edges[1:])]
     return [int(b) for b in edges[1:]], values
 
 

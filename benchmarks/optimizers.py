@@ -62,8 +62,15 @@ def lr_grid(name: str, points: int) -> tuple[float, ...]:
 
 
 def load_ng_rule(rule: str | os.PathLike | None = None) -> UpdateRule:
-    """Load the learned rule once (``None`` means the rule shipped with lopt)."""
-    return load_rule(default_rule_path() if rule is None else rule)
+    """Load the learned rule once (``None`` means the rule shipped with lopt).
+
+    Raises:
+        ValueError: no readable rule at ``rule`` (the message says why).
+    """
+    try:
+        return load_rule(default_rule_path() if rule is None else rule)
+    except FileNotFoundError as err:
+        raise ValueError(f"Invalid rule: {err}") from err
 
 
 @dataclass(frozen=True)

@@ -401,6 +401,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         print(f"error: Invalid family: {', '.join(unknown)}", file=sys.stderr)
         return 2
+    try:
+        load_ng_rule(args.rule)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     repeats = args.repeats or (5 if args.quick else 10)
     warmup = 2
     rows = measure_overhead(

@@ -47,6 +47,7 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; use the usual mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -55,10 +56,27 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     return path
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Write ``obj`` as strict, indented JSON (atomically); returns the path."""
-    text = json.dumps(json_safe(obj), indent=1, allow_nan=False)
+def write_json(path: str | os.PathLike, obj: Any, compact: bool = False) -> Path:
+    """Write ``obj`` as strict JSON (atomically); returns the path.
+
+    Args:
+        path: target file.
+        obj: JSON-ready data; non-finite floats become ``null``.
+        compact: one line without spaces (for files dominated by curves),
+            instead of indented.
+    """
+    obj = json_safe(obj)
+    if compact:
+        text = json.dumps(obj, separators=(",", ":"), allow_nan=False)
+    else:
+        text = json.dumps(obj, indent=1, allow_nan=False)
     return write_text(path, text + "\n")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def markdown_table(

@@ -347,6 +347,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         grid=base.grid,
     )
     torch.set_num_threads(args.threads)
+    try:
+        load_ng_rule(args.rule)  # fail now, not after the first runs
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     results = run_scaling(settings, rule_path=args.rule, progress=not args.no_progress)
     paths = write_outputs(results, args.out)
     print()

@@ -117,7 +117,9 @@ class Task:
         )
         return data.x_train[index], data.y_train[index]
 
-    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]):
+    def loss(
+        self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
         """Train loss of ``model`` on ``batch``."""
         x, y = batch
         return self.loss_fn(model(x), y)

@@ -171,6 +171,16 @@ def test_compare_main_writes_well_formed_outputs(tmp_path, capsys):
     _check_png(tmp_path / "loss_curves.png")
 
 
+def test_commands_reject_bad_arguments(tmp_path, capsys):
+    out = ["--out", str(tmp_path)]
+    assert compare.main(["--tasks", "nope", *out]) == 2
+    assert compare.main(["--rule", str(tmp_path / "missing"), *out]) == 2
+    assert scaling.main(["--rule", str(tmp_path / "missing"), *out]) == 2
+    assert overhead.main(["--families", "rnn", *out]) == 2
+    assert "Invalid rule" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
 def test_compare_uses_the_rule_given(tmp_path):
     gen = torch.Generator().manual_seed(0)
     rule = UpdateRule(RuleConfig(node_dim=8, edge_dim=4, head_hidden=4))
