@@ -112,21 +112,25 @@ class NeuralGraph:
 
     Shapes:
         - ``edge_index``: ``(2, E)``, rows ``(src, dst)`` node ids.
-        - ``edge_attr``: ``(EDGE_ATTR_DIM, E)`` static edge attributes
-          (channel-major).
+        - ``kernel_attr``: ``(EDGE_ATTR_DIM, E)`` static edge attributes
+          (channel-major), or ``None`` when every weight is a single-tap edge
+          (the attributes would all be zero; dense models skip the memory).
+          :attr:`edge_attr` always gives the full tensor.
         - ``slot_node``, ``slot_type``: ``(S,)`` node and type of each slot.
         - ``node_attr``: ``(N, NODE_ATTR_DIM)`` static node attributes.
         - ``tensor_order``: the parameter indices in graph order.
         - ``tensor_id``: ``(P,)`` parameter index of each scalar (graph order).
 
-    ``E + S == P``: every scalar is exactly one edge or one node slot.
+    ``E + S == P``: every scalar is exactly one edge or one node slot. Index
+    tensors over edges and scalars are int32 (half the memory of int64; the
+    graph of a 1e7-parameter network stays small).
     """
 
     shapes: tuple[torch.Size, ...]
     num_nodes: int
     tensor_order: tuple[int, ...]
     edge_index: torch.Tensor
-    edge_attr: torch.Tensor
+    kernel_attr: torch.Tensor | None
     slot_node: torch.Tensor
     slot_type: torch.Tensor
     node_attr: torch.Tensor
@@ -201,15 +205,18 @@ class NeuralGraph:
         order = tuple(b.edge_tensors + b.slot_tensors)
         numels = torch.tensor([shapes[i].numel() for i in order], dtype=torch.long)
         tensor_id = torch.repeat_interleave(
-            torch.tensor(order, dtype=torch.long), numels
+            torch.tensor(order, dtype=torch.int32), numels
         )
+        kernel_attr = cat(b.edge_attr, torch.float32, EDGE_ATTR_DIM).T.contiguous()
+        if not bool(kernel_attr.any()):
+            kernel_attr = None
         return cls(
             shapes=shapes,
             num_nodes=b.num_nodes,
             tensor_order=order,
-            edge_index=torch.stack([cat(b.edge_src), cat(b.edge_dst)]),
-            edge_attr=cat(b.edge_attr, torch.float32, EDGE_ATTR_DIM).T.contiguous(),
-            slot_node=cat(b.slot_node),
+            edge_index=torch.stack([cat(b.edge_src), cat(b.edge_dst)]).int(),
+            kernel_attr=kernel_attr,
+            slot_node=cat(b.slot_node).int(),
             slot_type=cat(b.slot_type),
             node_attr=node_attr,
             tensor_id=tensor_id,
@@ -219,6 +226,13 @@ class NeuralGraph:
     @property
     def num_edges(self) -> int:
         return self.edge_index.shape[1]
+
+    @property
+    def edge_attr(self) -> torch.Tensor:
+        """Static edge attributes ``(EDGE_ATTR_DIM, E)`` (zeros for 1-tap edges)."""
+        if self.kernel_attr is not None:
+            return self.kernel_attr
+        return torch.zeros(EDGE_ATTR_DIM, self.num_edges, device=self.edge_index.device)
 
     @property
     def num_slots(self) -> int:
@@ -240,6 +254,7 @@ class NeuralGraph:
             for name in self.__dataclass_fields__
             if isinstance(getattr(self, name), torch.Tensor)
         }
+        moved.setdefault("kernel_attr", None)
         return NeuralGraph(
             shapes=self.shapes,
             num_nodes=self.num_nodes,

@@ -152,7 +152,14 @@ class UpdateRule(nn.Module):
     ) -> torch.Tensor:
         edge_feats, slot_feats = graph.split_scalars(feats)
         x = self.node_inputs(graph, slot_feats, time)
-        h, e = self.backbone(x, graph.edge_index, (edge_feats, graph.edge_attr))
+        # Without multi-tap kernels the static edge attributes are all zero and
+        # are left out (the encoder treats omitted trailing inputs as zeros).
+        blocks = (
+            (edge_feats,)
+            if graph.kernel_attr is None
+            else (edge_feats, graph.kernel_attr)
+        )
+        h, e = self.backbone(x, graph.edge_index, blocks)
         slot_type = nn.functional.one_hot(graph.slot_type, NUM_SLOT_TYPES).to(h.dtype)
         slot_embed = torch.cat([h[graph.slot_node], slot_type], dim=1).T
         out = torch.cat(

@@ -82,8 +82,9 @@ def test_weight_decay_is_decoupled():
 
 def _double(rule, graph, state):
     rule = rule.double()
+    kernel_attr = None if graph.kernel_attr is None else graph.kernel_attr.double()
     graph = dataclasses.replace(
-        graph, edge_attr=graph.edge_attr.double(), node_attr=graph.node_attr.double()
+        graph, kernel_attr=kernel_attr, node_attr=graph.node_attr.double()
     )
     return rule, graph, FeatureState(*(t.double() for t in state))
 

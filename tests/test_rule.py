@@ -254,3 +254,26 @@ def test_default_rule_trains_a_small_cnn():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.75 * losses[0], losses[::10]
+
+
+def test_dense_graph_leaves_out_zero_kernel_attributes_without_changing_updates():
+    import dataclasses
+
+    from lopt import NeuralGraph, UpdateRule
+    from lopt.features import NUM_FEATURES, NUM_TIME_FEATURES
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)
+    )
+    graph = NeuralGraph.from_parameters(model.parameters())
+    assert graph.kernel_attr is None
+    assert graph.edge_index.dtype == torch.int32
+    rule = UpdateRule()
+    with torch.no_grad():
+        for p in rule.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    feats = torch.randn(NUM_FEATURES, graph.num_scalars)
+    time = torch.randn(NUM_TIME_FEATURES)
+    full = dataclasses.replace(graph, kernel_attr=graph.edge_attr)
+    torch.testing.assert_close(rule(graph, feats, time), rule(full, feats, time))

@@ -68,13 +68,15 @@ class GraphBackbone(nn.Module):
         edge_attr: torch.Tensor | tuple[torch.Tensor, ...],
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``edge_attr`` may be a tuple of channel-major blocks whose rows
-        together make the ``F_{e,in}`` inputs: they are encoded block by block,
-        which avoids materialising their concatenation over all edges."""
+        together make the first inputs of ``F_{e,in}``: they are encoded block
+        by block, which avoids materialising their concatenation over all
+        edges; trailing inputs left out are taken as zeros."""
         h = self.node_encoder(x)
         if isinstance(edge_attr, torch.Tensor):
             e = channel_linear(self.edge_encoder, edge_attr)
         else:
-            weights = self.edge_encoder.weight.split([len(b) for b in edge_attr], dim=1)
+            rows = [len(b) for b in edge_attr]
+            weights = self.edge_encoder.weight[:, : sum(rows)].split(rows, dim=1)
             e = self.edge_encoder.bias[:, None]
             for weight, block in zip(weights, edge_attr):
                 e = torch.addmm(e, weight, block)
