@@ -1,8 +1,9 @@
 """The held-out benchmark suite: tasks never seen in meta-training.
 
 Meta-training uses small MLPs (width <= 64, depth <= 3) on ``mnist1d`` and
-digits. Every task here differs in architecture, data or both: a wide and a
-deep MLP, a CNN, an autoencoder, a one-layer transformer, a GRU, logistic
+digits, and small 1-D CNNs on ``mnist1d``. Every task here differs in
+architecture, data or both: a wide and a
+deep MLP, a CNN, an autoencoder, a one-layer transformer, an LSTM, a GRU, logistic
 regressions on tabular data and an MLP on badly scaled inputs.
 
 A :class:`Task` gives a seeded model constructor, a seeded batch sampler, the
@@ -188,19 +189,27 @@ class TinyTransformer(nn.Module):
 
 
 class SequenceClassifier(nn.Module):
-    """GRU over a signal cut into ``steps`` chunks, classified from the last state."""
+    """A recurrent net (``nn.GRU`` or ``nn.LSTM``) over a signal cut into
+    ``steps`` chunks, classified from the last hidden state."""
 
-    def __init__(self, length: int, steps: int, hidden: int, classes: int):
+    def __init__(
+        self, length: int, steps: int, hidden: int, classes: int, cell: str = "gru"
+    ):
         super().__init__()
         if length % steps:
             raise ValueError(f"Invalid steps: {steps} (must divide {length})")
+        if cell not in ("gru", "lstm"):
+            raise ValueError(f"Invalid cell: {cell!r} (expected 'gru' or 'lstm')")
         self.steps = steps
-        self.rnn = nn.GRU(length // steps, hidden, batch_first=True)
+        rnn = nn.GRU if cell == "gru" else nn.LSTM
+        self.rnn = rnn(length // steps, hidden, batch_first=True)
         self.head = nn.Linear(hidden, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, length)`` signal -> ``(B, classes)`` logits."""
         _, last = self.rnn(x.reshape(len(x), self.steps, -1))
+        if isinstance(last, tuple):  # LSTM: (h, c)
+            last = last[0]
         return self.head(last[-1])
 
 
@@ -295,6 +304,14 @@ def _build_suite() -> dict[str, Task]:
             "reverse 8 tokens (vocab 16), 1-layer transformer d=32",
             datasets.reversal_sequences,
             lambda d: TinyTransformer(d.num_classes, d.x_train.shape[1]),
+            cross_entropy,
+            ACCURACY,
+        ),
+        Task(
+            "mnist1d_lstm",
+            "mnist1d as 10 steps x 4, LSTM 32",
+            datasets.mnist1d,
+            lambda d: SequenceClassifier(d.num_features, 10, 32, d.num_classes, "lstm"),
             cross_entropy,
             ACCURACY,
         ),
