@@ -121,9 +121,11 @@ class NeuralGraph:
         - ``tensor_order``: the parameter indices in graph order.
         - ``tensor_id``: ``(P,)`` parameter index of each scalar (graph order).
 
-    ``E + S == P``: every scalar is exactly one edge or one node slot. Index
-    tensors over edges and scalars are int32 (half the memory of int64; the
-    graph of a 1e7-parameter network stays small).
+    ``E + S == P``: every scalar is exactly one edge or one node slot.
+    ``tensor_id`` and ``slot_node`` are int32 (half the memory); ``edge_index``
+    stays int64 because scatter and gather kernels on the CPU are several times
+    slower with int32 indices (measured: mean aggregation of 8 x 1M values
+    65 ms with int32, 17 ms with int64).
     """
 
     shapes: tuple[torch.Size, ...]
@@ -214,7 +216,7 @@ class NeuralGraph:
             shapes=shapes,
             num_nodes=b.num_nodes,
             tensor_order=order,
-            edge_index=torch.stack([cat(b.edge_src), cat(b.edge_dst)]).int(),
+            edge_index=torch.stack([cat(b.edge_src), cat(b.edge_dst)]),
             kernel_attr=kernel_attr,
             slot_node=cat(b.slot_node).int(),
             slot_type=cat(b.slot_type),

@@ -27,7 +27,9 @@ def test_smoke_cli_writes_loadable_rule(tmp_path):
     model(torch.randn(8, 4)).pow(2).mean().backward()
     opt.step()
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
-    assert (tmp_path / "log.csv").read_text().count("\n") == 1 + preset("smoke").iterations
+    assert (tmp_path / "log.csv").read_text().count("\n") == 1 + preset(
+        "smoke"
+    ).iterations
 
 
 @pytest.mark.parametrize("estimator", ["tbptt", "pes"])
