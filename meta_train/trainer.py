@@ -185,7 +185,7 @@ class MetaTrainer:
             loss, new_inner, diverged = truncated_unroll(
                 work, inner, c.truncation, gen, differentiable=False
             )
-            return (float(loss) if not diverged else float(LOSS_CAP)), new_inner
+            return (float(loss.detach()) if not diverged else LOSS_CAP), new_inner
 
         grads, losses = [], []
         for i, slot in enumerate(self.inner):
