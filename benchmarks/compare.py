@@ -348,7 +348,11 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--grid-points", type=int, help="lr grid size (overrides)")
     parser.add_argument("--tasks", help="comma-separated task names (default: all)")
     parser.add_argument("--rule", help="learned rule directory (default: shipped)")
-    parser.add_argument("--out", default=str(DEFAULT_OUT), help="output directory")
+    parser.add_argument(
+        "--out",
+        help="output directory (default: benchmarks/results, or benchmarks/results/"
+        "quick with --quick, so a quick run never overwrites the full results)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
@@ -379,7 +383,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = run_compare(
         tasks, protocol, rule_path=args.rule, progress=not args.no_progress
     )
-    paths = write_outputs(results, args.out)
+    out = args.out or (DEFAULT_OUT / "quick" if args.quick else DEFAULT_OUT)
+    paths = write_outputs(results, out)
     print()
     print(markdown_report(results))
     for kind, path in paths.items():

@@ -383,7 +383,11 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, help="timed calls (default 10)")
     parser.add_argument("--no-memory", action="store_true", help="skip memory")
     parser.add_argument("--rule", help="learned rule directory (default: shipped)")
-    parser.add_argument("--out", default=str(DEFAULT_OUT), help="output directory")
+    parser.add_argument(
+        "--out",
+        help="output directory (default: benchmarks/results, or benchmarks/results/"
+        "quick with --quick, so a quick run never overwrites the full results)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
@@ -429,7 +433,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
         "rows": rows,
     }
-    paths = write_outputs(results, args.out)
+    out = args.out or (DEFAULT_OUT / "quick" if args.quick else DEFAULT_OUT)
+    paths = write_outputs(results, out)
     print()
     print(markdown_report(results))
     for kind, path in paths.items():

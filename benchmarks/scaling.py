@@ -329,7 +329,11 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, help="steps per run (overrides)")
     parser.add_argument("--seeds", type=int, help="number of seeds (overrides)")
     parser.add_argument("--rule", help="learned rule directory (default: shipped)")
-    parser.add_argument("--out", default=str(DEFAULT_OUT), help="output directory")
+    parser.add_argument(
+        "--out",
+        help="output directory (default: benchmarks/results, or benchmarks/results/"
+        "quick with --quick, so a quick run never overwrites the full results)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
@@ -353,7 +357,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     results = run_scaling(settings, rule_path=args.rule, progress=not args.no_progress)
-    paths = write_outputs(results, args.out)
+    out = args.out or (DEFAULT_OUT / "quick" if args.quick else DEFAULT_OUT)
+    paths = write_outputs(results, out)
     print()
     print(markdown_report(results))
     for kind, path in paths.items():
