@@ -22,7 +22,7 @@ from lopt.features import (
 from lopt.graph import NeuralGraph
 from lopt.rule import UpdateRule
 
-__all__ = ["ng_step", "init_state", "FeatureState"]
+__all__ = ["ng_step", "init_state", "flat_gradients", "FeatureState"]
 
 
 def init_state(
@@ -30,6 +30,24 @@ def init_state(
 ) -> FeatureState:
     """Zero optimizer state for every scalar of ``graph``."""
     return init_feature_state(graph.num_scalars, device)
+
+
+def flat_gradients(
+    graph: NeuralGraph,
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor | None],
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gradients as one flat float32 vector in graph order.
+
+    ``None`` gradients count as zeros; the returned mask (``None`` when every
+    parameter has a gradient) marks the scalars that had one, for
+    :func:`ng_step`'s ``update_mask``.
+    """
+    has_grad = [g is not None for g in grads]
+    if all(has_grad):
+        return graph.flatten(grads), None
+    filled = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+    return graph.flatten(filled), graph.per_scalar(has_grad, torch.bool)
 
 
 def ng_step(

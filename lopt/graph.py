@@ -280,6 +280,12 @@ class NeuralGraph:
             out[i] = part.view(lead + self.shapes[i])
         return out
 
+    def per_scalar(self, values: Sequence, dtype: torch.dtype) -> torch.Tensor:
+        """Expand one value per parameter tensor (parameter order) to ``(P,)``
+        in graph order."""
+        device = self.tensor_id.device
+        return torch.tensor(list(values), dtype=dtype, device=device)[self.tensor_id]
+
     def split_scalars(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Split the last dim of ``(..., P)`` into edges ``(..., E)`` and slots
         ``(..., S)`` (views)."""

@@ -24,7 +24,7 @@ import torch
 from higher.optim import DifferentiableOptimizer
 
 from lopt.features import MOMENTUM_DECAYS, FeatureState
-from lopt.functional import init_state, ng_step
+from lopt.functional import flat_gradients, init_state, ng_step
 from lopt.graph import NeuralGraph
 from lopt.optimizer import NGOptimizer
 
@@ -116,14 +116,7 @@ class DifferentiableNGOptimizer(DifferentiableOptimizer):
         if all(g is None for g in grads):
             return
         graph = self.graph
-        has_grad = [g is not None for g in grads]
-        mask = None
-        if not all(has_grad):
-            grads = [
-                torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)
-            ]
-            mask = _per_scalar(graph, has_grad, torch.bool)
-        flat_grad = graph.flatten(grads)
+        flat_grad, mask = flat_gradients(graph, params, grads)
         if not bool(torch.isfinite(flat_grad.detach()).all()):
             if self.nonfinite == "raise":
                 raise FloatingPointError("NGOptimizer: non-finite gradient")
@@ -180,11 +173,6 @@ class DifferentiableNGOptimizer(DifferentiableOptimizer):
                 blocks = zip(graph.tensor_order, graph.numels)
                 values.append(torch.cat([per_param[i].expand(n) for i, n in blocks]))
         return values[0], values[1]
-
-
-def _per_scalar(graph: NeuralGraph, values: list, dtype: torch.dtype) -> torch.Tensor:
-    device = graph.tensor_id.device
-    return torch.tensor(values, dtype=dtype, device=device)[graph.tensor_id]
 
 
 def _initial_state(

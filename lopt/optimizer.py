@@ -11,7 +11,7 @@ import torch
 from torch.optim import Optimizer
 
 from lopt.features import FeatureState
-from lopt.functional import init_state, ng_step
+from lopt.functional import flat_gradients, init_state, ng_step
 from lopt.graph import NeuralGraph
 from lopt.rule import UpdateRule, load_rule
 
@@ -181,14 +181,7 @@ class NGOptimizer(Optimizer):
             raise RuntimeError("NGOptimizer does not support sparse gradients")
         self._ensure_graph(params)
         graph, flat = self._graph, self._flat
-        has_grad = [g is not None for g in grads]
-        mask = None
-        if not all(has_grad):
-            grads = [
-                torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)
-            ]
-            mask = self._per_scalar(graph, has_grad, torch.bool)
-        flat_grad = graph.flatten(grads)
+        flat_grad, mask = flat_gradients(graph, params, grads)
         if not bool(torch.isfinite(flat_grad).all()):
             if self.nonfinite == "raise":
                 raise FloatingPointError("NGOptimizer: non-finite gradient")
@@ -219,14 +212,9 @@ class NGOptimizer(Optimizer):
         sizes = [len(g["params"]) for g in self.param_groups]
         per_param = lambda values: [v for v, n in zip(values, sizes) for _ in range(n)]  # noqa: E731
         return (
-            self._per_scalar(graph, per_param(lrs), torch.float32),
-            self._per_scalar(graph, per_param(wds), torch.float32),
+            graph.per_scalar(per_param(lrs), torch.float32),
+            graph.per_scalar(per_param(wds), torch.float32),
         )
-
-    @staticmethod
-    def _per_scalar(graph: NeuralGraph, values: list, dtype) -> torch.Tensor:
-        device = graph.tensor_id.device
-        return torch.tensor(values, dtype=dtype, device=device)[graph.tensor_id]
 
     # ----------------------------------------------------------- state dict
     def state_dict(self) -> dict[str, Any]:
