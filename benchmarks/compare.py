@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import report
+from benchmarks.cli import add_common_arguments, output_dir, print_saved
 from benchmarks.optimizers import BASELINES, load_ng_rule, lr_grid
 from benchmarks.plotting import plot_loss_curves
 from benchmarks.protocol import (
@@ -56,7 +57,6 @@ __all__ = [
     "main",
 ]
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 #: Column order of the tables.
 ENTRY_ORDER = ("ng", "adam_default", "adam_tuned", "adamw_tuned", "sgd_tuned")
 
@@ -347,14 +347,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, help="number of seeds (overrides)")
     parser.add_argument("--grid-points", type=int, help="lr grid size (overrides)")
     parser.add_argument("--tasks", help="comma-separated task names (default: all)")
-    parser.add_argument("--rule", help="learned rule directory (default: shipped)")
-    parser.add_argument(
-        "--out",
-        help="output directory (default: benchmarks/results, or benchmarks/results/"
-        "quick with --quick, so a quick run never overwrites the full results)",
-    )
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_common_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -383,12 +376,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = run_compare(
         tasks, protocol, rule_path=args.rule, progress=not args.no_progress
     )
-    out = args.out or (DEFAULT_OUT / "quick" if args.quick else DEFAULT_OUT)
-    paths = write_outputs(results, out)
+    paths = write_outputs(results, output_dir(args))
     print()
     print(markdown_report(results))
-    for kind, path in paths.items():
-        print(f"saved {kind}: {path}")
+    print_saved(paths)
     if results["aggregate"]["failures"]:
         print(f"{len(results['aggregate']['failures'])} runs failed", file=sys.stderr)
         return 1

@@ -37,6 +37,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from benchmarks import report
+from benchmarks.cli import add_common_arguments, output_dir, print_saved
 from benchmarks.memory import PeakMemory, run_isolated, tensor_bytes
 from benchmarks.optimizers import load_ng_rule
 from benchmarks.plotting import plot_overhead
@@ -55,7 +56,6 @@ __all__ = [
     "main",
 ]
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 FULL_SIZES = (10_000, 100_000, 1_000_000, 10_000_000)
 QUICK_SIZES = (10_000, 100_000, 1_000_000)
 BATCH = 128
@@ -382,14 +382,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--families", default="mlp,cnn", help="mlp,cnn")
     parser.add_argument("--repeats", type=int, help="timed calls (default 10)")
     parser.add_argument("--no-memory", action="store_true", help="skip memory")
-    parser.add_argument("--rule", help="learned rule directory (default: shipped)")
-    parser.add_argument(
-        "--out",
-        help="output directory (default: benchmarks/results, or benchmarks/results/"
-        "quick with --quick, so a quick run never overwrites the full results)",
-    )
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_common_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -433,12 +426,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
         "rows": rows,
     }
-    out = args.out or (DEFAULT_OUT / "quick" if args.quick else DEFAULT_OUT)
-    paths = write_outputs(results, out)
+    paths = write_outputs(results, output_dir(args))
     print()
     print(markdown_report(results))
-    for kind, path in paths.items():
-        print(f"saved {kind}: {path}")
+    print_saved(paths)
     return 0
 
 

@@ -33,6 +33,7 @@ import torch
 
 from benchmarks import data as datasets
 from benchmarks import report
+from benchmarks.cli import add_common_arguments, output_dir, print_saved
 from benchmarks.optimizers import load_ng_rule
 from benchmarks.plotting import plot_scaling
 from benchmarks.protocol import Protocol, entry_label, execute, summarise_task
@@ -50,7 +51,6 @@ __all__ = [
     "main",
 ]
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 #: Width of every hidden layer in the depth sweep.
 DEPTH_SWEEP_WIDTH = 64
 #: Hidden layers in the width sweep.
@@ -328,14 +328,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--depths", type=_ints, help="comma-separated depths")
     parser.add_argument("--steps", type=int, help="steps per run (overrides)")
     parser.add_argument("--seeds", type=int, help="number of seeds (overrides)")
-    parser.add_argument("--rule", help="learned rule directory (default: shipped)")
-    parser.add_argument(
-        "--out",
-        help="output directory (default: benchmarks/results, or benchmarks/results/"
-        "quick with --quick, so a quick run never overwrites the full results)",
-    )
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_common_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -357,12 +350,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     results = run_scaling(settings, rule_path=args.rule, progress=not args.no_progress)
-    out = args.out or (DEFAULT_OUT / "quick" if args.quick else DEFAULT_OUT)
-    paths = write_outputs(results, out)
+    paths = write_outputs(results, output_dir(args))
     print()
     print(markdown_report(results))
-    for kind, path in paths.items():
-        print(f"saved {kind}: {path}")
+    print_saved(paths)
     return 0
 
 

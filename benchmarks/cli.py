@@ -1,0 +1,34 @@
+"""Command-line pieces shared by the three benchmark commands."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+__all__ = ["RESULTS_DIR", "add_common_arguments", "output_dir", "print_saved"]
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--rule``, ``--out``, ``--threads`` and ``--no-progress``."""
+    parser.add_argument("--rule", help="learned rule directory (default: shipped)")
+    parser.add_argument(
+        "--out",
+        help="output directory (default: benchmarks/results, or benchmarks/results/"
+        "quick with --quick, so a quick run never overwrites the full results)",
+    )
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def output_dir(args: argparse.Namespace) -> Path:
+    """``--out``, or the default results folder for a full or ``--quick`` run."""
+    if args.out:
+        return Path(args.out)
+    return RESULTS_DIR / "quick" if getattr(args, "quick", False) else RESULTS_DIR
+
+
+def print_saved(paths: dict[str, Path]) -> None:
+    for kind, path in paths.items():
+        print(f"saved {kind}: {path}")
