@@ -29,6 +29,7 @@ class MetaTrainConfig:
     checkpoint_every: int = 10
     threads: int = 0  # torch threads; 0 leaves torch's default
     rule: dict = field(default_factory=dict)  # overrides of lopt.RuleConfig
+    init_rule: str = ""  # rule directory to start from (fine-tuning); "" = Adam init
     family: dict = field(default_factory=dict)  # overrides of MLPFamily
 
     def to_json(self) -> str:

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from lopt.features import FeatureState
 from lopt.functional import init_state, ng_step
 from lopt.graph import NeuralGraph
-from lopt.rule import RuleConfig, UpdateRule, save_rule
+from lopt.rule import RuleConfig, UpdateRule, load_rule, save_rule
 from meta_train.config import MetaTrainConfig
 from meta_train.estimators import PESSlot, pes_step
 from meta_train.tasks import MLPFamily, TaskConfig, make_task
@@ -122,7 +122,16 @@ class MetaTrainer:
         if config.threads:
             torch.set_num_threads(config.threads)
         torch.manual_seed(config.seed)
-        self.rule = UpdateRule(RuleConfig(**config.rule))
+        if config.init_rule:
+            self.rule = load_rule(config.init_rule)
+            if config.rule and RuleConfig(**config.rule) != self.rule.config:
+                raise ValueError(
+                    f"Invalid rule overrides {config.rule}: init_rule "
+                    f"{config.init_rule} has config {self.rule.config}"
+                )
+            self.rule.metadata = {"fine_tuned_from": dict(self.rule.metadata)}
+        else:
+            self.rule = UpdateRule(RuleConfig(**config.rule))
         self.family = MLPFamily(
             **{
                 k: tuple(v) if isinstance(v, list) else v

@@ -100,3 +100,14 @@ def test_best_rule_loads_with_metadata(tmp_path):
     MetaTrainer(preset("smoke"), tmp_path).train(progress=False)
     rule = load_rule(tmp_path / "best_rule")
     assert rule.metadata["iteration"] >= 1
+
+
+def test_init_rule_starts_from_saved_weights(tmp_path):
+    first = MetaTrainer(preset("smoke"), tmp_path / "a")
+    first.train(progress=False)
+    start = MetaTrainer(
+        preset("smoke", init_rule=str(tmp_path / "a" / "last_rule")), tmp_path / "b"
+    )
+    for name, value in first.rule.state_dict().items():
+        assert torch.equal(value, start.rule.state_dict()[name]), name
+    assert "command" in start.rule.metadata["fine_tuned_from"]
