@@ -1,4 +1,7 @@
-"""``python -m meta_train --preset smoke|default --out DIR [--resume]``."""
+"""``python -m meta_train --preset smoke|default --out DIR [--resume]``.
+
+Data-parallel over N processes: ``torchrun --nproc_per_node=N -m meta_train ...``.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ import shlex
 import sys
 
 from meta_train.config import PRESETS, MetaTrainConfig, preset
+from meta_train.distributed import init_from_env
 from meta_train.trainer import BEST_RULE, MetaTrainer
 
 
@@ -58,10 +62,13 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m meta_train " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
     )
+    rank, _ = init_from_env()  # no-op outside torchrun
     trainer = MetaTrainer(config, args.out, command=command)
     if args.resume:
         trainer.load_checkpoint()
     trainer.train(progress=not args.no_progress)
+    if rank != 0:
+        return 0
     print(
         f"best rule (validation score {trainer.best_score:.4f}, Adam(1e-3) "
         f"{trainer.adam_score:.4f}): {trainer.out / BEST_RULE}"

@@ -22,6 +22,7 @@ from lopt.functional import init_state, ng_step
 from lopt.graph import NeuralGraph
 from lopt.rule import RuleConfig, UpdateRule, load_rule, save_rule
 from meta_train.config import MetaTrainConfig
+from meta_train.distributed import all_reduce_mean_, world
 from meta_train.estimators import PESSlot, pes_step
 from meta_train.tasks import MLPFamily, TaskConfig, make_task
 from meta_train.unroll import LOSS_CAP, InnerState, new_inner_state, truncated_unroll
@@ -139,7 +140,9 @@ class MetaTrainer:
             }
         )
         self.outer = torch.optim.Adam(self.rule.parameters(), lr=config.outer_lr)
-        self.generator = torch.Generator().manual_seed(config.seed)
+        self.rank, self.world_size = world()
+        # Each worker unrolls its own tasks; the rule's init is the same on all.
+        self.generator = torch.Generator().manual_seed(config.seed + 7919 * self.rank)
         val_gen = torch.Generator().manual_seed(config.seed + 10_000)
         self.val_configs = [
             self.family.sample(val_gen) for _ in range(config.val_tasks)
@@ -225,6 +228,11 @@ class MetaTrainer:
             meta_loss = self._pes_gradient()
         else:
             meta_loss = self._tbptt_gradient()
+        # Data parallel: average meta-gradients (and the logged loss) over workers.
+        grads = [p.grad for p in self.rule.parameters() if p.grad is not None]
+        meta_loss = meta_loss.detach().reshape(1)
+        all_reduce_mean_([*grads, meta_loss])
+        meta_loss = meta_loss[0]
         grad_norm = float(
             torch.nn.utils.clip_grad_norm_(self.rule.parameters(), c.clip_norm)
         )
@@ -249,7 +257,10 @@ class MetaTrainer:
             time.perf_counter() - start,
         )
 
-    def validate_and_select(self) -> float:
+    def validate_and_select(self) -> float | None:
+        """Validate and keep the best rule (worker 0 only; others return None)."""
+        if self.rank != 0:
+            return None
         c = self.config
         if self.adam_score is None:
             self.adam_score = validate(None, self.val_configs, c.val_steps)
@@ -277,15 +288,18 @@ class MetaTrainer:
         """Run until ``config.iterations`` (or until iteration ``stop_after``, as
         if killed there); returns the rule (the best one is on disk)."""
         self.out.mkdir(parents=True, exist_ok=True)
-        self.config.save(self.out / "config.json")
+        main = self.rank == 0
+        if main:
+            self.config.save(self.out / "config.json")
         bar = tqdm(
             total=self.config.iterations,
             initial=self.iteration,
-            disable=not progress,
+            disable=not progress or not main,
             desc="meta-train",
             dynamic_ncols=True,
         )
-        with open(self.out / LOG, "a", newline="") as log_file:
+        log_name = LOG if main else f"log-rank{self.rank}.csv"
+        with open(self.out / log_name, "a", newline="") as log_file:
             log = csv.writer(log_file)
             if log_file.tell() == 0:
                 log.writerow(list(_Record.__dataclass_fields__))
@@ -306,11 +320,18 @@ class MetaTrainer:
                 ):
                     self.save_checkpoint()
         bar.close()
-        if self.iteration >= self.config.iterations:
+        if main and self.iteration >= self.config.iterations:
             save_rule(self.rule, self.out / LAST_RULE, self._provenance(float("nan")))
         return self.rule
 
     # --------------------------------------------------------- checkpoint
+    def _checkpoint_path(self) -> Path:
+        """Worker 0 writes ``checkpoint.pt``; worker r also keeps its own inner
+        tasks in ``checkpoint-rank{r}.pt`` so a distributed run resumes exactly."""
+        if self.rank == 0:
+            return self.out / CHECKPOINT
+        return self.out / f"checkpoint-rank{self.rank}.pt"
+
     def save_checkpoint(self) -> Path:
         """Write everything needed to continue exactly, atomically."""
         inner = [
@@ -331,7 +352,7 @@ class MetaTrainer:
             "torch_rng": torch.get_rng_state(),
             "inner": inner,
         }
-        path = self.out / CHECKPOINT
+        path = self._checkpoint_path()
         tmp = path.with_suffix(".tmp")
         torch.save(payload, tmp)
         os.replace(tmp, path)
@@ -339,7 +360,7 @@ class MetaTrainer:
 
     def load_checkpoint(self) -> None:
         """Restore from ``out/checkpoint.pt`` (tensors and plain data only)."""
-        path = self.out / CHECKPOINT
+        path = self._checkpoint_path()
         if not path.is_file():
             raise FileNotFoundError(f"No checkpoint to resume at {path}")
         payload = torch.load(path, weights_only=True)

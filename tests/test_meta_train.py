@@ -111,3 +111,39 @@ def test_init_rule_starts_from_saved_weights(tmp_path):
     for name, value in first.rule.state_dict().items():
         assert torch.equal(value, start.rule.state_dict()[name]), name
     assert "command" in start.rule.metadata["fine_tuned_from"]
+
+
+def test_torchrun_two_workers_all_reduce_meta_gradients(tmp_path):
+    """2 processes (gloo): each unrolls its own tasks, the all-reduced
+    meta-gradients keep their rules identical, and differ from one worker alone."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "dist"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "-m",
+        "meta_train",
+        "--preset",
+        "smoke",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    ranks = [
+        torch.load(out / name, weights_only=True)
+        for name in ("checkpoint.pt", "checkpoint-rank1.pt")
+    ]
+    rule0, rule1 = ranks[0]["rule"], ranks[1]["rule"]
+    assert all(torch.equal(rule0[k], rule1[k]) for k in rule0)
+    tasks = [r["inner"][0]["state"]["config"] for r in ranks]
+    assert tasks[0] != tasks[1]
+    alone = MetaTrainer(preset("smoke"), tmp_path / "alone")
+    alone.train(progress=False)
+    single = alone.rule.state_dict()
+    assert any(not torch.equal(rule0[k], single[k]) for k in rule0)
