@@ -1,0 +1,95 @@
+"""Pick a rule among candidates on meta-validation tasks, stability first.
+
+``python -m meta_train.select RULE_DIR [RULE_DIR ...] [--tasks N] [--steps S]``
+trains ``N`` tasks sampled from a task family (by default the MLP family widened
+to 256 units, never the benchmark suite) for ``S`` steps with each rule and with
+Adam(1e-3), and ranks the rules by divergences (loss above 10x its start, or
+non-finite), then by the mean ``log(L_final / L_0)`` (final = mean of the last
+10% of steps). Checkpoint selection by the short validation inside meta-training
+missed rules that blow up late on wider networks; this is the longer check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+
+from lopt.functional import init_state, ng_step
+from lopt.graph import NeuralGraph
+from lopt.rule import load_rule
+from meta_train.tasks import MLPFamily, TaskConfig, make_task
+
+__all__ = ["run_task", "main"]
+
+
+def run_task(rule, config: TaskConfig, steps: int) -> tuple[bool, float]:
+    """Train one task; returns ``(diverged, log(L_final / L_0))``. ``rule=None``
+    runs Adam(1e-3)."""
+    task = make_task(config)
+    gen = torch.Generator().manual_seed(config.seed)
+    params = [p.clone().requires_grad_(True) for p in task.init_params]
+    graph = NeuralGraph.from_shapes([p.shape for p in params])
+    flat, state = graph.flatten(params).detach(), init_state(graph)
+    adam = torch.optim.Adam(params, lr=1e-3) if rule is None else None
+    losses: list[float] = []
+    for _ in range(steps):
+        current = (
+            params
+            if adam
+            else [p.requires_grad_(True) for p in graph.unflatten(flat.clone())]
+        )
+        loss = task.loss(current, *task.batch(gen))
+        value = float(loss.detach())
+        if not math.isfinite(value) or (losses and value > 10 * losses[0]):
+            return True, math.log(10.0)
+        losses.append(value)
+        grads = torch.autograd.grad(loss, current)
+        with torch.no_grad():
+            if adam:
+                for p, g in zip(params, grads):
+                    p.grad = g
+                adam.step()
+            else:
+                flat, state = ng_step(rule, graph, flat, graph.flatten(grads), state)
+    tail = losses[-max(1, steps // 10) :]
+    return False, math.log(max(sum(tail) / len(tail), 1e-12) / losses[0])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m meta_train.select", description=__doc__
+    )
+    parser.add_argument("rules", nargs="+", help="rule directories")
+    parser.add_argument("--tasks", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--seed", type=int, default=30_000)
+    parser.add_argument("--max-width", type=int, default=256)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    widths = tuple(w for w in (16, 32, 64, 128, 256, 512) if w <= args.max_width)
+    gen = torch.Generator().manual_seed(args.seed)
+    configs = [MLPFamily(widths=widths).sample(gen) for _ in range(args.tasks)]
+    for c in configs:
+        print(f"task: {c.kind} {c.dataset} {c.hidden} {c.activation} bs={c.batch_size}")
+    rows = []
+    for name in ["adam(1e-3)", *args.rules]:
+        rule = None if name == "adam(1e-3)" else load_rule(name)
+        results = [run_task(rule, c, args.steps) for c in configs]
+        diverged = sum(d for d, _ in results)
+        score = sum(s for _, s in results) / len(results)
+        rows.append((diverged, score, name))
+        print(
+            f"{name}: diverged {diverged}/{len(configs)}, mean log(L_final/L_0) "
+            f"{score:.3f} ({', '.join(f'{s:.2f}' for _, s in results)})",
+            flush=True,
+        )
+    print("\nranking (divergences, then score):")
+    for diverged, score, name in sorted(rows):
+        print(f"  {name}: {diverged} diverged, {score:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
