@@ -147,3 +147,23 @@ def test_torchrun_two_workers_all_reduce_meta_gradients(tmp_path):
     alone.train(progress=False)
     single = alone.rule.state_dict()
     assert any(not torch.equal(rule0[k], single[k]) for k in rule0)
+
+
+def test_select_flags_a_diverging_rule_and_ranks(tmp_path, capsys):
+    from lopt import RuleConfig, UpdateRule, save_rule
+    from meta_train.select import main as select_main
+    from meta_train.select import run_task
+
+    config = MLPFamily(widths=(8,), max_depth=1, conv_prob=0.0).sample(
+        torch.Generator().manual_seed(0)
+    )
+    huge = UpdateRule(RuleConfig(step_scale=50.0))  # Adam with lr 50
+    assert run_task(huge, config, 40)[0]
+    diverged, score = run_task(None, config, 40)
+    assert not diverged and score < 0
+    save_rule(huge, tmp_path / "huge")
+    save_rule(UpdateRule(), tmp_path / "adamlike")
+    argv = [str(tmp_path / "huge"), str(tmp_path / "adamlike"), "--tasks", "1"]
+    assert select_main([*argv, "--steps", "30", "--max-width", "16"]) == 0
+    ranking = capsys.readouterr().out.split("ranking")[1].splitlines()
+    assert "huge" in ranking[-1] and "1 diverged" in ranking[-1]
