@@ -16,43 +16,19 @@ import math
 
 import torch
 
-from lopt.functional import init_state, ng_step
-from lopt.graph import NeuralGraph
 from lopt.rule import load_rule
-from meta_train.tasks import MLPFamily, TaskConfig, make_task
+from meta_train.evaluate import loss_curve
+from meta_train.tasks import MLPFamily, TaskConfig
 
 __all__ = ["run_task", "main"]
 
 
 def run_task(rule, config: TaskConfig, steps: int) -> tuple[bool, float]:
-    """Train one task; returns ``(diverged, log(L_final / L_0))``. ``rule=None``
-    runs Adam(1e-3)."""
-    task = make_task(config)
-    gen = torch.Generator().manual_seed(config.seed)
-    params = [p.clone().requires_grad_(True) for p in task.init_params]
-    graph = NeuralGraph.from_shapes([p.shape for p in params])
-    flat, state = graph.flatten(params).detach(), init_state(graph)
-    adam = torch.optim.Adam(params, lr=1e-3) if rule is None else None
-    losses: list[float] = []
-    for _ in range(steps):
-        current = (
-            params
-            if adam
-            else [p.requires_grad_(True) for p in graph.unflatten(flat.clone())]
-        )
-        loss = task.loss(current, *task.batch(gen))
-        value = float(loss.detach())
-        if not math.isfinite(value) or (losses and value > 10 * losses[0]):
-            return True, math.log(10.0)
-        losses.append(value)
-        grads = torch.autograd.grad(loss, current)
-        with torch.no_grad():
-            if adam:
-                for p, g in zip(params, grads):
-                    p.grad = g
-                adam.step()
-            else:
-                flat, state = ng_step(rule, graph, flat, graph.flatten(grads), state)
+    """Train one task; returns ``(diverged, log(L_final / L_0))`` with a
+    diverged run scored ``log 10``. ``rule=None`` runs Adam(1e-3)."""
+    losses, diverged = loss_curve(rule, config, steps, stop_above=10.0)
+    if diverged:
+        return True, math.log(10.0)
     tail = losses[-max(1, steps // 10) :]
     return False, math.log(max(sum(tail) / len(tail), 1e-12) / losses[0])
 

@@ -18,12 +18,12 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from tqdm import tqdm
 
 from lopt.features import FeatureState
-from lopt.functional import init_state, ng_step
 from lopt.graph import NeuralGraph
 from lopt.rule import RuleConfig, UpdateRule, load_rule, save_rule
 from meta_train.config import MetaTrainConfig
 from meta_train.distributed import all_reduce_mean_, world
 from meta_train.estimators import PESSlot, pes_step
+from meta_train.evaluate import loss_curve
 from meta_train.tasks import MLPFamily, TaskConfig, make_task
 from meta_train.unroll import LOSS_CAP, InnerState, new_inner_state, truncated_unroll
 
@@ -55,36 +55,7 @@ def validate(rule: UpdateRule | None, configs: list[TaskConfig], steps: int) -> 
     reference on the same tasks and batches."""
     scores = []
     for config in configs:
-        task = make_task(config)
-        gen = torch.Generator().manual_seed(config.seed)
-        params = [p.clone() for p in task.init_params]
-        graph = NeuralGraph.from_shapes([p.shape for p in params])
-        flat, state = graph.flatten(params), init_state(graph)
-        adam = None
-        if rule is None:
-            params = [p.requires_grad_(True) for p in params]
-            adam = torch.optim.Adam(params, lr=1e-3)
-        losses = []
-        for _ in range(steps):
-            x, y = task.batch(gen)
-            with torch.enable_grad():
-                current = (
-                    params
-                    if adam
-                    else [p.requires_grad_(True) for p in graph.unflatten(flat.clone())]
-                )
-                loss = task.loss(current, x, y)
-                grads = torch.autograd.grad(loss, current)
-            if not torch.isfinite(loss):
-                losses.append(float("inf"))
-                break
-            losses.append(float(loss))
-            if adam:
-                for p, g in zip(params, grads):
-                    p.grad = g
-                adam.step()
-            else:
-                flat, state = ng_step(rule, graph, flat, graph.flatten(grads), state)
+        losses, _ = loss_curve(rule, config, steps)
         init = losses[0]
         tail = losses[len(losses) // 2 :]
         scores.append(
