@@ -26,7 +26,7 @@ from higher.optim import DifferentiableOptimizer
 from lopt.features import MOMENTUM_DECAYS, FeatureState
 from lopt.functional import flat_gradients, init_state, ng_step
 from lopt.graph import NeuralGraph
-from lopt.optimizer import NGOptimizer
+from lopt.optimizer import NGOptimizer, gradient_is_finite
 
 __all__ = ["DifferentiableNGOptimizer"]
 
@@ -117,10 +117,7 @@ class DifferentiableNGOptimizer(DifferentiableOptimizer):
             return
         graph = self.graph
         flat_grad, mask = flat_gradients(graph, params, grads)
-        if not bool(torch.isfinite(flat_grad.detach()).all()):
-            if self.nonfinite == "raise":
-                raise FloatingPointError("NGOptimizer: non-finite gradient")
-            self.skipped_steps += 1
+        if not gradient_is_finite(self, flat_grad):
             return
         lr, weight_decay = self._group_values(graph)
         new_params, state = ng_step(

@@ -182,10 +182,7 @@ class NGOptimizer(Optimizer):
         self._ensure_graph(params)
         graph, flat = self._graph, self._flat
         flat_grad, mask = flat_gradients(graph, params, grads)
-        if not bool(torch.isfinite(flat_grad).all()):
-            if self.nonfinite == "raise":
-                raise FloatingPointError("NGOptimizer: non-finite gradient")
-            self.skipped_steps += 1
+        if not gradient_is_finite(self, flat_grad):
             return loss
         lr, weight_decay = self._group_values(graph)
         new_params, new_state = ng_step(
@@ -231,6 +228,20 @@ class NGOptimizer(Optimizer):
         source = {p: saved_state.get(i, {}) for i, p in zip(saved_ids, params)}
         self._rebuild(source, params)
         self.skipped_steps = int(state_dict.get("ng", {}).get("skipped_steps", 0))
+
+
+def gradient_is_finite(owner: Any, flat_grad: torch.Tensor) -> bool:
+    """Apply ``owner.nonfinite`` to a flat gradient: ``True`` to go on, ``False``
+    to skip the step (counted in ``owner.skipped_steps``), or raise.
+
+    Shared by :class:`NGOptimizer` and its ``higher`` counterpart.
+    """
+    if bool(torch.isfinite(flat_grad.detach()).all()):
+        return True
+    if owner.nonfinite == "raise":
+        raise FloatingPointError("NGOptimizer: non-finite gradient")
+    owner.skipped_steps += 1
+    return False
 
 
 def _check_number(name: str, value: Any) -> None:

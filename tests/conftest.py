@@ -56,3 +56,15 @@ def regression_data(seed: int = 0, n: int = 32, d_in: int = 4, d_out: int = 3):
 @pytest.fixture
 def rule() -> UpdateRule:
     return random_rule()
+
+
+def train(model, opt, x, y, steps, loss_fn=nn.functional.mse_loss) -> list[float]:
+    """``steps`` full-batch training steps; the loss before each step."""
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses

@@ -75,8 +75,9 @@ def test_normalised_features_have_unit_rms_per_tensor():
 
 def test_features_are_invariant_to_scale():
     graph, param, grads, _ = _setup()
-    state, scaled = init_feature_state(graph.num_scalars), init_feature_state(
-        graph.num_scalars
+    state, scaled = (
+        init_feature_state(graph.num_scalars),
+        init_feature_state(graph.num_scalars),
     )
     for g in grads:
         state = update_feature_state(state, g)

@@ -161,9 +161,7 @@ def test_meta_gradient_equals_unrolled_ng_step():
     ref_loss, ref_grad = _unrolled_meta_grad(model, rule, (x, y, x_val, y_val), 3, 50.0)
     torch.testing.assert_close(meta_loss, ref_loss)
     assert sum(float(g.abs().sum()) for g in ref_grad) > 0
-    for name, a, b in zip(
-        [n for n, _ in rule.named_parameters()], meta_grad, ref_grad
-    ):
+    for name, a, b in zip([n for n, _ in rule.named_parameters()], meta_grad, ref_grad):
         torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-4, msg=name)
 
 

@@ -7,7 +7,7 @@ import re
 
 import pytest
 import torch
-from conftest import TINY_CONFIG, mlp, random_rule, regression_data
+from conftest import TINY_CONFIG, mlp, random_rule, regression_data, train
 from torch import nn
 
 from lopt import NGOptimizer, UpdateRule
@@ -17,22 +17,11 @@ def _loss(model, x, y):
     return nn.functional.mse_loss(model(x), y)
 
 
-def _train(model, opt, x, y, steps):
-    losses = []
-    for _ in range(steps):
-        opt.zero_grad()
-        loss = _loss(model, x, y)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
-
-
 # ------------------------------------------------------------------ training
 def test_loss_falls_on_regression_with_default_rule():
     x, y = regression_data()
     model = mlp(sizes=(4, 16, 3))
-    losses = _train(model, NGOptimizer(model.parameters(), lr=10.0), x, y, 100)
+    losses = train(model, NGOptimizer(model.parameters(), lr=10.0), x, y, 100)
     assert losses[-1] < 0.5 * losses[0], losses[::10]
 
 
@@ -42,13 +31,7 @@ def test_loss_falls_on_classification_with_default_rule():
     y = (x[:, 0] + x[:, 1] > 0).long()
     model = mlp(sizes=(4, 8, 2))
     opt = NGOptimizer(model.parameters(), lr=10.0)
-    losses = []
-    for _ in range(60):
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train(model, opt, x, y, 60, nn.functional.cross_entropy)
     assert losses[-1] < 0.5 * losses[0], losses[::10]
 
 
@@ -58,25 +41,26 @@ def test_state_dict_round_trip_gives_identical_trajectory():
     rule = random_rule()
     model = mlp()
     opt = NGOptimizer(model.parameters(), rule=rule, weight_decay=0.1)
-    _train(model, opt, x, y, 3)
+    train(model, opt, x, y, 3)
     saved = copy.deepcopy(opt.state_dict())
     twin = copy.deepcopy(model)
     twin_opt = NGOptimizer(twin.parameters(), rule=rule, weight_decay=0.1)
     twin_opt.load_state_dict(saved)
     assert twin_opt.state_dict()["state"].keys() == saved["state"].keys()
-    _train(model, opt, x, y, 3)
-    _train(twin, twin_opt, x, y, 3)
+    train(model, opt, x, y, 3)
+    train(twin, twin_opt, x, y, 3)
     for a, b in zip(model.parameters(), twin.parameters()):
         assert torch.equal(a, b)
-    assert torch.equal(opt.state[model[0].weight]["momenta"],
-                       twin_opt.state[twin[0].weight]["momenta"])
+    assert torch.equal(
+        opt.state[model[0].weight]["momenta"], twin_opt.state[twin[0].weight]["momenta"]
+    )
 
 
 def test_state_dict_contents():
     x, y = regression_data()
     model = mlp()
     opt = NGOptimizer(model.parameters(), rule=random_rule())
-    _train(model, opt, x, y, 2)
+    train(model, opt, x, y, 2)
     state = opt.state_dict()
     assert state["ng"] == {"skipped_steps": 0}
     first = state["state"][0]
@@ -91,7 +75,7 @@ def test_low_precision_params_have_float32_state(dtype):
     x, y = regression_data()
     model = mlp().to(dtype)
     opt = NGOptimizer(model.parameters(), rule=random_rule())
-    losses = _train(model, opt, x.to(dtype), y.to(dtype), 5)
+    losses = train(model, opt, x.to(dtype), y.to(dtype), 5)
     assert all(torch.isfinite(torch.tensor(losses)))
     assert all(p.dtype == dtype for p in model.parameters())
     for p in model.parameters():
@@ -104,8 +88,8 @@ def test_low_precision_params_have_float32_state(dtype):
         assert twin_opt.state[q]["momenta"].dtype == torch.float32
         # Loading keeps full precision (no round trip through the param dtype).
         assert torch.equal(twin_opt.state[q]["momenta"], opt.state[p]["momenta"])
-    _train(model, opt, x.to(dtype), y.to(dtype), 2)
-    _train(twin, twin_opt, x.to(dtype), y.to(dtype), 2)
+    train(model, opt, x.to(dtype), y.to(dtype), 2)
+    train(twin, twin_opt, x.to(dtype), y.to(dtype), 2)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
 
 
@@ -113,7 +97,7 @@ def test_low_precision_loss_falls():
     x, y = regression_data()
     model = mlp(sizes=(4, 16, 3)).to(torch.bfloat16)
     opt = NGOptimizer(model.parameters(), lr=10.0)
-    losses = _train(model, opt, x.bfloat16(), y.bfloat16(), 60)
+    losses = train(model, opt, x.bfloat16(), y.bfloat16(), 60)
     assert losses[-1] < 0.7 * losses[0]
 
 
@@ -151,7 +135,7 @@ def test_group_with_zero_lr_does_not_move():
         rule=random_rule(),
     )
     moving = [p.detach().clone() for p in second.parameters()]
-    _train(model, opt, x, y, 2)
+    train(model, opt, x, y, 2)
     assert all(torch.equal(p, f) for p, f in zip(first.parameters(), frozen))
     assert all(not torch.equal(p, m) for p, m in zip(second.parameters(), moving))
 
@@ -162,7 +146,7 @@ def test_add_param_group_keeps_old_state_and_zeroes_new():
     model = mlp()
     head = nn.Linear(3, 3)
     opt = NGOptimizer(model.parameters(), rule=rule)
-    _train(model, opt, x, y, 2)
+    train(model, opt, x, y, 2)
     old = {p: opt.state[p]["momenta"].clone() for p in model.parameters()}
     opt.add_param_group({"params": head.parameters(), "lr": 0.5})
     assert len(opt.param_groups) == 2 and opt.param_groups[1]["lr"] == 0.5
@@ -188,7 +172,7 @@ def test_params_without_grads_stay_bit_identical():
     opt = NGOptimizer([*model.parameters(), *unused.parameters()], rule=random_rule())
     before = [p.detach().clone() for p in unused.parameters()]
     moved = [p.detach().clone() for p in model.parameters()]
-    _train(model, opt, x, y, 3)
+    train(model, opt, x, y, 3)
     assert all(p.grad is None for p in unused.parameters())
     assert all(torch.equal(p, b) for p, b in zip(unused.parameters(), before))
     assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), moved))
@@ -243,11 +227,11 @@ def test_step_hooks_are_called():
     post = opt.register_step_post_hook(
         lambda o, a, k: calls.append(("post", float(o.state[model[0].weight]["step"])))
     )
-    _train(model, opt, x, y, 2)
+    train(model, opt, x, y, 2)
     assert calls == [("pre", opt), ("post", 1.0), ("pre", opt), ("post", 2.0)]
     pre.remove()
     post.remove()
-    _train(model, opt, x, y, 1)
+    train(model, opt, x, y, 1)
     assert len(calls) == 4
 
 
@@ -257,7 +241,7 @@ def test_nonfinite_gradient_skips_step(bad):
     x, y = regression_data()
     model = mlp()
     opt = NGOptimizer(model.parameters(), rule=random_rule())
-    _train(model, opt, x, y, 1)
+    train(model, opt, x, y, 1)
     before = [p.detach().clone() for p in model.parameters()]
     state = copy.deepcopy(opt.state_dict()["state"])
     opt.zero_grad()

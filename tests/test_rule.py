@@ -8,7 +8,7 @@ import re
 
 import pytest
 import torch
-from conftest import TINY_CONFIG, mlp, random_rule, regression_data
+from conftest import TINY_CONFIG, mlp, random_rule, regression_data, train
 from torch import nn
 
 import lopt
@@ -246,32 +246,18 @@ def test_default_rule_trains_a_small_cnn():
         nn.Linear(16, 10),
     )
     opt = NGOptimizer(model.parameters(), rule=lopt.default_rule_path())
-    losses = []
-    for _ in range(100):
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train(model, opt, x, y, 100, nn.functional.cross_entropy)
     assert losses[-1] < 0.75 * losses[0], losses[::10]
 
 
 def test_dense_graph_leaves_out_zero_kernel_attributes_without_changing_updates():
     import dataclasses
 
-    from lopt import NeuralGraph, UpdateRule
     from lopt.features import NUM_FEATURES, NUM_TIME_FEATURES
 
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(
-        torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)
-    )
-    graph = NeuralGraph.from_parameters(model.parameters())
+    graph = NeuralGraph.from_parameters(mlp(sizes=(5, 7, 3)).parameters())
     assert graph.kernel_attr is None
-    rule = UpdateRule()
-    with torch.no_grad():
-        for p in rule.parameters():
-            p.add_(0.1 * torch.randn_like(p))
+    rule = random_rule()
     feats = torch.randn(NUM_FEATURES, graph.num_scalars)
     time = torch.randn(NUM_TIME_FEATURES)
     full = dataclasses.replace(graph, kernel_attr=graph.edge_attr)
