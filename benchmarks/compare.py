@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import report
+from benchmarks.cache import RunCache
 from benchmarks.cli import add_common_arguments, output_dir, print_saved
 from benchmarks.optimizers import BASELINES, load_ng_rule, lr_grid
 from benchmarks.plotting import plot_loss_curves
@@ -85,7 +86,11 @@ def make_protocol(settings: Settings) -> Protocol:
     return Protocol(
         steps=settings.steps,
         seeds=tuple(range(settings.seeds)),
-        grids={name: lr_grid(name, settings.grid_points) for name in BASELINES},
+        grids={
+            name: lr_grid(name, settings.grid_points)
+            for name in BASELINES
+            if settings.grid_points > 0
+        },
     )
 
 
@@ -95,6 +100,7 @@ def run_compare(
     *,
     rule_path: str | None = None,
     progress: bool = True,
+    cache: RunCache | None = None,
 ) -> dict:
     """Run the comparison and return the JSON-ready results.
 
@@ -103,13 +109,15 @@ def run_compare(
         protocol: steps, seeds and grids.
         rule_path: the learned rule's directory (``None``: the default rule).
         progress: show a progress bar over runs.
+        cache: re-use (and store) finished baseline runs, see
+            :mod:`benchmarks.cache`.
 
     Returns:
         ``{"benchmark", "config", "tasks": [summary + runs], "aggregate"}``.
     """
     rule = load_ng_rule(rule_path)
     start = time.perf_counter()
-    runs = execute(tasks, protocol, rule=rule, progress=progress)
+    runs = execute(tasks, protocol, rule=rule, progress=progress, cache=cache)
     summaries = []
     for task in tasks:
         summary = summarise_task(task, runs[task.name], protocol)
@@ -345,8 +353,17 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--steps", type=int, help="steps per run (overrides)")
     parser.add_argument("--seeds", type=int, help="number of seeds (overrides)")
-    parser.add_argument("--grid-points", type=int, help="lr grid size (overrides)")
+    parser.add_argument(
+        "--grid-points",
+        type=int,
+        help="lr grid size (overrides); 0 runs no tuned baselines (NG and Adam(1e-3) only)",
+    )
     parser.add_argument("--tasks", help="comma-separated task names (default: all)")
+    parser.add_argument(
+        "--cache",
+        help="directory of cached baseline runs: re-used when present, filled "
+        "otherwise, so comparing another rule re-runs only NGOptimizer",
+    )
     add_common_arguments(parser)
     return parser.parse_args(argv)
 
@@ -358,13 +375,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = Settings(
         steps=args.steps or base.steps,
         seeds=args.seeds or base.seeds,
-        grid_points=args.grid_points or base.grid_points,
+        grid_points=base.grid_points if args.grid_points is None else args.grid_points,
     )
     torch.set_num_threads(args.threads)
     try:
         tasks = get_tasks(args.tasks.split(",") if args.tasks else None)
         protocol = make_protocol(settings)
         load_ng_rule(args.rule)  # fail now, not after the first runs
+        cache = RunCache(args.cache) if args.cache else None
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -374,8 +392,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         flush=True,
     )
     results = run_compare(
-        tasks, protocol, rule_path=args.rule, progress=not args.no_progress
+        tasks,
+        protocol,
+        rule_path=args.rule,
+        progress=not args.no_progress,
+        cache=cache,
     )
+    if cache is not None:
+        print(f"baseline runs re-used from {args.cache}: {cache.hits}", flush=True)
     paths = write_outputs(results, output_dir(args))
     print()
     print(markdown_report(results))

@@ -49,12 +49,15 @@ def lr_grid(name: str, points: int) -> tuple[float, ...]:
     The ranges span four decades (Adam / AdamW ``1e-4 .. 1``, SGD ``1e-3 ..
     10``), wide enough that the best rate is rarely on an edge: with 9 points
     the grid is half-decade spaced (``1e-4, 3.2e-4, ..., 1``), with 5 it is
-    every other point of that grid (decades).
+    every other point of that grid (decades). With 0 points the baseline is not
+    tuned (not run).
     """
     if name not in GRID_RANGES:
         raise ValueError(f"Invalid optimizer: {name!r} (known: {list(GRID_RANGES)})")
-    if points < 1:
+    if points < 0:
         raise ValueError(f"Invalid grid size: {points}")
+    if points == 0:
+        return ()
     low, high = GRID_RANGES[name]
     if points == 1:
         return (float(10 ** ((low + high) / 2)),)

@@ -19,6 +19,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from benchmarks import curves
+from benchmarks.cache import RunCache
 from benchmarks.optimizers import DISPLAY_NAMES, NG, OptimizerConfig
 from benchmarks.report import format_lr
 from benchmarks.suite import Task
@@ -101,6 +102,7 @@ def execute(
     rule: UpdateRule | None = None,
     progress: bool = True,
     on_run: Callable[[RunResult], None] | None = None,
+    cache: RunCache | None = None,
 ) -> dict[str, list[RunResult]]:
     """Run the whole plan, with a progress bar over runs.
 
@@ -113,6 +115,8 @@ def execute(
         rule: the learned rule shared by every ``NGOptimizer`` run.
         progress: show a tqdm bar.
         on_run: called after each run (e.g. to log).
+        cache: re-use finished baseline runs from, and store new ones in,
+            this :class:`~benchmarks.cache.RunCache`.
 
     Returns:
         Runs grouped by task name.
@@ -122,6 +126,16 @@ def execute(
     bar = tqdm(plan, desc="runs", unit="run", disable=not progress, dynamic_ncols=True)
     for task, config, seed in bar:
         bar.set_postfix_str(f"{task.name} {config.label} seed {seed}", refresh=False)
+        cached = (
+            cache.get(task.name, config, seed, protocol.steps, protocol.divergence_factor)
+            if cache is not None
+            else None
+        )
+        if cached is not None:
+            results[task.name].append(cached)
+            if on_run is not None:
+                on_run(cached)
+            continue
         try:
             result = train(
                 task,
@@ -138,6 +152,8 @@ def execute(
             bar.write(
                 f"run failed: {task.name} {config.label} seed {seed}: {result.error}"
             )
+        if cache is not None:
+            cache.put(result, protocol.divergence_factor)
         results[task.name].append(result)
         if on_run is not None:
             on_run(result)

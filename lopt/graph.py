@@ -118,6 +118,9 @@ class NeuralGraph:
           :attr:`edge_attr` always gives the full tensor.
         - ``slot_node``, ``slot_type``: ``(S,)`` node and type of each slot.
         - ``node_attr``: ``(N, NODE_ATTR_DIM)`` static node attributes.
+        - ``log_degree``: ``(N, 2)`` ``log(1 + fan-in)`` and ``log(1 + fan-out)``
+          of each node (edges into and out of it; a conv channel's fan-in counts
+          every kernel tap), used by rules with ``degree_features``.
         - ``tensor_order``: the parameter indices in graph order.
         - ``tensor_id``: ``(P,)`` parameter index of each scalar (graph order).
 
@@ -137,6 +140,7 @@ class NeuralGraph:
     slot_type: torch.Tensor
     node_attr: torch.Tensor
     tensor_id: torch.Tensor
+    log_degree: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ build
     @classmethod
@@ -209,6 +213,15 @@ class NeuralGraph:
         tensor_id = torch.repeat_interleave(
             torch.tensor(order, dtype=torch.int32), numels
         )
+        edge_index = torch.stack([cat(b.edge_src), cat(b.edge_dst)])
+        # log(1 + fan-in), log(1 + fan-out): edges into and out of each node.
+        log_degree = torch.stack(
+            [
+                torch.bincount(edge_index[1], minlength=b.num_nodes),
+                torch.bincount(edge_index[0], minlength=b.num_nodes),
+            ],
+            dim=1,
+        ).float().log1p()
         kernel_attr = cat(b.edge_attr, torch.float32, EDGE_ATTR_DIM).T.contiguous()
         if not bool(kernel_attr.any()):
             kernel_attr = None
@@ -216,12 +229,13 @@ class NeuralGraph:
             shapes=shapes,
             num_nodes=b.num_nodes,
             tensor_order=order,
-            edge_index=torch.stack([cat(b.edge_src), cat(b.edge_dst)]),
+            edge_index=edge_index,
             kernel_attr=kernel_attr,
             slot_node=cat(b.slot_node).int(),
             slot_type=cat(b.slot_type),
             node_attr=node_attr,
             tensor_id=tensor_id,
+            log_degree=log_degree,
         )
 
     # ------------------------------------------------------------ properties
@@ -257,6 +271,7 @@ class NeuralGraph:
             if isinstance(getattr(self, name), torch.Tensor)
         }
         moved.setdefault("kernel_attr", None)
+        moved.setdefault("log_degree", None)
         return NeuralGraph(
             shapes=self.shapes,
             num_nodes=self.num_nodes,

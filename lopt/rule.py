@@ -53,6 +53,9 @@ CONFIG_FILE = "config.json"
 
 NODE_IN_DIM = NODE_ATTR_DIM + NUM_TIME_FEATURES + NUM_SLOT_TYPES * (NUM_FEATURES + 1)
 EDGE_IN_DIM = NUM_FEATURES + EDGE_ATTR_DIM
+NUM_DEGREE_FEATURES = 2
+#: log(1 + degree) is divided by this: about 1 for a node with 20k edges.
+DEGREE_SCALE = 10.0
 
 
 @dataclass(frozen=True)
@@ -66,12 +69,22 @@ class RuleConfig:
     step_scale: float = 1e-3  # b: base step, the Adam-equivalent learning rate
     magnitude_scale: float = 1.0  # a: how strongly m rescales the step
     magnitude_clip: float = 4.0  # |a * m| is soft-clipped to this (a factor e^4)
+    # Give nodes log(1 + fan-in) and log(1 + fan-out) (scaled by 1/10): mean
+    # aggregation hides how many edges a node has, and with it the layer width.
+    degree_features: bool = False
+
+    @property
+    def node_in_dim(self) -> int:
+        """Width of the node inputs of the backbone."""
+        return NODE_IN_DIM + (NUM_DEGREE_FEATURES if self.degree_features else 0)
 
     def __post_init__(self):
         for name in ("node_dim", "edge_dim", "num_layers", "head_hidden"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < (0 if name == "num_layers" else 1):
                 raise ValueError(f"Invalid {name}: {value}")
+        if not isinstance(self.degree_features, bool):
+            raise ValueError(f"Invalid degree_features: {self.degree_features!r}")
         for name in ("step_scale", "magnitude_scale", "magnitude_clip"):
             value = getattr(self, name)
             if not (
@@ -125,7 +138,7 @@ class UpdateRule(nn.Module):
         self.config = config or RuleConfig()
         c = self.config
         self.backbone = GraphBackbone(
-            NODE_IN_DIM, EDGE_IN_DIM, c.node_dim, c.edge_dim, c.num_layers
+            c.node_in_dim, EDGE_IN_DIM, c.node_dim, c.edge_dim, c.num_layers
         )
         self.edge_head = _Head(c.edge_dim, c.head_hidden)
         self.slot_head = _Head(c.node_dim + NUM_SLOT_TYPES, c.head_hidden)
@@ -135,7 +148,9 @@ class UpdateRule(nn.Module):
         self, graph: NeuralGraph, slot_feats: torch.Tensor, time: torch.Tensor
     ) -> torch.Tensor:
         """Static node attributes, time, and the features of each node's slots
-        (one block per slot type, plus an indicator), ``(N, NODE_IN_DIM)``."""
+        (one block per slot type, plus an indicator), and with
+        ``degree_features`` the scaled log fan-in and fan-out,
+        ``(N, config.node_in_dim)``."""
         n = graph.num_nodes
         like = {"device": slot_feats.device, "dtype": slot_feats.dtype}
         index = graph.slot_node * NUM_SLOT_TYPES + graph.slot_type
@@ -143,9 +158,12 @@ class UpdateRule(nn.Module):
         slots = torch.zeros(NUM_FEATURES + 1, n * NUM_SLOT_TYPES, **like)
         slots = slots.index_add(1, index, torch.cat([slot_feats, ones], dim=0))
         slots = slots.view(NUM_FEATURES + 1, n, NUM_SLOT_TYPES).permute(1, 2, 0)
-        return torch.cat(
-            [graph.node_attr, time.expand(n, -1), slots.reshape(n, -1)], dim=1
-        )
+        parts = [graph.node_attr, time.expand(n, -1), slots.reshape(n, -1)]
+        if self.config.degree_features:
+            if graph.log_degree is None:
+                raise ValueError("this rule needs a graph with log_degree")
+            parts.append(graph.log_degree.to(slot_feats.dtype) / DEGREE_SCALE)
+        return torch.cat(parts, dim=1)
 
     def forward(
         self, graph: NeuralGraph, feats: torch.Tensor, time: torch.Tensor

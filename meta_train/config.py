@@ -6,7 +6,9 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-__all__ = ["MetaTrainConfig", "PRESETS", "preset"]
+__all__ = ["MetaTrainConfig", "PRESETS", "preset", "VAL_METRICS"]
+
+VAL_METRICS = ("tail", "final")
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,8 @@ class MetaTrainConfig:
     val_every: int = 50  # meta-steps between validations
     val_steps: int = 300  # inner steps per validation task
     val_tasks: int = 4
+    val_metric: str = "tail"  # "tail" or "final", see meta_train.trainer.validate
+    val_family: dict = field(default_factory=dict)  # overrides of family for validation
     checkpoint_every: int = 10
     threads: int = 0  # torch threads; 0 leaves torch's default
     rule: dict = field(default_factory=dict)  # overrides of lopt.RuleConfig
@@ -47,6 +51,11 @@ class MetaTrainConfig:
         if self.estimator not in ESTIMATORS:
             raise ValueError(
                 f"Invalid estimator: {self.estimator!r} (expected one of {ESTIMATORS})"
+            )
+
+        if self.val_metric not in VAL_METRICS:
+            raise ValueError(
+                f"Invalid val_metric: {self.val_metric!r} (expected one of {VAL_METRICS})"
             )
 
     def save(self, path: Path) -> None:

@@ -12,7 +12,10 @@ from lopt.graph import NeuralGraph
 from lopt.rule import UpdateRule
 from meta_train.tasks import TaskConfig, make_task
 
-__all__ = ["loss_curve"]
+__all__ = ["loss_curve", "final_log_ratio", "DIVERGED_SCORE"]
+
+#: Score of a diverged run in :func:`final_log_ratio`: a loss 10x its start.
+DIVERGED_SCORE = math.log(10.0)
 
 
 @torch.no_grad()
@@ -70,3 +73,12 @@ def loss_curve(
         else:
             flat, state = ng_step(rule, graph, flat, graph.flatten(grads), state)
     return losses, False
+
+
+def final_log_ratio(losses: list[float], diverged: bool) -> float:
+    """``log(L_final / L_0)`` with ``L_final`` the mean of the last 10% of the
+    losses; a diverged run scores :data:`DIVERGED_SCORE` (lower is better)."""
+    if diverged:
+        return DIVERGED_SCORE
+    tail = losses[-max(1, len(losses) // 10) :]
+    return math.log(max(sum(tail) / len(tail), 1e-12) / losses[0])

@@ -12,12 +12,11 @@ missed rules that blow up late on wider networks; this is the longer check.
 from __future__ import annotations
 
 import argparse
-import math
 
 import torch
 
 from lopt.rule import load_rule
-from meta_train.evaluate import loss_curve
+from meta_train.evaluate import final_log_ratio, loss_curve
 from meta_train.tasks import MLPFamily, TaskConfig
 
 __all__ = ["run_task", "main"]
@@ -27,10 +26,7 @@ def run_task(rule, config: TaskConfig, steps: int) -> tuple[bool, float]:
     """Train one task; returns ``(diverged, log(L_final / L_0))`` with a
     diverged run scored ``log 10``. ``rule=None`` runs Adam(1e-3)."""
     losses, diverged = loss_curve(rule, config, steps, stop_above=10.0)
-    if diverged:
-        return True, math.log(10.0)
-    tail = losses[-max(1, steps // 10) :]
-    return False, math.log(max(sum(tail) / len(tail), 1e-12) / losses[0])
+    return diverged, final_log_ratio(losses, diverged)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -20,10 +20,10 @@ from tqdm import tqdm
 from lopt.features import FeatureState
 from lopt.graph import NeuralGraph
 from lopt.rule import RuleConfig, UpdateRule, load_rule, save_rule
-from meta_train.config import MetaTrainConfig
+from meta_train.config import VAL_METRICS, MetaTrainConfig
 from meta_train.distributed import all_reduce_mean_, world
 from meta_train.estimators import PESSlot, pes_step
-from meta_train.evaluate import loss_curve
+from meta_train.evaluate import final_log_ratio, loss_curve
 from meta_train.tasks import MLPFamily, TaskConfig, make_task
 from meta_train.unroll import LOSS_CAP, InnerState, new_inner_state, truncated_unroll
 
@@ -49,12 +49,32 @@ def _git_commit() -> str:
 
 
 @torch.no_grad()
-def validate(rule: UpdateRule | None, configs: list[TaskConfig], steps: int) -> float:
-    """Mean over tasks of the mean ``log(L_t / L_0)`` over the last half of a
-    ``steps``-step run (lower is better). ``rule=None`` runs Adam(lr=1e-3) as a
-    reference on the same tasks and batches."""
+def validate(
+    rule: UpdateRule | None,
+    configs: list[TaskConfig],
+    steps: int,
+    metric: str = "tail",
+) -> float:
+    """Validation score of ``rule`` on ``configs`` (lower is better).
+    ``rule=None`` runs Adam(lr=1e-3) as a reference on the same tasks and batches.
+
+    Metrics:
+        - ``"tail"``: mean over tasks of the mean ``log(L_t / L_0)`` over the
+          last half of a ``steps``-step run (each term capped at ``log 10``).
+        - ``"final"``: mean over tasks of ``log(L_final / L_0)``, the final loss
+          being the mean of the last 10% of steps, and a run that diverges
+          (loss above 10x its start) scoring ``log 10``: it rewards the loss
+          reached at the end and punishes late blow-ups, which "tail" hardly
+          sees.
+    """
+    if metric not in VAL_METRICS:
+        raise ValueError(f"Invalid val_metric: {metric!r} (expected one of {VAL_METRICS})")
     scores = []
     for config in configs:
+        if metric == "final":
+            losses, diverged = loss_curve(rule, config, steps, stop_above=10.0)
+            scores.append(final_log_ratio(losses, diverged))
+            continue
         losses, _ = loss_curve(rule, config, steps)
         init = losses[0]
         tail = losses[len(losses) // 2 :]
@@ -63,6 +83,19 @@ def validate(rule: UpdateRule | None, configs: list[TaskConfig], steps: int) -> 
             / len(tail)
         )
     return sum(scores) / len(scores)
+
+
+_METRIC_TEXT = {
+    "tail": "mean log(L_t/L_0) over the last half of {steps} steps on {tasks} "
+    "fixed tasks (lower is better)",
+    "final": "mean log(L_final/L_0) (final: last 10% of {steps} steps; diverged "
+    "runs score log 10) on {tasks} fixed tasks (lower is better)",
+}
+
+
+def _family_overrides(overrides: dict) -> dict:
+    """JSON lists become tuples (the family's fields are tuples)."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
 
 
 @dataclass
@@ -104,20 +137,14 @@ class MetaTrainer:
             self.rule.metadata = {"fine_tuned_from": dict(self.rule.metadata)}
         else:
             self.rule = UpdateRule(RuleConfig(**config.rule))
-        self.family = MLPFamily(
-            **{
-                k: tuple(v) if isinstance(v, list) else v
-                for k, v in config.family.items()
-            }
-        )
+        self.family = MLPFamily(**_family_overrides(config.family))
         self.outer = torch.optim.Adam(self.rule.parameters(), lr=config.outer_lr)
         self.rank, self.world_size = world()
         # Each worker unrolls its own tasks; the rule's init is the same on all.
         self.generator = torch.Generator().manual_seed(config.seed + 7919 * self.rank)
         val_gen = torch.Generator().manual_seed(config.seed + 10_000)
-        self.val_configs = [
-            self.family.sample(val_gen) for _ in range(config.val_tasks)
-        ]
+        val_family = replace(self.family, **_family_overrides(config.val_family))
+        self.val_configs = [val_family.sample(val_gen) for _ in range(config.val_tasks)]
         self.iteration = 0
         self.skipped = 0
         self.best_score = math.inf
@@ -234,8 +261,8 @@ class MetaTrainer:
             return None
         c = self.config
         if self.adam_score is None:
-            self.adam_score = validate(None, self.val_configs, c.val_steps)
-        score = validate(self.rule, self.val_configs, c.val_steps)
+            self.adam_score = validate(None, self.val_configs, c.val_steps, c.val_metric)
+        score = validate(self.rule, self.val_configs, c.val_steps, c.val_metric)
         if score < self.best_score:
             self.best_score = score
             save_rule(self.rule, self.out / BEST_RULE, self._provenance(score))
@@ -249,9 +276,9 @@ class MetaTrainer:
             "iteration": self.iteration,
             "validation_score": score,
             "validation_score_adam_1e-3": self.adam_score,
-            "validation_metric": "mean log(L_t/L_0) over the last half of "
-            f"{self.config.val_steps} steps on {self.config.val_tasks} fixed tasks "
-            "(lower is better)",
+            "validation_metric": _METRIC_TEXT[self.config.val_metric].format(
+                steps=self.config.val_steps, tasks=self.config.val_tasks
+            ),
         }
 
     # -------------------------------------------------------------- train

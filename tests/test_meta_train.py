@@ -167,3 +167,30 @@ def test_select_flags_a_diverging_rule_and_ranks(tmp_path, capsys):
     assert select_main([*argv, "--steps", "30", "--max-width", "16"]) == 0
     ranking = capsys.readouterr().out.split("ranking")[1].splitlines()
     assert "huge" in ranking[-1] and "1 diverged" in ranking[-1]
+
+
+def test_final_validation_metric_and_val_family(tmp_path):
+    """val_metric="final" scores log(L_final / L_0), diverged runs log 10;
+    val_family widens the validation tasks only."""
+    from meta_train.evaluate import DIVERGED_SCORE, final_log_ratio
+
+    assert final_log_ratio([2.0] + [1.0] * 9, diverged=False) == pytest.approx(
+        math.log(0.5)
+    )
+    assert final_log_ratio([1.0, 50.0], diverged=True) == DIVERGED_SCORE
+    config = preset(
+        "smoke",
+        iterations=2,
+        val_every=2,
+        val_metric="final",
+        val_family={"widths": [64], "max_depth": 1, "conv_prob": 0.0},
+    )
+    trainer = MetaTrainer(config, tmp_path / "run")
+    assert all(c.hidden == (64,) for c in trainer.val_configs)
+    assert all(max(c.hidden) <= 16 for c in [trainer.family.sample(trainer.generator)])
+    trainer.train(progress=False)
+    provenance = load_rule(tmp_path / "run" / "best_rule").metadata
+    assert "last 10%" in provenance["validation_metric"]
+    assert provenance["validation_score"] < 0  # a smoke run still learns a bit
+    with pytest.raises(ValueError, match="Invalid val_metric: 'mean'"):
+        preset("smoke", val_metric="mean")

@@ -262,3 +262,51 @@ def test_dense_graph_leaves_out_zero_kernel_attributes_without_changing_updates(
     time = torch.randn(NUM_TIME_FEATURES)
     full = dataclasses.replace(graph, kernel_attr=graph.edge_attr)
     torch.testing.assert_close(rule(graph, feats, time), rule(full, feats, time))
+
+
+# ------------------------------------------------------------ degree features
+DEGREE_CONFIG = RuleConfig(
+    node_dim=8, edge_dim=4, num_layers=1, head_hidden=4, degree_features=True
+)
+
+
+def test_log_degree_counts_fan_in_and_fan_out():
+    # mlp(): 4 inputs -> 6 hidden -> 3 outputs.
+    graph = NeuralGraph.from_parameters(mlp().parameters())
+    degree = graph.log_degree.expm1().round().long()
+    fan_in, fan_out = degree[:, 0].tolist(), degree[:, 1].tolist()
+    assert fan_in == [0] * 4 + [4] * 6 + [6] * 3
+    assert fan_out == [6] * 4 + [3] * 6 + [0] * 3
+
+
+def test_degree_rule_sees_width():
+    """With degree features the same per-edge inputs give different updates in a
+    wider layer; a rule without them cannot tell (mean aggregation)."""
+    narrow, wide = mlp(sizes=(4, 6, 3)), mlp(sizes=(4, 60, 3))
+    rule = random_rule(seed=1, config=DEGREE_CONFIG)
+    outs = []
+    for model in (narrow, wide):
+        graph = NeuralGraph.from_parameters(model.parameters())
+        # Every scalar gets the same features: only the graph differs.
+        feats = torch.full((len(lopt.features.FEATURE_NAMES), graph.num_scalars), 0.3)
+        outs.append(rule(graph, feats, time_features(torch.tensor(3.0)))[0])
+    assert not torch.allclose(outs[0], outs[1])
+
+
+def test_degree_rule_round_trip_and_invalid_flag(tmp_path):
+    rule = random_rule(seed=2, config=DEGREE_CONFIG)
+    save_rule(rule, tmp_path / "rule")
+    loaded = load_rule(tmp_path / "rule")
+    assert loaded.config.degree_features
+    graph, feats, time = _inputs()
+    assert torch.equal(loaded(graph, feats, time), rule(graph, feats, time))
+    with pytest.raises(ValueError, match="Invalid degree_features: 1"):
+        RuleConfig(degree_features=1)
+
+
+def test_untrained_degree_rule_is_still_adam():
+    graph, feats, time = _inputs()
+    torch.testing.assert_close(
+        UpdateRule(DEGREE_CONFIG)(graph, feats, time),
+        UpdateRule(TINY_CONFIG)(graph, feats, time),
+    )
