@@ -249,3 +249,56 @@ def test_scaling_main_writes_well_formed_outputs(tmp_path):
     markdown = (tmp_path / "scaling.md").read_text()
     assert len(_table_rows(markdown, "16")) == len(_table_rows(markdown, "3")) == 1
     _check_png(tmp_path / "scaling.png")
+
+
+# ------------------------------------------------------------------------ cache
+def test_run_cache_reuses_baselines_only(tmp_path, monkeypatch):
+    from benchmarks import protocol as protocol_module
+    from benchmarks.cache import RunCache
+
+    task = TASKS["wine_logreg"]
+    protocol = Protocol(steps=12, seeds=(0,), grids={"adam": (1e-2, 1e-1)})
+    cache = RunCache(tmp_path / "cache")
+    first = execute([task], protocol, progress=False, cache=cache)[task.name]
+    assert cache.hits == 0 and len(list((tmp_path / "cache").glob("*.json"))) == 3
+
+    trained = []
+    real_train = protocol_module.train
+    monkeypatch.setattr(
+        protocol_module,
+        "train",
+        lambda task, config, *a, **k: trained.append(config.name)
+        or real_train(task, config, *a, **k),
+    )
+    second = execute([task], protocol, progress=False, cache=cache)[task.name]
+    assert trained == ["ng"]  # only the learned optimizer ran again
+    assert cache.hits == 3
+    for a, b in zip(first, second):
+        assert a.optimizer == b.optimizer and a.losses == b.losses
+        assert a.held_out == b.held_out
+    summaries = [summarise_task(task, runs, protocol) for runs in (first, second)]
+    for key in ("best_lr", "speedup", "outcome", "tuning"):
+        assert summaries[0][key] == summaries[1][key], key
+
+    # Another step budget is another key; a corrupted file is a miss, not a crash.
+    assert cache.get(task.name, OptimizerConfig("adam", 1e-2), 0, 13, 10.0) is None
+    for path in (tmp_path / "cache").glob("*.json"):
+        path.write_text("{not json")
+    assert cache.get(task.name, OptimizerConfig("adam", 1e-2), 0, 12, 10.0) is None
+
+
+def test_run_cache_rejects_a_file_path(tmp_path):
+    from benchmarks.cache import RunCache
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="not a directory"):
+        RunCache(tmp_path / "file")
+
+
+def test_compare_with_no_tuned_baselines(tmp_path):
+    argv = ["--steps", "10", "--seeds", "1", "--grid-points", "0", "--tasks"]
+    argv += ["wine_logreg", "--out", str(tmp_path), "--no-progress"]
+    assert compare.main(argv) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["tasks"][0]["entries"]) == {"ng", "adam_default"}
+    assert results["config"]["grids"] == {}
