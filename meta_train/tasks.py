@@ -134,6 +134,7 @@ class MLPFamily(TaskFamily):
     datasets: tuple[str, ...] = ("mnist1d", "digits")
     widths: tuple[int, ...] = (16, 32, 64)
     max_depth: int = 3
+    min_depth: int = 1  # 0 adds linear models (multinomial logistic regression)
     batch_sizes: tuple[int, ...] = (32, 64, 128)
     init_scale: tuple[float, float] = (0.5, 2.0)
     reparam_prob: float = 0.3  # probability of weight re-parametrisation
@@ -141,7 +142,12 @@ class MLPFamily(TaskFamily):
     conv_prob: float = 0.25  # probability of a 1-D CNN on mnist1d instead of an MLP
 
     def sample(self, generator: torch.Generator) -> TaskConfig:
-        depth = 1 + int(torch.randint(self.max_depth, (1,), generator=generator))
+        if not 0 <= self.min_depth <= self.max_depth:
+            raise ValueError(
+                f"Invalid depths: min_depth {self.min_depth}, max_depth {self.max_depth}"
+            )
+        span = self.max_depth - self.min_depth + 1
+        depth = self.min_depth + int(torch.randint(span, (1,), generator=generator))
         hidden = tuple(_choice(self.widths, generator) for _ in range(depth))
         reparam: tuple[float, ...] = ()
         if float(torch.rand((), generator=generator)) < self.reparam_prob:
@@ -152,7 +158,7 @@ class MLPFamily(TaskFamily):
         noise = 0.0
         if float(torch.rand((), generator=generator)) < self.grad_noise_prob:
             noise = round(_log_uniform(0.01, 0.3, generator), 4)
-        conv = float(torch.rand((), generator=generator)) < self.conv_prob
+        conv = float(torch.rand((), generator=generator)) < self.conv_prob and depth > 0
         dataset = _choice(self.datasets, generator)
         return TaskConfig(
             kind="conv1d" if conv else "mlp",

@@ -194,3 +194,21 @@ def test_final_validation_metric_and_val_family(tmp_path):
     assert provenance["validation_score"] < 0  # a smoke run still learns a bit
     with pytest.raises(ValueError, match="Invalid val_metric: 'mean'"):
         preset("smoke", val_metric="mean")
+
+
+def test_family_min_depth_zero_gives_linear_models():
+    family = MLPFamily(min_depth=0, max_depth=1, conv_prob=1.0)
+    gen = torch.Generator().manual_seed(0)
+    configs = [family.sample(gen) for _ in range(40)]
+    depths = {len(c.hidden) for c in configs}
+    assert depths == {0, 1}
+    linear = next(c for c in configs if not c.hidden)
+    assert linear.kind == "mlp"  # a 0-layer CNN is not a thing
+    task = make_task(linear)
+    assert [p.dim() for p in task.init_params] == [2, 1]
+    # The default family is unchanged (same stream of depths as before).
+    default = MLPFamily()
+    gen = torch.Generator().manual_seed(0)
+    assert all(1 <= len(default.sample(gen).hidden) <= 3 for _ in range(20))
+    with pytest.raises(ValueError, match="Invalid depths"):
+        MLPFamily(min_depth=3, max_depth=2).sample(gen)
