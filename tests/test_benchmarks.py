@@ -302,3 +302,22 @@ def test_compare_with_no_tuned_baselines(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results["tasks"][0]["entries"]) == {"ng", "adam_default"}
     assert results["config"]["grids"] == {}
+
+
+def test_summary_table_one_row_per_rule(tmp_path, capsys):
+    from benchmarks import summary
+
+    argv = ["--steps", "10", "--seeds", "1", "--grid-points", "2", "--tasks"]
+    argv += ["wine_logreg,breast_cancer_logreg", "--no-progress"]
+    assert compare.main([*argv, "--out", str(tmp_path / "a")]) == 0
+    assert compare.main([*argv, "--steps", "12", "--out", str(tmp_path / "b")]) == 0
+    out = tmp_path / "table.md"
+    items = [f"first={tmp_path / 'a' / 'results.json'}"]
+    items += [f"second={tmp_path / 'b' / 'results.json'}"]
+    assert summary.main([*items, "--out", str(out)]) == 0
+    lines = out.read_text().splitlines()
+    assert "median speedup vs tuned Adam" in lines[0] and "wine_logreg" in lines[0]
+    assert lines[2].startswith("| first |") and "/2 |" in lines[2]
+    assert lines[3].startswith("| second (other protocol) |")
+    assert summary.main([f"bad={tmp_path / 'table.md'}"]) == 2
+    assert "not JSON" in capsys.readouterr().err
