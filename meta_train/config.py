@@ -35,6 +35,9 @@ class MetaTrainConfig:
     rule: dict = field(default_factory=dict)  # overrides of lopt.RuleConfig
     init_rule: str = ""  # rule directory to start from (fine-tuning); "" = Adam init
     family: dict = field(default_factory=dict)  # overrides of MLPFamily
+    # Meta-train only the rule parameters whose names start with one of these
+    # (e.g. the heads' output layers, for a low-variance PES fine-tune); () = all.
+    train_only: tuple[str, ...] = ()
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -43,6 +46,7 @@ class MetaTrainConfig:
     def from_json(cls, text: str) -> MetaTrainConfig:
         data = json.loads(text)
         data["horizon"] = tuple(data["horizon"])
+        data["train_only"] = tuple(data.get("train_only", ()))
         return cls(**data)
 
     def __post_init__(self):

@@ -93,6 +93,21 @@ _METRIC_TEXT = {
 }
 
 
+def _trainable_names(rule: UpdateRule, prefixes: tuple[str, ...]) -> list[str]:
+    """Names of the rule's parameters to meta-train: all, or those starting with
+    one of ``prefixes`` (each prefix must match at least one)."""
+    names = [n for n, _ in rule.named_parameters()]
+    if not prefixes:
+        return names
+    for prefix in prefixes:
+        if not any(n.startswith(prefix) for n in names):
+            raise ValueError(
+                f"Invalid train_only prefix {prefix!r}: no rule parameter starts "
+                f"with it (parameters: {names})"
+            )
+    return [n for n in names if n.startswith(tuple(prefixes))]
+
+
 def _family_overrides(overrides: dict) -> dict:
     """JSON lists become tuples (the family's fields are tuples)."""
     return {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
@@ -138,7 +153,12 @@ class MetaTrainer:
         else:
             self.rule = UpdateRule(RuleConfig(**config.rule))
         self.family = MLPFamily(**_family_overrides(config.family))
-        self.outer = torch.optim.Adam(self.rule.parameters(), lr=config.outer_lr)
+        self.trainable_names = _trainable_names(self.rule, config.train_only)
+        named = dict(self.rule.named_parameters())
+        for name, param in named.items():
+            param.requires_grad_(name in self.trainable_names)
+        self.trainable = [named[n] for n in self.trainable_names]
+        self.outer = torch.optim.Adam(self.trainable, lr=config.outer_lr)
         self.rank, self.world_size = world()
         # Each worker unrolls its own tasks; the rule's init is the same on all.
         self.generator = torch.Generator().manual_seed(config.seed + 7919 * self.rank)
@@ -167,7 +187,7 @@ class MetaTrainer:
         inner = new_inner_state(self.family, self.generator, c.horizon)
         if c.estimator == "tbptt":
             return inner
-        xi = torch.zeros(sum(p.numel() for p in self.rule.parameters()))
+        xi = torch.zeros(sum(p.numel() for p in self.trainable))
         return PESSlot(inner, copy.copy(inner), xi)
 
     def _tbptt_gradient(self) -> torch.Tensor:
@@ -187,11 +207,13 @@ class MetaTrainer:
 
     def _pes_gradient(self) -> torch.Tensor:
         c = self.config
-        theta = parameters_to_vector(self.rule.parameters()).detach()
+        theta = parameters_to_vector(self.trainable).detach()
         work = copy.deepcopy(self.rule).requires_grad_(False)
+        work_named = dict(work.named_parameters())
+        work_trainable = [work_named[n] for n in self.trainable_names]
 
         def unroll(th, inner, gen):
-            vector_to_parameters(th, work.parameters())
+            vector_to_parameters(th, work_trainable)
             loss, new_inner, diverged = truncated_unroll(
                 work, inner, c.truncation, gen, differentiable=False
             )
@@ -212,7 +234,7 @@ class MetaTrainer:
         self.outer.zero_grad()
         flat_grad = torch.stack(grads).mean(0)
         offset = 0
-        for p in self.rule.parameters():
+        for p in self.trainable:
             p.grad = flat_grad[offset : offset + p.numel()].view_as(p).clone()
             offset += p.numel()
         return torch.tensor(sum(losses) / len(losses))
@@ -227,12 +249,12 @@ class MetaTrainer:
         else:
             meta_loss = self._tbptt_gradient()
         # Data parallel: average meta-gradients (and the logged loss) over workers.
-        grads = [p.grad for p in self.rule.parameters() if p.grad is not None]
+        grads = [p.grad for p in self.trainable if p.grad is not None]
         meta_loss = meta_loss.detach().reshape(1)
         all_reduce_mean_([*grads, meta_loss])
         meta_loss = meta_loss[0]
         grad_norm = float(
-            torch.nn.utils.clip_grad_norm_(self.rule.parameters(), c.clip_norm)
+            torch.nn.utils.clip_grad_norm_(self.trainable, c.clip_norm)
         )
         lr = self._lr(self.iteration)
         for group in self.outer.param_groups:

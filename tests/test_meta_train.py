@@ -212,3 +212,27 @@ def test_family_min_depth_zero_gives_linear_models():
     assert all(1 <= len(default.sample(gen).hidden) <= 3 for _ in range(20))
     with pytest.raises(ValueError, match="Invalid depths"):
         MLPFamily(min_depth=3, max_depth=2).sample(gen)
+
+
+@pytest.mark.parametrize("estimator", ["tbptt", "pes"])
+def test_train_only_changes_only_the_named_parameters(tmp_path, estimator):
+    config = preset(
+        "smoke",
+        iterations=2,
+        val_every=100,
+        estimator=estimator,
+        train_only=("edge_head.out", "slot_head.skip"),
+    )
+    trainer = MetaTrainer(config, tmp_path / "run")
+    before = {n: p.detach().clone() for n, p in trainer.rule.named_parameters()}
+    trainer.train(progress=False)
+    changed = {
+        n for n, p in trainer.rule.named_parameters() if not torch.equal(p, before[n])
+    }
+    assert changed and changed <= {
+        "edge_head.out.weight",
+        "edge_head.out.bias",
+        "slot_head.skip.weight",
+    }
+    with pytest.raises(ValueError, match="Invalid train_only prefix 'heads'"):
+        MetaTrainer(preset("smoke", train_only=("heads",)), tmp_path / "other")
