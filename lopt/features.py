@@ -92,15 +92,14 @@ def update_feature_state(state: FeatureState, grad: torch.Tensor) -> FeatureStat
     return FeatureState(state.step + 1, momenta, second)
 
 
-def _per_tensor_mean_square(graph: NeuralGraph, values: torch.Tensor) -> torch.Tensor:
-    """Mean square of each row of ``values (C, P)`` within each tensor,
-    broadcast back to ``(C, P)``."""
-    rows, total = values.shape
-    lengths = torch.tensor(graph.numels, device=values.device)
+def _inverse_rms(graph: NeuralGraph, values: torch.Tensor) -> torch.Tensor:
+    """``1 / sqrt(mean square + EPS)`` of each row of ``values (C, P)`` within
+    each tensor, ``(C, num tensors)``: computed per tensor, then expanded."""
+    lengths = graph.segment_lengths.to(values.device)
     mean_sq = torch.segment_reduce(
-        values * values, "mean", lengths=lengths.expand(rows, -1), axis=1
+        values * values, "mean", lengths=lengths.expand(len(values), -1), axis=1
     )
-    return torch.repeat_interleave(mean_sq, lengths, dim=1, output_size=total)
+    return torch.rsqrt(mean_sq + EPS)
 
 
 def scalar_features(
@@ -111,14 +110,35 @@ def scalar_features(
     ``state`` must already include ``grad`` (see :func:`update_feature_state`),
     so that the ratios at step 1 are well defined.
     """
-    raw = torch.cat([param[None], grad[None], state.momenta], dim=0)
-    normalised = raw * torch.rsqrt(_per_tensor_mean_square(graph, raw) + EPS)
     t = state.step
-    betas = _decays(state.momenta)
-    m_hat = state.momenta / (1.0 - betas**t)
+    total = param.shape[-1]
+    lengths = graph.segment_lengths.to(param.device)
+    m_scale = 1.0 - _decays(state.momenta) ** t
     v_hat = state.second_moment / (1.0 - SECOND_MOMENT_DECAY**t)
-    ratios = m_hat * torch.rsqrt(v_hat + RATIO_EPS)
-    return torch.cat([normalised, ratios], dim=0)
+    inv_v = torch.rsqrt(v_hat + RATIO_EPS)
+    if torch.is_grad_enabled():
+        raw = torch.cat([param[None], grad[None], state.momenta], dim=0)
+        scale = torch.repeat_interleave(
+            _inverse_rms(graph, raw), lengths, dim=1, output_size=total
+        )
+        ratios = state.momenta / m_scale * inv_v
+        return torch.cat([raw * scale, ratios], dim=0)
+    # Without autograd the same operations write into one buffer: no
+    # concatenations and fewer passes over (C, P) temporaries.
+    dtype = torch.promote_types(
+        torch.promote_types(param.dtype, grad.dtype), state.momenta.dtype
+    )
+    feats = torch.empty(NUM_FEATURES, total, dtype=dtype, device=param.device)
+    raw, ratios = feats[:_NUM_NORMALISED], feats[_NUM_NORMALISED:]
+    raw[0], raw[1], raw[2:] = param, grad, state.momenta
+    raw.mul_(
+        torch.repeat_interleave(
+            _inverse_rms(graph, raw), lengths, dim=1, output_size=total
+        )
+    )
+    torch.div(state.momenta, m_scale, out=ratios)
+    ratios.mul_(inv_v)
+    return feats
 
 
 def time_features(step: torch.Tensor) -> torch.Tensor:

@@ -38,6 +38,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -262,6 +263,25 @@ class NeuralGraph:
     def numels(self) -> list[int]:
         """Sizes of the parameter tensors, in graph order."""
         return [self.shapes[i].numel() for i in self.tensor_order]
+
+    # Derived from the graph alone, so computed once and kept (cached_property
+    # writes the instance dict directly, which a frozen dataclass allows).
+    @cached_property
+    def segment_lengths(self) -> torch.Tensor:
+        """:attr:`numels` as an int64 tensor on the graph's device (the
+        ``lengths`` of per-tensor segment reductions over ``(..., P)``)."""
+        return torch.tensor(self.numels, dtype=torch.long, device=self.tensor_id.device)
+
+    @cached_property
+    def degree(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Float32 ``(N,)`` fan-in and fan-out of each node (edges into and
+        out of it), the divisors of mean aggregation over ``dst`` and ``src``."""
+        src, dst = self.edge_index
+        n = self.num_nodes
+        return (
+            torch.bincount(dst, minlength=n).float(),
+            torch.bincount(src, minlength=n).float(),
+        )
 
     def to(self, device: torch.device | str) -> NeuralGraph:
         """A copy with every index tensor on ``device``."""
