@@ -115,10 +115,12 @@ class _Head(nn.Module):
             self.skip.weight[0, ADAM_RATIO_FEATURE] = 1.0
 
     def forward(self, embed: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
-        # One product for the hidden layer's feature part and the skip path.
-        from_feats = torch.cat([self.feat_in.weight, self.skip.weight]) @ feats
-        hidden = channel_linear(self.embed_in, embed) + from_feats[:-2]
-        return channel_linear(self.out, nn.functional.silu(hidden)) + from_feats[-2:]
+        # The feature parts accumulate into the products' fresh outputs
+        # (addmm_ does not need its output for backward): no temporaries.
+        hidden = channel_linear(self.embed_in, embed).addmm_(self.feat_in.weight, feats)
+        # silu's backward needs its input: in place only without autograd.
+        act = nn.functional.silu(hidden, inplace=not torch.is_grad_enabled())
+        return channel_linear(self.out, act).addmm_(self.skip.weight, feats)
 
 
 class UpdateRule(nn.Module):
@@ -177,7 +179,7 @@ class UpdateRule(nn.Module):
             if graph.kernel_attr is None
             else (edge_feats, graph.kernel_attr)
         )
-        h, e = self.backbone(x, graph.edge_index, blocks)
+        h, e = self.backbone(x, graph.edge_index, blocks, graph.degree)
         slot_type = nn.functional.one_hot(graph.slot_type, NUM_SLOT_TYPES).to(h.dtype)
         slot_embed = torch.cat([h[graph.slot_node], slot_type], dim=1).T
         out = torch.cat(

@@ -66,11 +66,14 @@ class GraphBackbone(nn.Module):
         x: torch.Tensor,
         edge_index: torch.Tensor,
         edge_attr: torch.Tensor | tuple[torch.Tensor, ...],
+        degree: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``edge_attr`` may be a tuple of channel-major blocks whose rows
         together make the first inputs of ``F_{e,in}``: they are encoded block
         by block, which avoids materialising their concatenation over all
-        edges; trailing inputs left out are taken as zeros."""
+        edges; trailing inputs left out are taken as zeros. ``degree``: each
+        node's fan-in and fan-out, if the caller keeps them (see
+        :class:`NGConv`)."""
         h = self.node_encoder(x)
         if isinstance(edge_attr, torch.Tensor):
             e = channel_linear(self.edge_encoder, edge_attr)
@@ -81,7 +84,7 @@ class GraphBackbone(nn.Module):
             for weight, block in zip(weights, edge_attr):
                 e = torch.addmm(e, weight, block)
         for layer in self.layers:
-            h, e = layer(h, edge_index, e)
+            h, e = layer(h, edge_index, e, degree)
         return h, e
 
     def __repr__(self) -> str:

@@ -101,35 +101,61 @@ class NGConv(MessagePassing):
             nn.init.normal_(lin.weight, std=0.01)
             nn.init.zeros_(lin.bias)
 
-    def _mean_std(self, msg: torch.Tensor, index: torch.Tensor, num_nodes: int):
-        moments = self.aggregate(
-            torch.cat([msg, msg * msg], dim=0), index, dim_size=num_nodes
-        ).T
-        mean, mean_sq = moments.split(self.msg_dim, dim=1)
+    def _mean_std(
+        self,
+        msg: torch.Tensor,
+        msg_sq: torch.Tensor,
+        index: torch.Tensor,
+        count: torch.Tensor,
+        num_nodes: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and std of the messages ``(d, |E|)`` (and their squares) that
+        share a node in ``index``, ``(|V|, d)`` each; ``count`` is the number
+        of edges of each node. The same mean as the ``"mean"`` aggregation of
+        :class:`~torch_geometric.nn.MessagePassing` (sum divided by the count
+        clamped to one), without counting the edges again every call."""
+        zeros = msg.new_zeros(self.msg_dim, num_nodes)
+        sums = torch.cat(
+            [zeros.index_add(1, index, msg), zeros.index_add(1, index, msg_sq)]
+        )
+        mean, mean_sq = (sums / count.clamp(min=1)).T.split(self.msg_dim, dim=1)
         std = torch.sqrt((mean_sq - mean * mean).clamp(min=0.0) + _STD_EPS)
         return mean, std
 
     def forward(
-        self, x: torch.Tensor, edge_index: torch.Tensor, edge_attr: torch.Tensor
+        self,
+        x: torch.Tensor,
+        edge_index: torch.Tensor,
+        edge_attr: torch.Tensor,
+        degree: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``degree`` optionally gives each node's fan-in and fan-out as float
+        ``(|V|,)`` tensors (edges where it is ``dst`` and ``src``), for callers
+        that keep them: otherwise they are counted from ``edge_index``."""
         src, dst = edge_index[0], edge_index[1]
         num_nodes = x.shape[0]
+        if degree is None:
+            degree = (
+                torch.bincount(dst, minlength=num_nodes).to(x.dtype),
+                torch.bincount(src, minlength=num_nodes).to(x.dtype),
+            )
         gamma, beta = channel_linear(self.film, edge_attr).split(self.msg_dim, dim=0)
-        proj_src = self.lin_src(x).T.index_select(1, src)
-        proj_dst = self.lin_dst(x).T.index_select(1, dst)
-        msg = torch.addcmul(beta, gamma, proj_src + proj_dst)
-        in_mean, in_std = self._mean_std(msg, dst, num_nodes)
-        out_mean, out_std = self._mean_std(msg, src, num_nodes)
+        # In-place adds below only touch fresh results whose backward does not
+        # need them (gathers, matrix products), so autograd is unaffected.
+        proj = self.lin_src(x).T.index_select(1, src)
+        proj += self.lin_dst(x).T.index_select(1, dst)
+        msg = torch.addcmul(beta, gamma, proj)
+        msg_sq = msg * msg
+        in_mean, in_std = self._mean_std(msg, msg_sq, dst, degree[0], num_nodes)
+        out_mean, out_std = self._mean_std(msg, msg_sq, src, degree[1], num_nodes)
+        del gamma, beta, proj, msg, msg_sq  # free (C, |E|) buffers early
         x = x + self.node_mlp(torch.cat([x, in_mean, in_std, out_mean, out_std], 1))
-        hidden = (
-            channel_linear(self.edge_lin, edge_attr)
-            + self.edge_src(x).T.index_select(1, src)
-            + self.edge_dst(x).T.index_select(1, dst)
-        )
-        edge_attr = edge_attr + channel_linear(
-            self.edge_out, nn.functional.silu(hidden)
-        )
-        return x, edge_attr
+        hidden = channel_linear(self.edge_lin, edge_attr)
+        hidden += self.edge_src(x).T.index_select(1, src)
+        hidden += self.edge_dst(x).T.index_select(1, dst)
+        # silu's backward needs its input: in place only without autograd.
+        act = nn.functional.silu(hidden, inplace=not torch.is_grad_enabled())
+        return x, channel_linear(self.edge_out, act).add_(edge_attr)
 
     def __repr__(self) -> str:
         return (
