@@ -87,11 +87,15 @@ def ng_step(
         )
     feats = scalar_features(graph, params, grads, new_state)
     update = rule(graph, feats, time_features(new_state.step))
-    if not isinstance(weight_decay, torch.Tensor) and weight_decay == 0.0:
-        new_params = params + lr * update
-    else:
+    # ``params + lr * (update - decay)``; without autograd in place in the
+    # rule's fresh output (the same operations, one buffer).
+    inplace = not torch.is_grad_enabled()
+    if isinstance(weight_decay, torch.Tensor) or weight_decay != 0.0:
         decay = rule.config.step_scale * weight_decay * params
-        new_params = params + lr * (update - decay)
+        update = update.sub_(decay) if inplace else update - decay
+    if isinstance(lr, torch.Tensor) or lr != 1.0:
+        update = update.mul_(lr) if inplace else lr * update
+    new_params = update.add_(params) if inplace else params + update
     if update_mask is not None:
         new_params = torch.where(update_mask, new_params, params)
     return new_params, new_state

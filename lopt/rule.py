@@ -191,10 +191,16 @@ class UpdateRule(nn.Module):
     def _to_update(
         self, direction: torch.Tensor, magnitude: torch.Tensor
     ) -> torch.Tensor:
+        """The update from the heads' outputs; without autograd it overwrites
+        ``direction`` and ``magnitude`` (rows of :meth:`forward`'s own
+        buffer) with the same operations in place."""
         c = self.config
         clip = c.magnitude_clip
-        log_scale = clip * torch.tanh(c.magnitude_scale * magnitude / clip)
-        return -c.step_scale * direction * torch.exp(log_scale)
+        if torch.is_grad_enabled():
+            log_scale = clip * torch.tanh(c.magnitude_scale * magnitude / clip)
+            return -c.step_scale * direction * torch.exp(log_scale)
+        log_scale = magnitude.mul_(c.magnitude_scale).div_(clip).tanh_().mul_(clip)
+        return direction.mul_(-c.step_scale).mul_(log_scale.exp_())
 
     def extra_repr(self) -> str:
         return f"config={self.config}"

@@ -11,11 +11,24 @@ __all__ = ["NGConv", "channel_linear"]
 _STD_EPS = 1e-5
 
 
-def channel_linear(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """Apply ``linear`` to channel-major ``x (F_in, n)``, giving ``(F_out, n)``."""
+def channel_linear(
+    linear: nn.Linear, x: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Apply ``linear`` to channel-major ``x (F_in, n)``, giving ``(F_out, n)``
+    (written into ``out`` when given)."""
     if linear.bias is None:
-        return linear.weight @ x
-    return torch.addmm(linear.bias[:, None], linear.weight, x)
+        return torch.matmul(linear.weight, x, out=out)
+    return torch.addmm(linear.bias[:, None], linear.weight, x, out=out)
+
+
+def _spare(buffer: torch.Tensor, rows: int) -> torch.Tensor | None:
+    """The first ``rows`` rows of a dead ``(C, |E|)`` buffer to write a result
+    into, or ``None`` (a fresh tensor) under autograd or when it is too small.
+    Without autograd this halves the large allocations of a layer, and with
+    them the page faults of fresh memory that dominate on a CPU."""
+    if torch.is_grad_enabled() or len(buffer) < rows:
+        return None
+    return buffer[:rows]
 
 
 class NGConv(MessagePassing):
@@ -139,23 +152,31 @@ class NGConv(MessagePassing):
                 torch.bincount(dst, minlength=num_nodes).to(x.dtype),
                 torch.bincount(src, minlength=num_nodes).to(x.dtype),
             )
-        gamma, beta = channel_linear(self.film, edge_attr).split(self.msg_dim, dim=0)
-        # In-place adds below only touch fresh results whose backward does not
-        # need them (gathers, matrix products), so autograd is unaffected.
+        # Buffers are reused without autograd (see _spare); in-place adds only
+        # touch fresh results whose backward does not need them (gathers,
+        # matrix products), so autograd is unaffected.
+        film = channel_linear(self.film, edge_attr)
+        gamma, beta = film.split(self.msg_dim, dim=0)
         proj = self.lin_src(x).T.index_select(1, src)
-        proj += self.lin_dst(x).T.index_select(1, dst)
-        msg = torch.addcmul(beta, gamma, proj)
-        msg_sq = msg * msg
+        gathered = self.lin_dst(x).T.index_select(1, dst)
+        proj += gathered
+        msg = torch.addcmul(beta, gamma, proj, out=_spare(proj, self.msg_dim))
+        msg_sq = torch.mul(msg, msg, out=_spare(gathered, self.msg_dim))
         in_mean, in_std = self._mean_std(msg, msg_sq, dst, degree[0], num_nodes)
         out_mean, out_std = self._mean_std(msg, msg_sq, src, degree[1], num_nodes)
-        del gamma, beta, proj, msg, msg_sq  # free (C, |E|) buffers early
         x = x + self.node_mlp(torch.cat([x, in_mean, in_std, out_mean, out_std], 1))
-        hidden = channel_linear(self.edge_lin, edge_attr)
-        hidden += self.edge_src(x).T.index_select(1, src)
-        hidden += self.edge_dst(x).T.index_select(1, dst)
+        hidden = channel_linear(
+            self.edge_lin, edge_attr, out=_spare(film, self.edge_dim)
+        )
+        spare = _spare(msg_sq, self.edge_dim)
+        hidden += torch.index_select(self.edge_src(x).T, 1, src, out=spare)
+        hidden += torch.index_select(self.edge_dst(x).T, 1, dst, out=spare)
         # silu's backward needs its input: in place only without autograd.
         act = nn.functional.silu(hidden, inplace=not torch.is_grad_enabled())
-        return x, channel_linear(self.edge_out, act).add_(edge_attr)
+        edge_attr = channel_linear(
+            self.edge_out, act, out=_spare(msg, self.edge_dim)
+        ).add_(edge_attr)
+        return x, edge_attr
 
     def __repr__(self) -> str:
         return (
