@@ -42,6 +42,8 @@ from functools import cached_property
 
 import torch
 
+from lopt.nn.conv import EdgeDegree, edge_degree
+
 __all__ = [
     "NeuralGraph",
     "NODE_ROLES",
@@ -273,15 +275,10 @@ class NeuralGraph:
         return torch.tensor(self.numels, dtype=torch.long, device=self.tensor_id.device)
 
     @cached_property
-    def degree(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Float32 ``(N,)`` fan-in and fan-out of each node (edges into and
-        out of it), the divisors of mean aggregation over ``dst`` and ``src``."""
-        src, dst = self.edge_index
-        n = self.num_nodes
-        return (
-            torch.bincount(dst, minlength=n).float(),
-            torch.bincount(src, minlength=n).float(),
-        )
+    def degree(self) -> EdgeDegree:
+        """Fan-in and fan-out of each node and whether edges are ordered by
+        ``dst`` (:func:`lopt.nn.conv.edge_degree`), for mean aggregation."""
+        return edge_degree(self.edge_index, self.num_nodes)
 
     def to(self, device: torch.device | str) -> NeuralGraph:
         """A copy with every index tensor on ``device``."""

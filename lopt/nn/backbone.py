@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lopt.nn.conv import NGConv, channel_linear
+from lopt.nn.conv import EdgeDegree, NGConv, channel_linear
 
 __all__ = ["GraphBackbone"]
 
@@ -66,14 +66,13 @@ class GraphBackbone(nn.Module):
         x: torch.Tensor,
         edge_index: torch.Tensor,
         edge_attr: torch.Tensor | tuple[torch.Tensor, ...],
-        degree: tuple[torch.Tensor, torch.Tensor] | None = None,
+        degree: EdgeDegree | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``edge_attr`` may be a tuple of channel-major blocks whose rows
         together make the first inputs of ``F_{e,in}``: they are encoded block
         by block, which avoids materialising their concatenation over all
-        edges; trailing inputs left out are taken as zeros. ``degree``: each
-        node's fan-in and fan-out, if the caller keeps them (see
-        :class:`NGConv`)."""
+        edges; trailing inputs left out are taken as zeros. ``degree``: the
+        graph's :func:`~lopt.nn.conv.edge_degree`, if the caller keeps it."""
         h = self.node_encoder(x)
         if isinstance(edge_attr, torch.Tensor):
             e = channel_linear(self.edge_encoder, edge_attr)

@@ -2,13 +2,37 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 from torch_geometric.nn import MessagePassing
 
-__all__ = ["NGConv", "channel_linear"]
+__all__ = ["NGConv", "EdgeDegree", "edge_degree", "channel_linear"]
 
 _STD_EPS = 1e-5
+
+
+class EdgeDegree(NamedTuple):
+    """What mean aggregation needs to know of a graph beyond its edges:
+    depends on ``edge_index`` only, so callers may compute it once."""
+
+    fan_in: torch.Tensor  # (|V|,) int64: edges where the node is dst
+    fan_out: torch.Tensor  # (|V|,) int64: edges where the node is src
+    #: Edges are ordered by dst, so fan-in sums are sums of consecutive runs
+    #: (a segment reduction: faster on a CPU than scattering into one node
+    #: after another).
+    dst_sorted: bool
+
+
+def edge_degree(edge_index: torch.Tensor, num_nodes: int) -> EdgeDegree:
+    """The :class:`EdgeDegree` of a graph with ``num_nodes`` nodes."""
+    src, dst = edge_index[0], edge_index[1]
+    return EdgeDegree(
+        torch.bincount(dst, minlength=num_nodes),
+        torch.bincount(src, minlength=num_nodes),
+        bool((dst[1:] >= dst[:-1]).all()),
+    )
 
 
 def channel_linear(
@@ -19,6 +43,12 @@ def channel_linear(
     if linear.bias is None:
         return torch.matmul(linear.weight, x, out=out)
     return torch.addmm(linear.bias[:, None], linear.weight, x, out=out)
+
+
+def _node_table(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``linear`` applied to node features ``(|V|, F)``, channel-major and
+    contiguous ``(F_out, |V|)``: gathers over edges read it row by row."""
+    return linear(x).T.contiguous()
 
 
 def _spare(buffer: torch.Tensor, rows: int) -> torch.Tensor | None:
@@ -121,16 +151,25 @@ class NGConv(MessagePassing):
         index: torch.Tensor,
         count: torch.Tensor,
         num_nodes: int,
+        sorted_index: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and std of the messages ``(d, |E|)`` (and their squares) that
         share a node in ``index``, ``(|V|, d)`` each; ``count`` is the number
         of edges of each node. The same mean as the ``"mean"`` aggregation of
         :class:`~torch_geometric.nn.MessagePassing` (sum divided by the count
-        clamped to one), without counting the edges again every call."""
-        zeros = msg.new_zeros(self.msg_dim, num_nodes)
-        sums = torch.cat(
-            [zeros.index_add(1, index, msg), zeros.index_add(1, index, msg_sq)]
-        )
+        clamped to one), without counting the edges again every call. With a
+        sorted ``index`` and no autograd, the same sums (in the same order) are
+        segment sums (``segment_reduce`` has no double backward)."""
+        if sorted_index and not torch.is_grad_enabled():
+            lengths = count.expand(self.msg_dim, -1)
+            parts = [
+                torch.segment_reduce(m, "sum", lengths=lengths, axis=1)
+                for m in (msg, msg_sq)
+            ]
+        else:
+            zeros = msg.new_zeros(self.msg_dim, num_nodes)
+            parts = [zeros.index_add(1, index, m) for m in (msg, msg_sq)]
+        sums = torch.cat(parts)
         mean, mean_sq = (sums / count.clamp(min=1)).T.split(self.msg_dim, dim=1)
         std = torch.sqrt((mean_sq - mean * mean).clamp(min=0.0) + _STD_EPS)
         return mean, std
@@ -140,37 +179,37 @@ class NGConv(MessagePassing):
         x: torch.Tensor,
         edge_index: torch.Tensor,
         edge_attr: torch.Tensor,
-        degree: tuple[torch.Tensor, torch.Tensor] | None = None,
+        degree: EdgeDegree | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``degree`` optionally gives each node's fan-in and fan-out as float
-        ``(|V|,)`` tensors (edges where it is ``dst`` and ``src``), for callers
-        that keep them: otherwise they are counted from ``edge_index``."""
+        """``degree``: the graph's :func:`edge_degree`, for callers that keep
+        it (otherwise it is computed here)."""
         src, dst = edge_index[0], edge_index[1]
         num_nodes = x.shape[0]
         if degree is None:
-            degree = (
-                torch.bincount(dst, minlength=num_nodes).to(x.dtype),
-                torch.bincount(src, minlength=num_nodes).to(x.dtype),
-            )
+            degree = edge_degree(edge_index, num_nodes)
         # Buffers are reused without autograd (see _spare); in-place adds only
         # touch fresh results whose backward does not need them (gathers,
         # matrix products), so autograd is unaffected.
         film = channel_linear(self.film, edge_attr)
         gamma, beta = film.split(self.msg_dim, dim=0)
-        proj = self.lin_src(x).T.index_select(1, src)
-        gathered = self.lin_dst(x).T.index_select(1, dst)
+        proj = _node_table(self.lin_src, x).index_select(1, src)
+        gathered = _node_table(self.lin_dst, x).index_select(1, dst)
         proj += gathered
         msg = torch.addcmul(beta, gamma, proj, out=_spare(proj, self.msg_dim))
         msg_sq = torch.mul(msg, msg, out=_spare(gathered, self.msg_dim))
-        in_mean, in_std = self._mean_std(msg, msg_sq, dst, degree[0], num_nodes)
-        out_mean, out_std = self._mean_std(msg, msg_sq, src, degree[1], num_nodes)
+        in_mean, in_std = self._mean_std(
+            msg, msg_sq, dst, degree.fan_in, num_nodes, degree.dst_sorted
+        )
+        out_mean, out_std = self._mean_std(
+            msg, msg_sq, src, degree.fan_out, num_nodes
+        )
         x = x + self.node_mlp(torch.cat([x, in_mean, in_std, out_mean, out_std], 1))
         hidden = channel_linear(
             self.edge_lin, edge_attr, out=_spare(film, self.edge_dim)
         )
         spare = _spare(msg_sq, self.edge_dim)
-        hidden += torch.index_select(self.edge_src(x).T, 1, src, out=spare)
-        hidden += torch.index_select(self.edge_dst(x).T, 1, dst, out=spare)
+        hidden += torch.index_select(_node_table(self.edge_src, x), 1, src, out=spare)
+        hidden += torch.index_select(_node_table(self.edge_dst, x), 1, dst, out=spare)
         # silu's backward needs its input: in place only without autograd.
         act = nn.functional.silu(hidden, inplace=not torch.is_grad_enabled())
         edge_attr = channel_linear(
