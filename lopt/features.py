@@ -92,12 +92,13 @@ def update_feature_state(state: FeatureState, grad: torch.Tensor) -> FeatureStat
     return FeatureState(state.step + 1, momenta, second)
 
 
-def _inverse_rms(graph: NeuralGraph, values: torch.Tensor) -> torch.Tensor:
-    """``1 / sqrt(mean square + EPS)`` of each row of ``values (C, P)`` within
-    each tensor, ``(C, num tensors)``: computed per tensor, then expanded."""
-    lengths = graph.segment_lengths.to(values.device)
+def _inverse_rms(graph: NeuralGraph, squares: torch.Tensor) -> torch.Tensor:
+    """``1 / sqrt(mean + EPS)`` of each row of ``squares (C, P)`` within each
+    tensor, ``(C, num tensors)`` in graph order: computed per tensor, expanded
+    by the caller."""
+    lengths = graph.segment_lengths.to(squares.device)
     mean_sq = torch.segment_reduce(
-        values * values, "mean", lengths=lengths.expand(len(values), -1), axis=1
+        squares, "mean", lengths=lengths.expand(len(squares), -1), axis=1
     )
     return torch.rsqrt(mean_sq + EPS)
 
@@ -112,32 +113,34 @@ def scalar_features(
     """
     t = state.step
     total = param.shape[-1]
-    lengths = graph.segment_lengths.to(param.device)
     m_scale = 1.0 - _decays(state.momenta) ** t
     v_hat = state.second_moment / (1.0 - SECOND_MOMENT_DECAY**t)
-    inv_v = torch.rsqrt(v_hat + RATIO_EPS)
     if torch.is_grad_enabled():
         raw = torch.cat([param[None], grad[None], state.momenta], dim=0)
         scale = torch.repeat_interleave(
-            _inverse_rms(graph, raw), lengths, dim=1, output_size=total
+            _inverse_rms(graph, raw * raw),
+            graph.segment_lengths.to(raw.device),
+            dim=1,
+            output_size=total,
         )
-        ratios = state.momenta / m_scale * inv_v
+        ratios = state.momenta / m_scale * torch.rsqrt(v_hat + RATIO_EPS)
         return torch.cat([raw * scale, ratios], dim=0)
-    # Without autograd the same operations write into one buffer: no
-    # concatenations and fewer passes over (C, P) temporaries.
+    # Without autograd the same operations write into one buffer (no
+    # concatenations), temporaries are reused, and the per-tensor scales are
+    # expanded by gathering them per scalar (tensor_id) into the dead buffer
+    # of squares instead of repeat_interleave into a new one.
     dtype = torch.promote_types(
         torch.promote_types(param.dtype, grad.dtype), state.momenta.dtype
     )
     feats = torch.empty(NUM_FEATURES, total, dtype=dtype, device=param.device)
     raw, ratios = feats[:_NUM_NORMALISED], feats[_NUM_NORMALISED:]
     raw[0], raw[1], raw[2:] = param, grad, state.momenta
-    raw.mul_(
-        torch.repeat_interleave(
-            _inverse_rms(graph, raw), lengths, dim=1, output_size=total
-        )
-    )
+    squares = raw * raw
+    by_tensor = _inverse_rms(graph, squares)[:, graph.tensor_position]
+    raw.mul_(torch.index_select(by_tensor, 1, graph.tensor_id, out=squares))
+    del squares
     torch.div(state.momenta, m_scale, out=ratios)
-    ratios.mul_(inv_v)
+    ratios.mul_(v_hat.add_(RATIO_EPS).rsqrt_())
     return feats
 
 

@@ -275,6 +275,17 @@ class NeuralGraph:
         return torch.tensor(self.numels, dtype=torch.long, device=self.tensor_id.device)
 
     @cached_property
+    def tensor_position(self) -> torch.Tensor:
+        """``(num tensors,)`` int64: position in graph order of each parameter
+        tensor (the inverse of :attr:`tensor_order`), so that ``values[:,
+        tensor_position][:, tensor_id]`` expands per-tensor values given in
+        graph order to every scalar."""
+        position = [0] * len(self.shapes)
+        for pos, index in enumerate(self.tensor_order):
+            position[index] = pos
+        return torch.tensor(position, dtype=torch.long, device=self.tensor_id.device)
+
+    @cached_property
     def degree(self) -> EdgeDegree:
         """Fan-in and fan-out of each node and whether edges are ordered by
         ``dst`` (:func:`lopt.nn.conv.edge_degree`), for mean aggregation."""
