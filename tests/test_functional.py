@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 import torch
-from conftest import random_rule
+from conftest import mlp, random_rule
+from torch import nn
 
 from lopt import FeatureState, NeuralGraph, RuleConfig, init_state, ng_step
 
@@ -20,18 +22,62 @@ def _setup(seed=0):
     return graph, params, grads
 
 
-def test_step_is_pure():
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+def test_step_is_pure(grad):
     rule = random_rule()
     graph, params, grads = _setup()
     state = init_state(graph)
     copies = (params.clone(), grads.clone(), [t.clone() for t in state])
-    new_params, new_state = ng_step(rule, graph, params, grads, state)
+    with torch.set_grad_enabled(grad):  # no_grad takes the in-place paths
+        new_params, new_state = ng_step(rule, graph, params, grads, state)
     assert torch.equal(params, copies[0]) and torch.equal(grads, copies[1])
     assert all(torch.equal(a, b) for a, b in zip(state, copies[2]))
     assert not torch.equal(new_params, params)
     assert float(new_state.step) == 1.0
     again, _ = ng_step(rule, graph, params, grads, state)
     assert torch.equal(again, new_params)
+
+
+_MODELS = {
+    "mlp": lambda: mlp(sizes=(5, 7, 7, 3)),
+    "cnn": lambda: nn.Sequential(
+        nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 3, 3), nn.Linear(12, 2)
+    ),
+    "transformer": lambda: nn.TransformerEncoderLayer(
+        d_model=8, nhead=2, dim_feedforward=16
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_MODELS))
+def test_no_grad_step_equals_autograd_step(name):
+    """Without autograd (NGOptimizer) ng_step writes features into one
+    buffer, reuses dead buffers, works in place and sums dst-sorted edges by
+    segments; with autograd (meta-training) it does none of that. Both must
+    compute the same step, with lr tensors, weight decay and masks."""
+    torch.manual_seed(0)
+    graph = NeuralGraph.from_parameters(list(_MODELS[name]().parameters()))
+    assert graph.degree.dst_sorted  # graphs from shapes: the segment path
+    config = RuleConfig(
+        node_dim=8, edge_dim=4, num_layers=2, head_hidden=4, degree_features=True
+    )
+    rule = random_rule(seed=3, config=config)
+    gen = torch.Generator().manual_seed(0)
+    params = torch.randn(graph.num_scalars, generator=gen)
+    state = init_state(graph)
+    for step in range(3):
+        grads = torch.randn(graph.num_scalars, generator=gen) * 10.0**-step
+        lr = 0.5 if step == 0 else torch.rand(graph.num_scalars, generator=gen)
+        mask = None if step < 2 else torch.rand(graph.num_scalars, generator=gen) > 0.3
+        args = (rule, graph, params, grads, state, lr, 0.1 * step, mask)
+        with torch.no_grad():
+            fast, fast_state = ng_step(*args)
+        slow, slow_state = ng_step(*args)
+        assert slow.requires_grad and not fast.requires_grad
+        torch.testing.assert_close(fast, slow.detach())
+        for a, b in zip(fast_state, slow_state):
+            torch.testing.assert_close(a, b)
+        params, state = fast, fast_state
 
 
 def test_update_mask_freezes_params_and_state():

@@ -7,6 +7,7 @@ import torch
 from conftest import randomise
 
 from lopt.nn import GraphBackbone, NGConv
+from lopt.nn.conv import edge_degree
 
 NUM_NODES, NUM_EDGES = 9, 30
 
@@ -62,6 +63,48 @@ def test_backbone_edge_blocks_equal_concatenated_edge_inputs():
     h2, e2 = backbone(x, edge_index, (edge_attr[:1], edge_attr[1:]))
     torch.testing.assert_close(h, h2)
     torch.testing.assert_close(e, e2)
+
+
+@pytest.mark.parametrize("msg_dim", [None, 2, 5], ids=["msg=edge", "msg<edge", "msg>edge"])
+@pytest.mark.parametrize("sort_dst", [False, True], ids=["unsorted", "dst-sorted"])
+def test_ngconv_without_autograd_equals_autograd(sort_dst, msg_dim):
+    """Without autograd NGConv reuses its edge buffers in place and sums
+    dst-sorted edges by segments: the same result as the autograd path."""
+    conv = randomise(NGConv(node_dim=5, edge_dim=3, msg_dim=msg_dim), seed=2, std=0.3)
+    x, edge_index, edge_attr = _graph()
+    if sort_dst:
+        edge_index = edge_index[:, edge_index[1].argsort(stable=True)]
+    degree = edge_degree(edge_index, NUM_NODES)
+    assert degree.dst_sorted == sort_dst
+    h, e = conv(x, edge_index, edge_attr)
+    assert h.requires_grad and e.requires_grad
+    with torch.no_grad():
+        h2, e2 = conv(x, edge_index, edge_attr, degree)
+    torch.testing.assert_close(h2, h)
+    torch.testing.assert_close(e2, e)
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_ngconv_mean_is_message_passing_mean(grad):
+    """The aggregation divides by the cached degree: it must equal
+    MessagePassing's own mean aggregation (over dst and over src)."""
+    conv = NGConv(node_dim=5, edge_dim=3)
+    _, edge_index, _ = _graph()
+    edge_index = edge_index[:, edge_index[1].argsort(stable=True)]
+    degree = edge_degree(edge_index, NUM_NODES)
+    msg = torch.randn(conv.msg_dim, NUM_EDGES)
+    with torch.set_grad_enabled(grad):
+        for index, count, sort in (
+            (edge_index[1], degree.fan_in, True),
+            (edge_index[0], degree.fan_out, False),
+        ):
+            mean, std = conv._mean_std(msg, msg * msg, index, count, NUM_NODES, sort)
+            moments = conv.aggregate(
+                torch.cat([msg, msg * msg]), index, dim_size=NUM_NODES
+            ).T
+            torch.testing.assert_close(mean, moments[:, : conv.msg_dim])
+            variance = moments[:, conv.msg_dim :] - mean * mean
+            torch.testing.assert_close(std, (variance.clamp(min=0) + 1e-5).sqrt())
 
 
 def test_isolated_nodes_and_no_edges_stay_finite():
