@@ -65,7 +65,9 @@ def test_backbone_edge_blocks_equal_concatenated_edge_inputs():
     torch.testing.assert_close(e, e2)
 
 
-@pytest.mark.parametrize("msg_dim", [None, 2, 5], ids=["msg=edge", "msg<edge", "msg>edge"])
+@pytest.mark.parametrize(
+    "msg_dim", [None, 2, 5], ids=["msg=edge", "msg<edge", "msg>edge"]
+)
 @pytest.mark.parametrize("sort_dst", [False, True], ids=["unsorted", "dst-sorted"])
 def test_ngconv_without_autograd_equals_autograd(sort_dst, msg_dim):
     """Without autograd NGConv reuses its edge buffers in place and sums

@@ -200,9 +200,7 @@ class NGConv(MessagePassing):
         in_mean, in_std = self._mean_std(
             msg, msg_sq, dst, degree.fan_in, num_nodes, degree.dst_sorted
         )
-        out_mean, out_std = self._mean_std(
-            msg, msg_sq, src, degree.fan_out, num_nodes
-        )
+        out_mean, out_std = self._mean_std(msg, msg_sq, src, degree.fan_out, num_nodes)
         x = x + self.node_mlp(torch.cat([x, in_mean, in_std, out_mean, out_std], 1))
         hidden = channel_linear(
             self.edge_lin, edge_attr, out=_spare(film, self.edge_dim)
