@@ -98,13 +98,17 @@ class RunCache:
         """Store a finished run (runs that raised are not stored)."""
         if not self.cacheable(result.optimizer) or result.error is not None:
             return
-        key = self._key(result.task, result.optimizer, result.seed, result.steps, factor)
+        key = self._key(
+            result.task, result.optimizer, result.seed, result.steps, factor
+        )
         data = {
             "key": key,
             "losses": result.losses,
             "diverged": result.diverged,
             "diverged_at": result.diverged_at,
-            "held_out": {k: None if math.isnan(v) else v for k, v in result.held_out.items()},
+            "held_out": {
+                k: None if math.isnan(v) else v for k, v in result.held_out.items()
+            },
             "wall_s": result.wall_s,
         }
         path = self._path(key)

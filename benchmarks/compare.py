@@ -356,7 +356,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--grid-points",
         type=int,
-        help="lr grid size (overrides); 0 runs no tuned baselines (NG and Adam(1e-3) only)",
+        help="lr grid size (overrides); 0 runs no tuned baselines "
+        "(NG and Adam(1e-3) only)",
     )
     parser.add_argument("--tasks", help="comma-separated task names (default: all)")
     parser.add_argument(

@@ -127,7 +127,9 @@ def execute(
     for task, config, seed in bar:
         bar.set_postfix_str(f"{task.name} {config.label} seed {seed}", refresh=False)
         cached = (
-            cache.get(task.name, config, seed, protocol.steps, protocol.divergence_factor)
+            cache.get(
+                task.name, config, seed, protocol.steps, protocol.divergence_factor
+            )
             if cache is not None
             else None
         )

@@ -218,13 +218,17 @@ class NeuralGraph:
         )
         edge_index = torch.stack([cat(b.edge_src), cat(b.edge_dst)])
         # log(1 + fan-in), log(1 + fan-out): edges into and out of each node.
-        log_degree = torch.stack(
-            [
-                torch.bincount(edge_index[1], minlength=b.num_nodes),
-                torch.bincount(edge_index[0], minlength=b.num_nodes),
-            ],
-            dim=1,
-        ).float().log1p()
+        log_degree = (
+            torch.stack(
+                [
+                    torch.bincount(edge_index[1], minlength=b.num_nodes),
+                    torch.bincount(edge_index[0], minlength=b.num_nodes),
+                ],
+                dim=1,
+            )
+            .float()
+            .log1p()
+        )
         kernel_attr = cat(b.edge_attr, torch.float32, EDGE_ATTR_DIM).T.contiguous()
         if not bool(kernel_attr.any()):
             kernel_attr = None

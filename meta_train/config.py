@@ -59,7 +59,8 @@ class MetaTrainConfig:
 
         if self.val_metric not in VAL_METRICS:
             raise ValueError(
-                f"Invalid val_metric: {self.val_metric!r} (expected one of {VAL_METRICS})"
+                f"Invalid val_metric: {self.val_metric!r} "
+                f"(expected one of {VAL_METRICS})"
             )
 
     def save(self, path: Path) -> None:

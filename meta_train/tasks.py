@@ -144,7 +144,8 @@ class MLPFamily(TaskFamily):
     def sample(self, generator: torch.Generator) -> TaskConfig:
         if not 0 <= self.min_depth <= self.max_depth:
             raise ValueError(
-                f"Invalid depths: min_depth {self.min_depth}, max_depth {self.max_depth}"
+                f"Invalid depths: min_depth {self.min_depth}, "
+                f"max_depth {self.max_depth}"
             )
         span = self.max_depth - self.min_depth + 1
         depth = self.min_depth + int(torch.randint(span, (1,), generator=generator))

@@ -68,7 +68,9 @@ def validate(
           sees.
     """
     if metric not in VAL_METRICS:
-        raise ValueError(f"Invalid val_metric: {metric!r} (expected one of {VAL_METRICS})")
+        raise ValueError(
+            f"Invalid val_metric: {metric!r} (expected one of {VAL_METRICS})"
+        )
     scores = []
     for config in configs:
         if metric == "final":
@@ -253,9 +255,7 @@ class MetaTrainer:
         meta_loss = meta_loss.detach().reshape(1)
         all_reduce_mean_([*grads, meta_loss])
         meta_loss = meta_loss[0]
-        grad_norm = float(
-            torch.nn.utils.clip_grad_norm_(self.trainable, c.clip_norm)
-        )
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, c.clip_norm))
         lr = self._lr(self.iteration)
         for group in self.outer.param_groups:
             group["lr"] = lr
@@ -283,7 +283,9 @@ class MetaTrainer:
             return None
         c = self.config
         if self.adam_score is None:
-            self.adam_score = validate(None, self.val_configs, c.val_steps, c.val_metric)
+            self.adam_score = validate(
+                None, self.val_configs, c.val_steps, c.val_metric
+            )
         score = validate(self.rule, self.val_configs, c.val_steps, c.val_metric)
         if score < self.best_score:
             self.best_score = score

@@ -267,8 +267,9 @@ def test_run_cache_reuses_baselines_only(tmp_path, monkeypatch):
     monkeypatch.setattr(
         protocol_module,
         "train",
-        lambda task, config, *a, **k: trained.append(config.name)
-        or real_train(task, config, *a, **k),
+        lambda task, config, *a, **k: (
+            trained.append(config.name) or real_train(task, config, *a, **k)
+        ),
     )
     second = execute([task], protocol, progress=False, cache=cache)[task.name]
     assert trained == ["ng"]  # only the learned optimizer ran again
