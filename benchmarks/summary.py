@@ -87,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     entries = []
     try:
         for item in args.results:
-            label, sep, path = item.partition("=")
+            label, sep, path = item.rpartition("=")
             if not sep or not label or not path:
                 raise ValueError(f"Invalid argument {item!r}: expected LABEL=PATH")
             entries.append((label, load_results(path)))
