@@ -121,9 +121,6 @@ class NeuralGraph:
           :attr:`edge_attr` always gives the full tensor.
         - ``slot_node``, ``slot_type``: ``(S,)`` node and type of each slot.
         - ``node_attr``: ``(N, NODE_ATTR_DIM)`` static node attributes.
-        - ``log_degree``: ``(N, 2)`` ``log(1 + fan-in)`` and ``log(1 + fan-out)``
-          of each node (edges into and out of it; a conv channel's fan-in counts
-          every kernel tap), used by rules with ``degree_features``.
         - ``tensor_order``: the parameter indices in graph order.
         - ``tensor_id``: ``(P,)`` parameter index of each scalar (graph order).
 
@@ -143,7 +140,6 @@ class NeuralGraph:
     slot_type: torch.Tensor
     node_attr: torch.Tensor
     tensor_id: torch.Tensor
-    log_degree: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ build
     @classmethod
@@ -217,18 +213,6 @@ class NeuralGraph:
             torch.tensor(order, dtype=torch.int32), numels
         )
         edge_index = torch.stack([cat(b.edge_src), cat(b.edge_dst)])
-        # log(1 + fan-in), log(1 + fan-out): edges into and out of each node.
-        log_degree = (
-            torch.stack(
-                [
-                    torch.bincount(edge_index[1], minlength=b.num_nodes),
-                    torch.bincount(edge_index[0], minlength=b.num_nodes),
-                ],
-                dim=1,
-            )
-            .float()
-            .log1p()
-        )
         kernel_attr = cat(b.edge_attr, torch.float32, EDGE_ATTR_DIM).T.contiguous()
         if not bool(kernel_attr.any()):
             kernel_attr = None
@@ -242,7 +226,6 @@ class NeuralGraph:
             slot_type=cat(b.slot_type),
             node_attr=node_attr,
             tensor_id=tensor_id,
-            log_degree=log_degree,
         )
 
     # ------------------------------------------------------------ properties
@@ -295,6 +278,14 @@ class NeuralGraph:
         ``dst`` (:func:`lopt.nn.conv.edge_degree`), for mean aggregation."""
         return edge_degree(self.edge_index, self.num_nodes)
 
+    @cached_property
+    def log_degree(self) -> torch.Tensor:
+        """``(N, 2)`` float: ``log(1 + fan-in)`` and ``log(1 + fan-out)`` of each
+        node (from :attr:`degree`; a conv channel's fan-in counts every kernel
+        tap), the node inputs of rules with ``degree_features``."""
+        fan = torch.stack([self.degree.fan_in, self.degree.fan_out], dim=1)
+        return fan.float().log1p()
+
     def to(self, device: torch.device | str) -> NeuralGraph:
         """A copy with every index tensor on ``device``."""
         moved = {
@@ -303,7 +294,6 @@ class NeuralGraph:
             if isinstance(getattr(self, name), torch.Tensor)
         }
         moved.setdefault("kernel_attr", None)
-        moved.setdefault("log_degree", None)
         return NeuralGraph(
             shapes=self.shapes,
             num_nodes=self.num_nodes,

@@ -162,8 +162,6 @@ class UpdateRule(nn.Module):
         slots = slots.view(NUM_FEATURES + 1, n, NUM_SLOT_TYPES).permute(1, 2, 0)
         parts = [graph.node_attr, time.expand(n, -1), slots.reshape(n, -1)]
         if self.config.degree_features:
-            if graph.log_degree is None:
-                raise ValueError("this rule needs a graph with log_degree")
             parts.append(graph.log_degree.to(slot_feats.dtype) / DEGREE_SCALE)
         return torch.cat(parts, dim=1)
 
