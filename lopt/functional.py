@@ -85,6 +85,8 @@ def ng_step(
             torch.where(update_mask, new_state.momenta, state.momenta),
             torch.where(update_mask, new_state.second_moment, state.second_moment),
         )
+    if params.numel() == 0:  # only empty tensors: nothing to update
+        return params.clone(), new_state
     feats = scalar_features(graph, params, grads, new_state)
     update = rule(graph, feats, time_features(new_state.step))
     # ``params + lr * (update - decay)``; without autograd in place in the

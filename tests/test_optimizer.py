@@ -312,3 +312,15 @@ def test_scalar_parameter_is_updated():
     opt.step()
     assert float(temperature.detach()) != 2.0
     assert opt.state[temperature]["momenta"].shape == (4,)
+
+
+def test_only_empty_parameters_step_without_error():
+    # A zero-width layer has nothing to update; the step must still run and
+    # keep (empty) state, like torch.optim's optimizers do.
+    empty = nn.Parameter(torch.zeros(0, 3))
+    opt = NGOptimizer([empty], rule=random_rule())
+    empty.grad = torch.zeros(0, 3)
+    opt.step()
+    opt.step()
+    assert empty.shape == (0, 3)
+    assert int(opt.state[empty]["step"]) == 2
