@@ -19,6 +19,10 @@ class MetaTrainConfig:
     num_tasks: int = 4  # inner tasks unrolled per meta-step (persistent slots)
     truncation: int = 10  # inner steps per truncation
     horizon: tuple[int, int] = (100, 2000)  # inner steps per task, log-uniform
+    # Before a slot's first truncation, train it this many steps (log-uniform)
+    # with the current rule and no meta-gradient, so truncations also see late
+    # training; (0, 0) = start every task at step 0.
+    warm_start: tuple[int, int] = (0, 0)
     outer_lr: float = 3e-3
     outer_lr_final: float = 3e-4  # cosine decay to this
     clip_norm: float = 1.0
@@ -46,6 +50,7 @@ class MetaTrainConfig:
     def from_json(cls, text: str) -> MetaTrainConfig:
         data = json.loads(text)
         data["horizon"] = tuple(data["horizon"])
+        data["warm_start"] = tuple(data.get("warm_start", (0, 0)))
         data["train_only"] = tuple(data.get("train_only", ()))
         return cls(**data)
 
@@ -55,6 +60,13 @@ class MetaTrainConfig:
         if self.estimator not in ESTIMATORS:
             raise ValueError(
                 f"Invalid estimator: {self.estimator!r} (expected one of {ESTIMATORS})"
+            )
+
+        low, high = self.warm_start
+        if not (0 <= low <= high) or (high > 0 and low < 1):
+            raise ValueError(
+                f"Invalid warm_start: {self.warm_start} (expected (0, 0) or "
+                "(low, high) with 1 <= low <= high)"
             )
 
         if self.val_metric not in VAL_METRICS:

@@ -24,8 +24,14 @@ from meta_train.config import VAL_METRICS, MetaTrainConfig
 from meta_train.distributed import all_reduce_mean_, world
 from meta_train.estimators import PESSlot, pes_step
 from meta_train.evaluate import final_log_ratio, loss_curve
-from meta_train.tasks import MLPFamily, TaskConfig, make_task
-from meta_train.unroll import LOSS_CAP, InnerState, new_inner_state, truncated_unroll
+from meta_train.tasks import MLPFamily, TaskConfig, _log_uniform, make_task
+from meta_train.unroll import (
+    LOSS_CAP,
+    InnerState,
+    advance_inner,
+    new_inner_state,
+    truncated_unroll,
+)
 
 __all__ = ["MetaTrainer", "validate", "CHECKPOINT", "BEST_RULE", "LAST_RULE"]
 
@@ -187,6 +193,11 @@ class MetaTrainer:
     def _new_slot(self) -> InnerState | PESSlot:
         c = self.config
         inner = new_inner_state(self.family, self.generator, c.horizon)
+        if c.warm_start[1] > 0:
+            steps = round(_log_uniform(*c.warm_start, self.generator))
+            warm, diverged = advance_inner(self.rule, inner, steps, self.generator)
+            if not diverged:  # else: start this task at step 0
+                inner = warm
         if c.estimator == "tbptt":
             return inner
         xi = torch.zeros(sum(p.numel() for p in self.trainable))

@@ -20,7 +20,13 @@ from lopt.graph import NeuralGraph
 from lopt.rule import UpdateRule
 from meta_train.tasks import Task, TaskConfig, TaskFamily, _log_uniform, make_task
 
-__all__ = ["InnerState", "new_inner_state", "truncated_unroll", "LOSS_CAP"]
+__all__ = [
+    "InnerState",
+    "new_inner_state",
+    "advance_inner",
+    "truncated_unroll",
+    "LOSS_CAP",
+]
 
 #: Per-step meta-loss terms are capped at log(10): a diverging inner run then
 #: gives a large but finite signal instead of an exploding meta-gradient.
@@ -78,6 +84,44 @@ def _inner_grad(inner: InnerState, loss: torch.Tensor, params: torch.Tensor, gen
         rms = grad.pow(2).mean().sqrt()
         grad = grad + noise * rms * torch.randn(grad.shape, generator=generator)
     return grad
+
+
+def advance_inner(
+    rule: UpdateRule, inner: InnerState, num_steps: int, generator: torch.Generator
+) -> tuple[InnerState, bool]:
+    """Train ``inner`` for ``num_steps`` steps with ``rule`` and no meta-gradient
+    (the optimizer's no-grad fast path), extending its horizon by as much.
+
+    Used to warm-start meta-training slots deep into training, so truncations
+    also see the late phase of long runs without unrolling through the early
+    one. Returns ``(new_inner_state, diverged)``; a diverged run (non-finite
+    loss or above 10x the initial loss) stops early.
+    """
+    params = inner.params.detach()
+    opt_state = inner.opt_state
+    for _ in range(num_steps):
+        params = params.requires_grad_(True)
+        x, y = inner.task.batch(generator)
+        loss = inner.task.loss(inner.graph.unflatten(params), x, y)
+        value = float(loss.detach())
+        if not math.isfinite(value) or value > 10.0 * inner.init_loss:
+            return inner, True
+        grad = _inner_grad(inner, loss, params, generator)
+        with torch.no_grad():
+            params, opt_state = ng_step(
+                rule, inner.graph, params.detach(), grad, opt_state
+            )
+    new_inner = InnerState(
+        inner.config,
+        inner.task,
+        inner.graph,
+        params.detach(),
+        FeatureState(*(s.detach() for s in opt_state)),
+        inner.step + num_steps,
+        inner.horizon + num_steps,
+        inner.init_loss,
+    )
+    return new_inner, False
 
 
 def truncated_unroll(
