@@ -11,7 +11,7 @@ from lopt import NGOptimizer, load_rule
 from meta_train import MetaTrainer, preset
 from meta_train.__main__ import main
 from meta_train.tasks import MLPFamily, TaskConfig, make_task
-from meta_train.unroll import new_inner_state, truncated_unroll
+from meta_train.unroll import advance_inner, new_inner_state, truncated_unroll
 
 
 def test_smoke_cli_writes_loadable_rule(tmp_path):
@@ -32,9 +32,11 @@ def test_smoke_cli_writes_loadable_rule(tmp_path):
     ).iterations
 
 
-@pytest.mark.parametrize("estimator", ["tbptt", "pes"])
-def test_resume_reaches_the_same_weights(tmp_path, estimator):
-    config = preset("smoke", estimator=estimator)
+@pytest.mark.parametrize(
+    "estimator, warm_start", [("tbptt", (0, 0)), ("pes", (0, 0)), ("tbptt", (5, 20))]
+)
+def test_resume_reaches_the_same_weights(tmp_path, estimator, warm_start):
+    config = preset("smoke", estimator=estimator, warm_start=warm_start)
     straight = MetaTrainer(config, tmp_path / "a")
     straight.train(progress=False)
 
@@ -236,3 +238,39 @@ def test_train_only_changes_only_the_named_parameters(tmp_path, estimator):
     }
     with pytest.raises(ValueError, match="Invalid train_only prefix 'heads'"):
         MetaTrainer(preset("smoke", train_only=("heads",)), tmp_path / "other")
+
+
+def test_advance_inner_trains_without_meta_gradient_and_extends_horizon():
+    from lopt import RuleConfig, UpdateRule
+
+    rule = UpdateRule(RuleConfig(step_scale=1e-2))  # Adam(1e-2) before training
+    gen = torch.Generator().manual_seed(0)
+    family = MLPFamily(widths=(16,), max_depth=1, conv_prob=0.0)
+    inner = new_inner_state(family, gen, (20, 20))
+    warm, diverged = advance_inner(rule, inner, 60, gen)
+    assert not diverged
+    assert (warm.step, warm.horizon) == (60, 80)
+    assert not warm.params.requires_grad and int(warm.opt_state.step) == 60
+    assert all(p.grad is None for p in rule.parameters())
+    x, y = inner.task.batch(torch.Generator().manual_seed(1))
+    before = inner.task.loss(inner.graph.unflatten(inner.params), x, y)
+    after = inner.task.loss(warm.graph.unflatten(warm.params), x, y)
+    assert float(after) < 0.8 * float(before)
+    # A warm start that blows up reports it and leaves the task untouched.
+    huge = UpdateRule(RuleConfig(step_scale=50.0))
+    same, diverged = advance_inner(huge, inner, 60, gen)
+    assert diverged and same is inner and inner.step == 0
+
+
+def test_warm_start_slots_begin_deep_into_training(tmp_path):
+    trainer = MetaTrainer(preset("smoke", warm_start=(12, 25)), tmp_path)
+    trainer.meta_step()
+    truncation = trainer.config.truncation
+    assert all(inner.step >= 12 + truncation for inner in trainer.inner)
+    assert any(inner.step > 12 + truncation for inner in trainer.inner)
+
+
+@pytest.mark.parametrize("warm_start", [(-1, 10), (20, 10), (0, 10)])
+def test_invalid_warm_start(warm_start):
+    with pytest.raises(ValueError, match="Invalid warm_start"):
+        preset("smoke", warm_start=warm_start)
