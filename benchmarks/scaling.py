@@ -69,6 +69,8 @@ class SweepSettings:
         steps: optimizer steps per run.
         seeds: number of seeds.
         grid: Adam learning rates tried for "tuned Adam".
+        shapes: ``(width, depth)`` MLPs of a third sweep that grows both at
+            once (e.g. the meta-training size and 8x its width at 2x its depth).
     """
 
     widths: tuple[int, ...]
@@ -76,6 +78,7 @@ class SweepSettings:
     steps: int
     seeds: int
     grid: tuple[float, ...]
+    shapes: tuple[tuple[int, int], ...] = ()
 
 
 def _log_grid(low: float, high: float, points: int) -> tuple[float, ...]:
@@ -99,7 +102,8 @@ QUICK = SweepSettings(
 
 
 def sweep_tasks(settings: SweepSettings) -> dict[str, list[tuple[int, Task]]]:
-    """The MLP tasks of each sweep: ``{"width": [(w, task)], "depth": [...]}``."""
+    """The MLP tasks of each sweep: ``{"width": [(w, task)], "depth": [...]}``,
+    plus ``"shape": [("WxD", task)]`` when ``settings.shapes`` is set."""
     widths = [
         (
             w,
@@ -124,7 +128,22 @@ def sweep_tasks(settings: SweepSettings) -> dict[str, list[tuple[int, Task]]]:
         )
         for d in settings.depths
     ]
-    return {"width": widths, "depth": depths}
+    shapes = [
+        (
+            f"{w}x{d}",
+            mlp_task(
+                f"mnist1d_shape_{w}x{d}",
+                datasets.mnist1d,
+                [w] * d,
+                description=f"mnist1d, MLP {d}x{w}",
+            ),
+        )
+        for w, d in settings.shapes
+    ]
+    sweeps = {"width": widths, "depth": depths}
+    if shapes:
+        sweeps["shape"] = shapes
+    return sweeps
 
 
 def _ratio(a: float, b: float) -> float | None:
@@ -184,6 +203,7 @@ def run_scaling(
         "config": {
             "widths": list(settings.widths),
             "depths": list(settings.depths),
+            "shapes": [list(shape) for shape in settings.shapes],
             "width_sweep_depth": WIDTH_SWEEP_DEPTH,
             "depth_sweep_width": DEPTH_SWEEP_WIDTH,
             "steps": settings.steps,
@@ -288,6 +308,13 @@ def markdown_report(results: dict) -> str:
             _sweep_table("depth", sweeps["depth"]),
             "",
         ]
+    if sweeps.get("shape"):
+        lines += [
+            "## Width and depth together (width x hidden layers)",
+            "",
+            _sweep_table("shape", sweeps["shape"]),
+            "",
+        ]
     lines += ["## Trends", ""]
     lines += [_trend(name, points) for name, points in sweeps.items() if points]
     failures = [
@@ -316,6 +343,18 @@ def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(v) for v in text.split(",") if v.strip())
 
 
+def _shapes(text: str) -> tuple[tuple[int, int], ...]:
+    shapes = []
+    for item in text.split(","):
+        width, sep, depth = item.strip().partition("x")
+        if not sep or not width.isdigit() or not depth.isdigit():
+            raise argparse.ArgumentTypeError(
+                f"invalid shape {item.strip()!r} (expected WIDTHxDEPTH, e.g. 1024x6)"
+            )
+        shapes.append((int(width), int(depth)))
+    return tuple(shapes)
+
+
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.scaling", description=__doc__.split("\n\n")[0]
@@ -328,6 +367,13 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--widths", type=_ints, help="comma-separated widths")
     parser.add_argument("--depths", type=_ints, help="comma-separated depths")
+    parser.add_argument(
+        "--shapes",
+        type=_shapes,
+        default=(),
+        help="comma-separated WIDTHxDEPTH MLPs growing both at once, e.g. "
+        "128x3,1024x6 (default: none)",
+    )
     parser.add_argument("--steps", type=int, help="steps per run (overrides)")
     parser.add_argument("--seeds", type=int, help="number of seeds (overrides)")
     add_common_arguments(parser)
@@ -344,6 +390,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         steps=args.steps or base.steps,
         seeds=args.seeds or base.seeds,
         grid=base.grid,
+        shapes=args.shapes,
     )
     torch.set_num_threads(args.threads)
     try:

@@ -249,6 +249,31 @@ def test_scaling_main_writes_well_formed_outputs(tmp_path):
     markdown = (tmp_path / "scaling.md").read_text()
     assert len(_table_rows(markdown, "16")) == len(_table_rows(markdown, "3")) == 1
     _check_png(tmp_path / "scaling.png")
+    assert "shape" not in sweeps  # only with --shapes
+
+
+def test_scaling_shapes_grow_width_and_depth_together(tmp_path):
+    argv = ["--quick", "--widths", "8", "--depths", "1", "--shapes", "8x1,24x3"]
+    argv += ["--steps", "12", "--out", str(tmp_path), "--no-progress"]
+    assert scaling.main(argv) == 0
+    results = json.loads((tmp_path / "scaling.json").read_text())
+    assert results["config"]["shapes"] == [[8, 1], [24, 3]]
+    shape = results["sweeps"]["shape"]
+    assert [p["value"] for p in shape] == ["8x1", "24x3"]
+    # mnist1d: 40 inputs, 10 classes.
+    assert shape[1]["num_params"] == 40 * 24 + 24 + 2 * (24 * 24 + 24) + 24 * 10 + 10
+    assert shape[0]["num_params"] == 40 * 8 + 8 + 8 * 10 + 10
+    assert all(p["loss_ratio"]["adam_tuned"] > 0 for p in shape)
+    markdown = (tmp_path / "scaling.md").read_text()
+    assert "## Width and depth together" in markdown
+    assert len(_table_rows(markdown, "24x3")) == 1
+
+
+@pytest.mark.parametrize("bad", ["1024", "x6", "1024x", "ax6", "1024x6,7"])
+def test_scaling_rejects_malformed_shapes(bad, capsys):
+    with pytest.raises(SystemExit):
+        scaling.main(["--shapes", bad])
+    assert "invalid shape" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------ cache
