@@ -3,9 +3,11 @@ records its provenance, improves on its meta-objective, and resumes exactly."""
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
+from torch.nn.utils import parameters_to_vector
 
 from lopt import NGOptimizer, load_rule
 from meta_train import MetaTrainer, preset
@@ -274,3 +276,25 @@ def test_warm_start_slots_begin_deep_into_training(tmp_path):
 def test_invalid_warm_start(warm_start):
     with pytest.raises(ValueError, match="Invalid warm_start"):
         preset("smoke", warm_start=warm_start)
+
+
+def test_warm_finetune_preset_starts_from_stage_one(tmp_path):
+    """The shipped rule's second stage fine-tunes the first stage's best rule
+    (runs/default/best_rule by default) and says so when it is missing."""
+    config = preset("warm_finetune")
+    assert config.init_rule == "runs/default/best_rule"
+    assert config.warm_start[1] >= 5000 and config.rule == preset("default").rule
+    with pytest.raises(FileNotFoundError):
+        MetaTrainer(replace(config, init_rule=str(tmp_path / "none")), tmp_path)
+    smoke = preset("smoke", rule={"degree_features": True})
+    MetaTrainer(smoke, tmp_path / "a").train(progress=False)
+    small = replace(
+        smoke,
+        init_rule=str(tmp_path / "a" / "best_rule"),
+        warm_start=(5, 20),
+    )
+    stage2 = MetaTrainer(small, tmp_path / "b")
+    assert torch.equal(
+        parameters_to_vector(stage2.rule.parameters()),
+        parameters_to_vector(load_rule(tmp_path / "a" / "best_rule").parameters()),
+    )
