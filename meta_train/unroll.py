@@ -10,7 +10,7 @@ in the rule's weights (truncated backprop through time).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -86,6 +86,24 @@ def _inner_grad(inner: InnerState, loss: torch.Tensor, params: torch.Tensor, gen
     return grad
 
 
+def _moved(
+    inner: InnerState,
+    params: torch.Tensor,
+    opt_state: FeatureState,
+    steps: int,
+    extend_horizon: bool = False,
+) -> InnerState:
+    """``inner`` after ``steps`` more inner steps, detached (and with the
+    horizon pushed back by as much when ``extend_horizon``)."""
+    return replace(
+        inner,
+        params=params.detach(),
+        opt_state=FeatureState(*(s.detach() for s in opt_state)),
+        step=inner.step + steps,
+        horizon=inner.horizon + steps if extend_horizon else inner.horizon,
+    )
+
+
 def advance_inner(
     rule: UpdateRule, inner: InnerState, num_steps: int, generator: torch.Generator
 ) -> tuple[InnerState, bool]:
@@ -95,7 +113,8 @@ def advance_inner(
     Used to warm-start meta-training slots deep into training, so truncations
     also see the late phase of long runs without unrolling through the early
     one. Returns ``(new_inner_state, diverged)``; a diverged run (non-finite
-    loss or above 10x the initial loss) stops early.
+    loss, or above ``exp(LOSS_CAP)`` = 10x the initial loss, where meta-loss
+    terms saturate) stops early and leaves ``inner`` as it was.
     """
     params = inner.params.detach()
     opt_state = inner.opt_state
@@ -104,24 +123,14 @@ def advance_inner(
         x, y = inner.task.batch(generator)
         loss = inner.task.loss(inner.graph.unflatten(params), x, y)
         value = float(loss.detach())
-        if not math.isfinite(value) or value > 10.0 * inner.init_loss:
+        if not math.isfinite(value) or value > math.exp(LOSS_CAP) * inner.init_loss:
             return inner, True
         grad = _inner_grad(inner, loss, params, generator)
         with torch.no_grad():
             params, opt_state = ng_step(
                 rule, inner.graph, params.detach(), grad, opt_state
             )
-    new_inner = InnerState(
-        inner.config,
-        inner.task,
-        inner.graph,
-        params.detach(),
-        FeatureState(*(s.detach() for s in opt_state)),
-        inner.step + num_steps,
-        inner.horizon + num_steps,
-        inner.init_loss,
-    )
-    return new_inner, False
+    return _moved(inner, params, opt_state, num_steps, extend_horizon=True), False
 
 
 def truncated_unroll(
@@ -169,14 +178,4 @@ def truncated_unroll(
     if not terms:
         return torch.zeros(()), inner, True
     meta_loss = torch.stack(terms).mean()
-    new_inner = InnerState(
-        inner.config,
-        inner.task,
-        inner.graph,
-        params.detach(),
-        FeatureState(*(s.detach() for s in opt_state)),
-        inner.step + len(terms),
-        inner.horizon,
-        inner.init_loss,
-    )
-    return meta_loss, new_inner, diverged
+    return meta_loss, _moved(inner, params, opt_state, len(terms)), diverged
