@@ -19,7 +19,7 @@ into edges and slots is slicing, not gathering. Per-scalar values are kept
 channel-major, ``(C, P)``: on a CPU, elementwise work and small matrix products
 over long contiguous rows are several times faster than over ``(P, C)``.
 
-Shape inference rules (see ``DESIGN.md`` section 3.1):
+Shape inference rules:
 
 * a tensor of shape ``(out, in, *kernel)`` is a layer with ``out`` new nodes.
   Its inputs are the previous layer's output nodes when ``in`` equals their
@@ -39,19 +39,43 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import NamedTuple
 
 import torch
 
-from lopt.nn.conv import EdgeDegree, edge_degree
-
 __all__ = [
     "NeuralGraph",
+    "EdgeDegree",
+    "edge_degree",
     "NODE_ROLES",
     "NUM_SLOT_TYPES",
     "STANDALONE_SLOT",
     "EDGE_ATTR_DIM",
     "NODE_ATTR_DIM",
 ]
+
+
+class EdgeDegree(NamedTuple):
+    """What mean aggregation needs to know of a graph beyond its edges:
+    depends on ``edge_index`` only, so callers may compute it once."""
+
+    fan_in: torch.Tensor  # (|V|,) int64: edges where the node is dst
+    fan_out: torch.Tensor  # (|V|,) int64: edges where the node is src
+    #: Edges are ordered by dst, so fan-in sums are sums of consecutive runs
+    #: (a segment reduction: faster on a CPU than scattering into one node
+    #: after another).
+    dst_sorted: bool
+
+
+def edge_degree(edge_index: torch.Tensor, num_nodes: int) -> EdgeDegree:
+    """The :class:`EdgeDegree` of a graph with ``num_nodes`` nodes."""
+    src, dst = edge_index[0], edge_index[1]
+    return EdgeDegree(
+        torch.bincount(dst, minlength=num_nodes),
+        torch.bincount(src, minlength=num_nodes),
+        bool((dst[1:] >= dst[:-1]).all()),
+    )
+
 
 #: Node roles, one-hot encoded in :attr:`NeuralGraph.node_attr`.
 NODE_ROLES = ("input", "hidden", "output", "standalone")
@@ -275,7 +299,7 @@ class NeuralGraph:
     @cached_property
     def degree(self) -> EdgeDegree:
         """Fan-in and fan-out of each node and whether edges are ordered by
-        ``dst`` (:func:`lopt.nn.conv.edge_degree`), for mean aggregation."""
+        ``dst`` (:func:`edge_degree`), for mean aggregation."""
         return edge_degree(self.edge_index, self.num_nodes)
 
     @cached_property

@@ -96,7 +96,11 @@ class NGOptimizer(Optimizer):
         self._graph: NeuralGraph | None = None
         self._flat: FeatureState | None = None
         self._layout: tuple[int, ...] = ()
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
+        # ``momentum=None``: the rule reads its momenta as features and has no
+        # momentum hyperparameter. The key is there so that schedulers which
+        # cycle momentum (OneCycleLR, CyclicLR) get past their own check and
+        # the first step can say what to pass instead (_check_no_momentum).
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=None))
 
     # --------------------------------------------------------------- groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -104,6 +108,7 @@ class NGOptimizer(Optimizer):
             if key in param_group:
                 name = "learning rate" if key == "lr" else "weight_decay value"
                 _check_number(name, param_group[key])
+        _check_no_momentum([param_group])
         params = param_group["params"]
         params = [params] if isinstance(params, torch.Tensor) else list(params)
         for p in params:
@@ -161,14 +166,30 @@ class NGOptimizer(Optimizer):
         return graph.unflatten(momenta), graph.unflatten(second)
 
     # ----------------------------------------------------------------- step
-    @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None):
         """Perform one optimization step.
+
+        Under ``torch.compile`` (``torch.compile(opt.step)``, or a compiled
+        training step that calls it) the learned step runs eagerly, behind a
+        graph break: it builds its neural graph on first use and skips steps
+        on a data-dependent check, which TorchDynamo does not trace reliably,
+        so compiling it gives exactly the eager trajectory.
 
         Args:
             closure (Callable, optional): re-evaluates the model and returns
                 the loss.
         """
+        if torch.compiler.is_compiling():
+            # Imported here: TorchDynamo is loaded by then, and importing it at
+            # module level would double the cost of ``import lopt``.
+            from torch._dynamo import disable
+
+            return disable(NGOptimizer._step)(self, closure)
+        return self._step(closure)
+
+    @torch.no_grad()
+    def _step(self, closure: Callable[[], torch.Tensor] | None):
+        _check_no_momentum(self.param_groups)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -242,6 +263,19 @@ def gradient_is_finite(owner: Any, flat_grad: torch.Tensor) -> bool:
         raise FloatingPointError("NGOptimizer: non-finite gradient")
     owner.skipped_steps += 1
     return False
+
+
+def _check_no_momentum(param_groups: list[dict[str, Any]]) -> None:
+    """Refuse a momentum that something (a momentum-cycling LR scheduler) has
+    written into a param group: the learned rule has none to set."""
+    for group in param_groups:
+        if group.get("momentum") is not None:
+            raise ValueError(
+                f"Invalid momentum: {group['momentum']} (NGOptimizer has no "
+                "momentum hyperparameter: its momenta are inputs of the learned "
+                "rule). OneCycleLR and CyclicLR cycle momentum by default: pass "
+                "cycle_momentum=False to them."
+            )
 
 
 def _check_number(name: str, value: Any) -> None:

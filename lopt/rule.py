@@ -19,17 +19,20 @@ never executes code from the files.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
 from torch import nn
 
 from lopt.features import (
@@ -46,7 +49,10 @@ from lopt.nn.conv import channel_linear
 
 __all__ = ["RuleConfig", "UpdateRule", "save_rule", "load_rule", "FORMAT_VERSION"]
 
-FORMAT_VERSION = 1
+#: Version 2 added ``weights_sha256`` (the SHA-256 of the weights file) to the
+#: config; version 1 files still load, with a warning that they are unverified.
+FORMAT_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
 _FORMAT_NAME = "lopt-rule"
 WEIGHTS_FILE = "weights.safetensors"
 CONFIG_FILE = "config.json"
@@ -218,7 +224,9 @@ def save_rule(
 ) -> Path:
     """Save ``rule`` to directory ``path`` (created if needed).
 
-    Writes ``weights.safetensors`` and ``config.json``; each file is written to
+    Writes ``weights.safetensors`` and ``config.json``, which records the
+    SHA-256 of the weights file so that loading detects damaged values; each
+    file is written to
     a temporary name and renamed, so an interrupted save never leaves a
     half-written file in place of a good one.
 
@@ -239,11 +247,11 @@ def save_rule(
         "features": _feature_spec(),
         "provenance": meta,
     }
-    text = json.dumps(config, indent=2, sort_keys=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in rule.state_dict().items()}
     with tempfile.TemporaryDirectory(dir=path) as tmp:
         save_file(tensors, os.path.join(tmp, WEIGHTS_FILE))
-        Path(tmp, CONFIG_FILE).write_text(text)
+        config["weights_sha256"] = _sha256(Path(tmp, WEIGHTS_FILE).read_bytes())
+        Path(tmp, CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
         os.replace(os.path.join(tmp, WEIGHTS_FILE), path / WEIGHTS_FILE)
         os.replace(os.path.join(tmp, CONFIG_FILE), path / CONFIG_FILE)
     for name in (WEIGHTS_FILE, CONFIG_FILE):
@@ -263,10 +271,10 @@ def _read_config(path: Path) -> dict[str, Any]:
     if not isinstance(config, dict) or config.get("format") != _FORMAT_NAME:
         raise ValueError(f"{path / CONFIG_FILE} is not an lopt rule config")
     version = config.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in _READABLE_VERSIONS:
         raise ValueError(
             f"Rule {path} has format version {version!r}; this lopt reads "
-            f"version {FORMAT_VERSION}"
+            f"versions {list(_READABLE_VERSIONS)}"
         )
     if config.get("features") != _feature_spec():
         raise ValueError(
@@ -276,13 +284,42 @@ def _read_config(path: Path) -> dict[str, Any]:
     return config
 
 
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _verify_checksum(path: Path, config: dict[str, Any], data: bytes) -> None:
+    """Compare the weights file's bytes with the checksum its config records."""
+    expected = config.get("weights_sha256")
+    if config["format_version"] == 1:
+        warnings.warn(
+            f"Rule {path} has format version 1, which records no checksum of its "
+            "weights, so damaged values cannot be detected; re-save it with "
+            "lopt.save_rule to add one",
+            UserWarning,
+            stacklevel=3,
+        )
+        return
+    if not isinstance(expected, str):
+        raise ValueError(
+            f"Rule config {path / CONFIG_FILE} has no weights_sha256 checksum"
+        )
+    actual = _sha256(data)
+    if actual != expected:
+        raise ValueError(
+            f"Rule weights {path / WEIGHTS_FILE} are corrupted: their SHA-256 is "
+            f"{actual}, but {CONFIG_FILE} records {expected}"
+        )
+
+
 def load_rule(path: str | os.PathLike) -> UpdateRule:
     """Load a rule saved by :func:`save_rule` from its directory.
 
     Raises:
         FileNotFoundError: ``path`` or one of its two files does not exist.
-        ValueError: a file is corrupted, of another format version, or does
-            not match the architecture its config describes.
+        ValueError: a file is corrupted (the weights do not match the
+            checksum in the config), of another format version, or does not
+            match the architecture its config describes.
     """
     path = Path(path)
     if path.is_file() and path.name in (CONFIG_FILE, WEIGHTS_FILE):
@@ -295,13 +332,19 @@ def load_rule(path: str | os.PathLike) -> UpdateRule:
         rule_config = RuleConfig(**config["rule_config"])
     except (TypeError, KeyError) as err:
         raise ValueError(f"Rule {path} has an invalid rule_config: {err}") from err
+    data = (path / WEIGHTS_FILE).read_bytes()
+    _verify_checksum(path, config, data)
     try:
-        tensors = load_file(str(path / WEIGHTS_FILE))
+        tensors = load_safetensors(data)
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(
             f"Rule weights {path / WEIGHTS_FILE} are corrupted: {err}"
         ) from err
-    rule = UpdateRule(rule_config)
+    # Initialising the modules draws from torch's global generator; the values
+    # are overwritten below, and loading a rule must not change the random
+    # stream of the user's program (dropout masks, data order).
+    with torch.random.fork_rng(devices=[]):
+        rule = UpdateRule(rule_config)
     expected = rule.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle
 import re
+import shutil
 
 import pytest
 import torch
@@ -132,6 +134,69 @@ def test_truncated_weights(tmp_path):
         load_rule(tmp_path)
 
 
+def _damage_values(path):
+    """Flip one byte of the tensor data, leaving the safetensors header (its
+    length prefix and JSON) intact: the file still parses."""
+    data = bytearray((path / WEIGHTS_FILE).read_bytes())
+    header_len = int.from_bytes(data[:8], "little")
+    data[8 + header_len + 5] ^= 0x40
+    (path / WEIGHTS_FILE).write_bytes(bytes(data))
+
+
+def test_config_records_the_weights_checksum(tmp_path):
+    save_rule(random_rule(), tmp_path)
+    config = json.loads((tmp_path / CONFIG_FILE).read_text())
+    digest = hashlib.sha256((tmp_path / WEIGHTS_FILE).read_bytes()).hexdigest()
+    assert config["weights_sha256"] == digest
+
+
+def test_damaged_weight_values_are_detected(tmp_path):
+    """A header-intact file with changed values parses; only the checksum
+    catches it."""
+    save_rule(random_rule(), tmp_path)
+    _damage_values(tmp_path)
+    with pytest.raises(ValueError, match="corrupted: their SHA-256 is"):
+        load_rule(tmp_path)
+
+
+def test_damaged_shipped_rule_is_refused_by_the_optimizer(tmp_path):
+    shutil.copytree(lopt.default_rule_path(), tmp_path / "rule")
+    _damage_values(tmp_path / "rule")
+    with pytest.raises(ValueError, match="corrupted: their SHA-256 is"):
+        NGOptimizer(mlp().parameters(), rule=tmp_path / "rule")
+
+
+def test_version_2_config_without_checksum(tmp_path):
+    save_rule(random_rule(), tmp_path)
+    _edit_config(tmp_path, lambda c: c.pop("weights_sha256"))
+    with pytest.raises(ValueError, match="has no weights_sha256 checksum"):
+        load_rule(tmp_path)
+
+
+def test_version_1_rule_loads_with_a_warning(tmp_path):
+    """Rules saved before checksums existed still load, flagged as unverified."""
+    rule = random_rule()
+    save_rule(rule, tmp_path)
+
+    def downgrade(config):
+        config.pop("weights_sha256")
+        config["format_version"] = 1
+
+    _edit_config(tmp_path, downgrade)
+    with pytest.warns(UserWarning, match="records no checksum"):
+        loaded = load_rule(tmp_path)
+    graph, feats, time = _inputs()
+    assert torch.equal(loaded(graph, feats, time), rule(graph, feats, time))
+
+
+def test_loading_a_rule_leaves_the_global_rng_alone(tmp_path):
+    save_rule(random_rule(), tmp_path)
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    load_rule(tmp_path)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def test_invalid_json(tmp_path):
     save_rule(random_rule(), tmp_path)
     (tmp_path / CONFIG_FILE).write_text('{"format": "lopt-rule", ')
@@ -155,7 +220,7 @@ def test_not_a_rule_config(tmp_path):
 def test_wrong_format_version(tmp_path):
     save_rule(random_rule(), tmp_path)
     _edit_config(tmp_path, lambda c: c.update(format_version=FORMAT_VERSION + 1))
-    message = "has format version 2; this lopt reads version 1"
+    message = re.escape("has format version 3; this lopt reads versions [1, 2]")
     with pytest.raises(ValueError, match=message):
         load_rule(tmp_path)
 

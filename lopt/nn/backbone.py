@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lopt.nn.conv import EdgeDegree, NGConv, channel_linear
+from lopt.graph import EdgeDegree
+from lopt.nn.conv import NGConv, channel_linear
 
 __all__ = ["GraphBackbone"]
 
@@ -72,7 +73,7 @@ class GraphBackbone(nn.Module):
         together make the first inputs of ``F_{e,in}``: they are encoded block
         by block, which avoids materialising their concatenation over all
         edges; trailing inputs left out are taken as zeros. ``degree``: the
-        graph's :func:`~lopt.nn.conv.edge_degree`, if the caller keeps it."""
+        graph's :func:`~lopt.graph.edge_degree`, if the caller keeps it."""
         h = self.node_encoder(x)
         if isinstance(edge_attr, torch.Tensor):
             e = channel_linear(self.edge_encoder, edge_attr)

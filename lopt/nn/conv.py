@@ -2,37 +2,14 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 from torch import nn
-from torch_geometric.nn import MessagePassing
 
-__all__ = ["NGConv", "EdgeDegree", "edge_degree", "channel_linear"]
+from lopt.graph import EdgeDegree, edge_degree
+
+__all__ = ["NGConv", "channel_linear"]
 
 _STD_EPS = 1e-5
-
-
-class EdgeDegree(NamedTuple):
-    """What mean aggregation needs to know of a graph beyond its edges:
-    depends on ``edge_index`` only, so callers may compute it once."""
-
-    fan_in: torch.Tensor  # (|V|,) int64: edges where the node is dst
-    fan_out: torch.Tensor  # (|V|,) int64: edges where the node is src
-    #: Edges are ordered by dst, so fan-in sums are sums of consecutive runs
-    #: (a segment reduction: faster on a CPU than scattering into one node
-    #: after another).
-    dst_sorted: bool
-
-
-def edge_degree(edge_index: torch.Tensor, num_nodes: int) -> EdgeDegree:
-    """The :class:`EdgeDegree` of a graph with ``num_nodes`` nodes."""
-    src, dst = edge_index[0], edge_index[1]
-    return EdgeDegree(
-        torch.bincount(dst, minlength=num_nodes),
-        torch.bincount(src, minlength=num_nodes),
-        bool((dst[1:] >= dst[:-1]).all()),
-    )
 
 
 def channel_linear(
@@ -61,7 +38,7 @@ def _spare(buffer: torch.Tensor, rows: int) -> torch.Tensor | None:
     return buffer[:rows]
 
 
-class NGConv(MessagePassing):
+class NGConv(nn.Module):
     r"""Message passing on neural graphs with FiLM-modulated messages and edge
     updates.
 
@@ -84,6 +61,13 @@ class NGConv(MessagePassing):
     Every operation is per node, per edge, or a symmetric aggregation, so the
     layer is equivariant to any relabelling of the nodes.
 
+    A plain :class:`torch.nn.Module` rather than a PyTorch Geometric
+    ``MessagePassing``: its gathers and fan-in/fan-out reductions are written
+    out for channel-major tensors and cached degrees, so ``propagate`` would
+    never run, and importing PyG (which pulls in ``torch._dynamo`` and
+    generates code into the temp directory) would only slow ``import lopt``.
+    The aggregation equals PyG's mean aggregation (tested).
+
     Edge tensors are **channel-major** ``(F_e, |E|)``: edges are as many as the
     weights of the network, and on a CPU long contiguous rows are several times
     faster to process than ``(|E|, F_e)``. Node tensors are node-major as
@@ -102,8 +86,7 @@ class NGConv(MessagePassing):
     """
 
     def __init__(self, node_dim: int, edge_dim: int, msg_dim: int | None = None):
-        # node_dim=-1: aggregate along the last axis of channel-major messages.
-        super().__init__(aggr="mean", node_dim=-1)
+        super().__init__()
         self.node_dim_ = node_dim
         self.edge_dim = edge_dim
         self.msg_dim = msg_dim or edge_dim
@@ -122,7 +105,6 @@ class NGConv(MessagePassing):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        super().reset_parameters()
         for lin in (
             self.lin_src,
             self.lin_dst,
@@ -155,8 +137,8 @@ class NGConv(MessagePassing):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and std of the messages ``(d, |E|)`` (and their squares) that
         share a node in ``index``, ``(|V|, d)`` each; ``count`` is the number
-        of edges of each node. The same mean as the ``"mean"`` aggregation of
-        :class:`~torch_geometric.nn.MessagePassing` (sum divided by the count
+        of edges of each node. The same mean as PyTorch Geometric's ``"mean"``
+        aggregation (sum divided by the count
         clamped to one), without counting the edges again every call. With a
         sorted ``index`` and no autograd, the same sums (in the same order) are
         segment sums (``segment_reduce`` has no double backward)."""
