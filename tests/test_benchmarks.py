@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import compare, curves, overhead, scaling
+from benchmarks import compare, curves, import_time, overhead, scaling
 from benchmarks.optimizers import BASELINES, OptimizerConfig, lr_grid
 from benchmarks.protocol import Protocol, execute, loss_outcome, summarise_task
 from benchmarks.report import format_lr, markdown_table
@@ -347,3 +347,30 @@ def test_summary_table_one_row_per_rule(tmp_path, capsys):
     assert lines[3].startswith("| second (other protocol) |")
     assert summary.main([f"bad={tmp_path / 'table.md'}"]) == 2
     assert "not JSON" in capsys.readouterr().err
+
+
+def test_import_time_main_writes_the_ratio(tmp_path, monkeypatch, capsys):
+    """Cheap stand-in statements keep this fast; the arithmetic and files are
+    what is checked (the real figures come from the command)."""
+    monkeypatch.setattr(
+        import_time, "STATEMENTS", {"torch": "pass", "lopt": "import json"}
+    )
+    record = import_time.main(["--repeats", "2", "--out", str(tmp_path)])
+    times = record["times"]
+    assert set(times) == {"torch", "lopt"}
+    assert all(
+        t["repeats"] == 2 and t["min_s"] <= t["median_s"] for t in times.values()
+    )
+    assert record["ratio"] == pytest.approx(
+        times["lopt"]["median_s"] / times["torch"]["median_s"]
+    )
+    saved = json.loads((tmp_path / "import_time.json").read_text())
+    assert saved["ratio"] == record["ratio"]
+    markdown = (tmp_path / "import_time.md").read_text()
+    assert f"**{record['ratio']:.2f}x**" in markdown
+    assert "import_time.md" in capsys.readouterr().out
+
+
+def test_import_time_rejects_bad_repeats():
+    with pytest.raises(ValueError, match="^Invalid repeats: 0$"):
+        import_time.time_imports(0)
