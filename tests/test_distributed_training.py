@@ -1,4 +1,4 @@
-"""NGOptimizer in distributed training: DDP on 2 gloo CPU processes.
+"""NGOptimizer in distributed training: DDP and FSDP2 on 2 gloo CPU processes.
 
 Workers are started with ``torch.multiprocessing.spawn`` and join the process
 group through a file in ``tmp_path`` (no port to pick). Each worker returns a
@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import mlp, regression_data
+from conftest import mlp, regression_data, train
 from torch import nn
 
 from lopt import NGOptimizer
@@ -124,3 +124,64 @@ def test_ddp_replicas_stay_identical(tmp_path):
         torch.testing.assert_close(p, q.detach())
     for s, t in zip(ddp[0]["state"], state_tensors(opt)):
         torch.testing.assert_close(s, t)
+
+
+# ---------------------------------------------------------------------- FSDP2
+#: (4, 6, 3): the last layer's 3 rows shard unevenly over 2 ranks (2 + 1).
+FSDP_SIZES = (4, 6, 3)
+
+
+def _fsdp_worker(rank: int) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    model = mlp(seed=0, sizes=FSDP_SIZES)
+    mesh = init_device_mesh("cpu", (WORLD,))
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    assert all(isinstance(p, DTensor) for p in model.parameters())
+    opt = NGOptimizer(model.parameters())
+    x, y = regression_data(seed=0)  # the same data on every rank
+    losses = train(model, opt, x, y, STEPS)
+    state = state_tensors(opt)
+    reloaded = NGOptimizer(model.parameters())
+    reloaded.load_state_dict(opt.state_dict())
+    return {
+        "params": [p.full_tensor() for p in model.parameters()],
+        "local": [p.to_local().clone() for p in model.parameters()],
+        "state": state,
+        "reloaded_state": state_tensors(reloaded),
+        "losses": losses,
+    }
+
+
+def test_fsdp2_matches_unsharded_training(tmp_path):
+    """FSDP2 ``fully_shard`` (DTensor parameters, uneven shards), same data on
+    both ranks: NGOptimizer gives the same parameters, state and losses as one
+    unsharded process, each rank holds its own shard of them, the replicated
+    state is bit-identical across ranks and survives a state_dict round trip."""
+    ranks = run_workers(_fsdp_worker, tmp_path)
+
+    model = mlp(seed=0, sizes=FSDP_SIZES)
+    initial = [p.detach().clone() for p in model.parameters()]
+    opt = NGOptimizer(model.parameters())
+    losses = train(model, opt, *regression_data(seed=0), STEPS)
+    expected = [p.detach() for p in model.parameters()]
+
+    assert all_equal(ranks[0]["state"], ranks[1]["state"])
+    assert all_equal(ranks[0]["params"], ranks[1]["params"])
+    for rank, result in enumerate(ranks):
+        for p, q in zip(result["params"], expected):
+            torch.testing.assert_close(p, q)
+        for s, t in zip(result["state"], state_tensors(opt)):
+            torch.testing.assert_close(s, t)
+        torch.testing.assert_close(result["losses"], losses)
+        assert all_equal(result["reloaded_state"], result["state"])
+        # Shard(0) follows torch.chunk: rank r holds chunk r of the rows.
+        shards = [p.chunk(WORLD, dim=0)[rank] for p in result["params"]]
+        assert all_equal(result["local"], shards)
+    assert not any(torch.equal(p, q) for p, q in zip(expected, initial))
+    assert [p.shape[0] for p in ranks[1]["local"]] == [3, 3, 1, 1]
