@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from lopt.dtensor import copy_into, full_tensors
 from lopt.features import FeatureState
 from lopt.functional import flat_gradients, init_state, ng_step
 from lopt.graph import NeuralGraph
@@ -201,22 +202,24 @@ class NGOptimizer(Optimizer):
         if any(g is not None and g.is_sparse for g in grads):
             raise RuntimeError("NGOptimizer does not support sparse gradients")
         self._ensure_graph(params)
+        # DTensor (FSDP2) parameters: the step runs on full tensors (lopt/dtensor.py)
+        values, grads = full_tensors(params), full_tensors(grads)
         graph, flat = self._graph, self._flat
-        flat_grad, mask = flat_gradients(graph, params, grads)
+        flat_grad, mask = flat_gradients(graph, values, grads)
         if not gradient_is_finite(self, flat_grad):
             return loss
         lr, weight_decay = self._group_values(graph)
         new_params, new_state = ng_step(
             self.rule,
             graph,
-            graph.flatten(params),
+            graph.flatten(values),
             flat_grad,
             flat,
             lr,
             weight_decay,
             mask,
         )
-        torch._foreach_copy_(params, graph.unflatten(new_params))
+        copy_into(params, graph.unflatten(new_params))
         flat.step.copy_(new_state.step)
         flat.momenta.copy_(new_state.momenta)
         flat.second_moment.copy_(new_state.second_moment)
