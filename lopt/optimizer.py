@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from lopt.dtensor import copy_into, full_tensors
+from lopt.dtensor import copy_into, full_tensors, is_dtensor
 from lopt.features import FeatureState
 from lopt.functional import flat_gradients, init_state, ng_step
 from lopt.graph import NeuralGraph
@@ -97,6 +97,7 @@ class NGOptimizer(Optimizer):
         self._graph: NeuralGraph | None = None
         self._flat: FeatureState | None = None
         self._layout: tuple[int, ...] = ()
+        self._sharded = False
         # ``momentum=None``: the rule reads its momenta as features and has no
         # momentum hyperparameter. The key is there so that schedulers which
         # cycle momentum (OneCycleLR, CyclicLR) get past their own check and
@@ -160,6 +161,8 @@ class NGOptimizer(Optimizer):
             self.state[p] = {"step": flat.step, "momenta": m, "second_moment": v}
         self._graph, self._flat = graph, flat
         self._layout = tuple(id(p) for p in params)
+        # Checked once per layout, so plain models pay nothing for DTensor support.
+        self._sharded = any(is_dtensor(p) for p in params)
         self.rule.to(device)
 
     @staticmethod
@@ -202,8 +205,9 @@ class NGOptimizer(Optimizer):
         if any(g is not None and g.is_sparse for g in grads):
             raise RuntimeError("NGOptimizer does not support sparse gradients")
         self._ensure_graph(params)
-        # DTensor (FSDP2) parameters: the step runs on full tensors (lopt/dtensor.py)
-        values, grads = full_tensors(params), full_tensors(grads)
+        values = params
+        if self._sharded:  # DTensor (FSDP2): the step runs on full tensors
+            values, grads = full_tensors(params), full_tensors(grads)
         graph, flat = self._graph, self._flat
         flat_grad, mask = flat_gradients(graph, values, grads)
         if not gradient_is_finite(self, flat_grad):
@@ -219,7 +223,10 @@ class NGOptimizer(Optimizer):
             weight_decay,
             mask,
         )
-        copy_into(params, graph.unflatten(new_params))
+        if self._sharded:
+            copy_into(params, graph.unflatten(new_params))
+        else:
+            torch._foreach_copy_(params, graph.unflatten(new_params))
         flat.step.copy_(new_state.step)
         flat.momenta.copy_(new_state.momenta)
         flat.second_moment.copy_(new_state.second_moment)
