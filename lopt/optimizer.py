@@ -195,7 +195,7 @@ class NGOptimizer(Optimizer):
             weight_decay,
             mask,
         )
-        torch._foreach_copy_(params, graph.unflatten(new_params))
+        _write_back(params, grads, graph.unflatten(new_params))
         flat.step.copy_(new_state.step)
         flat.momenta.copy_(new_state.momenta)
         flat.second_moment.copy_(new_state.second_moment)
@@ -228,6 +228,32 @@ class NGOptimizer(Optimizer):
         source = {p: saved_state.get(i, {}) for i, p in zip(saved_ids, params)}
         self._rebuild(source, params)
         self.skipped_steps = int(state_dict.get("ng", {}).get("skipped_steps", 0))
+
+
+def _write_back(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor | None],
+    new: list[torch.Tensor],
+) -> None:
+    """Write a step's float32 results ``new`` into ``params`` in place.
+
+    The step works on float32 copies of the parameters, exact for float32 and
+    16-bit parameters but rounded for float64 ones. So a parameter without a
+    gradient is not written at all (it stays bit-identical whatever its dtype),
+    and a float64 parameter gets the float32 step added instead of being
+    overwritten by its float32-rounded value (which would drop the low bits of
+    its value at every step, and move it even when its step is zero).
+    """
+    targets, values = [], []
+    for p, g, n in zip(params, grads, new):
+        if g is None:
+            continue
+        if p.dtype == torch.float64:
+            n = p + (n - p.float())  # p.float() is the value the step started from
+        targets.append(p)
+        values.append(n)
+    if targets:
+        torch._foreach_copy_(targets, values)
 
 
 def gradient_is_finite(owner: Any, flat_grad: torch.Tensor) -> bool:
