@@ -85,10 +85,17 @@ def _decays(like: torch.Tensor) -> torch.Tensor:
 
 
 def update_feature_state(state: FeatureState, grad: torch.Tensor) -> FeatureState:
-    """Fold one gradient ``(P,)`` into the moving averages."""
+    """Fold one gradient ``(P,)`` into the moving averages.
+
+    The square of a finite gradient above about 1.8e19 overflows float32: it is
+    clamped to the largest finite value, so that the second moment stays finite
+    (an infinite one makes the next step's ``lerp`` compute ``inf - inf``, and
+    the NaN reaches the parameters).
+    """
     betas = _decays(state.momenta)
     momenta = torch.lerp(state.momenta, grad.expand_as(state.momenta), 1.0 - betas)
-    second = torch.lerp(state.second_moment, grad * grad, 1.0 - SECOND_MOMENT_DECAY)
+    square = torch.clamp(grad * grad, max=torch.finfo(grad.dtype).max)
+    second = torch.lerp(state.second_moment, square, 1.0 - SECOND_MOMENT_DECAY)
     return FeatureState(state.step + 1, momenta, second)
 
 

@@ -98,6 +98,7 @@ class NGOptimizer(Optimizer):
         self._flat: FeatureState | None = None
         self._layout: tuple[int, ...] = ()
         self._sharded = False
+        self._float64: list[int] = []
         # ``momentum=None``: the rule reads its momenta as features and has no
         # momentum hyperparameter. The key is there so that schedulers which
         # cycle momentum (OneCycleLR, CyclicLR) get past their own check and
@@ -161,8 +162,10 @@ class NGOptimizer(Optimizer):
             self.state[p] = {"step": flat.step, "momenta": m, "second_moment": v}
         self._graph, self._flat = graph, flat
         self._layout = tuple(id(p) for p in params)
-        # Checked once per layout, so plain models pay nothing for DTensor support.
+        # Checked once per layout, so the step pays nothing for these cases
+        # when they do not occur.
         self._sharded = any(is_dtensor(p) for p in params)
+        self._float64 = [i for i, p in enumerate(params) if p.dtype == torch.float64]
         self.rule.to(device)
 
     @staticmethod
@@ -223,14 +226,34 @@ class NGOptimizer(Optimizer):
             weight_decay,
             mask,
         )
-        if self._sharded:
-            copy_into(params, graph.unflatten(new_params))
-        else:
-            torch._foreach_copy_(params, graph.unflatten(new_params))
+        self._write_back(params, values, graph.unflatten(new_params))
         flat.step.copy_(new_state.step)
         flat.momenta.copy_(new_state.momenta)
         flat.second_moment.copy_(new_state.second_moment)
         return loss
+
+    def _write_back(
+        self,
+        params: list[torch.Tensor],
+        values: list[torch.Tensor],
+        new: list[torch.Tensor],
+    ) -> None:
+        """Write the step's float32 results ``new`` into ``params`` in place.
+
+        The step reads float32 copies of ``values`` (the parameters, full
+        tensors for DTensors): exact for float32 and 16-bit parameters, so
+        their float32 result is written as it is (a parameter without a
+        gradient gets its own value back, bit for bit). A float64 parameter
+        would lose its low bits, and move even with a zero step, so it gets
+        the float32 step added instead. Which parameters are float64 is fixed
+        per layout; the loop below runs over those only.
+        """
+        for i in self._float64:
+            new[i] = values[i] + (new[i] - values[i].float())
+        if self._sharded:
+            copy_into(params, new)
+        else:
+            torch._foreach_copy_(params, new)
 
     def _group_values(self, graph: NeuralGraph):
         lrs = [float(g["lr"]) for g in self.param_groups]
