@@ -19,6 +19,12 @@ from lopt.weightspace.data import (
     apply_graph_delta,
     from_graph_outputs,
 )
+from lopt.weightspace.dataset import (
+    NeuralGraphDataset,
+    save_network,
+    sequential_from_config,
+)
+from lopt.weightspace.models import NeuralGraphGNN, WeightSpaceOutput
 
 __all__ = [
     "to_graph",
@@ -27,6 +33,11 @@ __all__ = [
     "ParamSpec",
     "from_graph_outputs",
     "apply_graph_delta",
+    "NeuralGraphDataset",
+    "sequential_from_config",
+    "save_network",
+    "NeuralGraphGNN",
+    "WeightSpaceOutput",
     "NODE_ROLES",
     "LAYER_TYPES",
     "ACTIVATIONS",
