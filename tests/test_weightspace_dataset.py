@@ -4,6 +4,8 @@ modules or a directory of safetensors + JSON."""
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -195,3 +197,18 @@ def test_transform_sees_a_copy():
     dataset = NeuralGraphDataset([mlp()], transform=scale)
     first, second = dataset[0], dataset[0]
     torch.testing.assert_close(first.x, second.x)
+
+
+def test_readme_example_runs_as_written():
+    """The python block of the README's weight-space section."""
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    text = readme.read_text(encoding="utf-8")
+    start = text.index("## Weight-space learning (in progress)")
+    section = text[start : text.index("\n## ", start + 1)]
+    (code,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert namespace["dataset"].kernel_size == (5, 5)
+    assert namespace["out"].graph.shape == (2, 1)
+    deltas = namespace["deltas"]
+    assert len(deltas) == 2 and deltas[1]["0.weight"].shape == (8, 1, 5, 5)

@@ -94,7 +94,7 @@ _PASS_METHODS = {"contiguous", "float", "clone", "detach"}
 _SCALE_TARGETS = {operator.mul, operator.truediv, torch.mul, "mul", "div"}
 _ADD_TARGETS = {operator.add, operator.iadd, torch.add, "add"}
 _FLATTEN_TARGETS = {torch.flatten, "flatten", "view", "reshape"}
-_SHAPE_QUERIES = {getattr, operator.getitem, "size", "dim"}
+_SHAPE_QUERIES = {getattr, "size", "dim"}
 _NORMS = (
     nn.modules.batchnorm._BatchNorm,
     nn.modules.instancenorm._InstanceNorm,
