@@ -40,10 +40,6 @@ class _Branchy(nn.Module):
         return -self.inner(x)
 
 
-def _count(graph, key, table, name):
-    return int((graph[key] == table.index(name)).sum())
-
-
 @pytest.mark.parametrize("name", sorted(NETS))
 def test_round_trip_gives_the_state_dict_exactly(name):
     model = NETS[name]()
@@ -138,6 +134,8 @@ def test_example_inputs_give_the_exact_shape_of_a_flattened_map():
     torch.testing.assert_close(
         from_graph_outputs(exact)["2.weight"], model[2].weight, rtol=0, atol=0
     )
+    with pytest.raises(ValueError, match="example_inputs do not run through"):
+        to_graph(model, example_inputs=torch.zeros(1, 3, 4, 6))
 
 
 def test_batch_norm_is_a_layer_of_neurons_joined_one_to_one():

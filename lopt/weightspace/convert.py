@@ -92,8 +92,6 @@ def build_graph(
             return builder, outputs
         except Unsupported as err:
             reason = str(err)
-        except Exception as err:  # noqa: BLE001 (tracing can fail in any way)
-            reason = f"torch.fx could not trace it ({type(err).__name__}: {err})"
         warnings.warn(
             f"to_graph: {type(module).__name__} falls back to shape inference "
             f"over its parameters, because {reason}. Residual connections and "

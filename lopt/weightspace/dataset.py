@@ -124,6 +124,7 @@ class NeuralGraphDataset(torch.utils.data.Dataset):
         kernel_size: the kernel shape every graph is padded to; pass the same
             one to every split (default: the smallest all of these fit).
         transform: applied to a copy of each graph when it is read.
+        names: what error messages call each item (default: ``item I``).
 
     Raises:
         ValueError: labels or state_dicts of another length than the modules,

@@ -130,13 +130,28 @@ def trace_into(
     example_inputs: tuple | None = None,
 ) -> torch.Tensor | None:
     """Describe ``module`` to ``builder`` from its fx trace; returns the
-    output neurons. Raises :class:`Unsupported` (or whatever tracing raises)
-    when the module cannot be represented exactly."""
-    gm = fx.symbolic_trace(module)
+    output neurons.
+
+    Raises:
+        Unsupported: tracing fails, or the trace holds something that cannot
+            be represented exactly (the caller falls back).
+        ValueError: ``example_inputs`` do not run through the module.
+    """
+    try:
+        gm = fx.symbolic_trace(module)
+    except Exception as err:  # noqa: BLE001 (tracing fails in many ways)
+        raise Unsupported(
+            f"torch.fx could not trace it ({type(err).__name__}: {err})"
+        ) from err
     if example_inputs is not None:
         from torch.fx.passes.shape_prop import ShapeProp
 
-        ShapeProp(gm).propagate(*example_inputs)
+        try:
+            ShapeProp(gm).propagate(*example_inputs)
+        except Exception as err:
+            raise ValueError(
+                f"example_inputs do not run through {type(module).__name__}: {err}"
+            ) from err
     return _Walker(gm, builder).run()
 
 
