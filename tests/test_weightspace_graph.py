@@ -8,7 +8,9 @@ import copy
 
 import pytest
 import torch
-from weightspace_nets import old_of_new, symmetric_cases
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from weightspace_nets import mlp, old_of_new, perm, permute_state, symmetric_cases
 
 from lopt.weightspace import NeuralGraphGNN, to_graph
 
@@ -106,3 +108,28 @@ def test_a_positional_index_on_hidden_neurons_breaks_invariance(name):
         graph.x[:, 1] += torch.arange(graph.num_nodes, dtype=torch.float32)
     with pytest.raises(AssertionError):
         _assert_invariant(gnn, old, new)
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    widths=st.lists(st.integers(1, 6), min_size=3, max_size=5),
+    seed=st.integers(0, 2**16),
+)
+def test_any_mlp_permutation_relabels_the_graph_and_keeps_the_readout(widths, seed):
+    model = mlp(widths=tuple(widths), seed=seed % 7)
+    perms = [perm(w, seed + i) for i, w in enumerate(widths[1:-1])]
+    spec = {}
+    for i, p in enumerate(perms):
+        spec[f"{2 * i}.weight"] = (p, spec.get(f"{2 * i}.weight", (None, None))[1])
+        spec[f"{2 * i}.bias"] = (p, None)
+        spec[f"{2 * i + 2}.weight"] = (None, p)
+    permuted = copy.deepcopy(model)
+    permuted.load_state_dict(permute_state(model.state_dict(), spec))
+    groups = [(widths[0], None), *zip(widths[1:-1], perms), (widths[-1], None)]
+    relabel = old_of_new(groups)
+    old, new = to_graph(model), to_graph(permuted)
+    for key in NODE_KEYS:
+        assert torch.equal(new[key], old[key][relabel]), key
+    match = _edge_match(old, new, relabel)
+    assert torch.equal(new.edge_attr, old.edge_attr[match])
+    _assert_invariant(_random_gnn(1), old, new)
