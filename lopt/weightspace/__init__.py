@@ -1,0 +1,45 @@
+"""Weight-space learning: networks as data, on neural graphs.
+
+A network becomes a graph whose nodes are its neurons and whose edges are its
+weights (:func:`to_graph`); graphs batch in PyTorch Geometric's conventions and
+a graph network over them sees every architecture the same way, equivariant to
+permutations of hidden neurons by construction.
+
+Imports ``torch_geometric``; ``import lopt`` alone does not.
+"""
+
+from lopt.weightspace.convert import graph_state, to_graph
+from lopt.weightspace.data import (
+    ACTIVATIONS,
+    LAYER_TYPES,
+    NODE_FEATURES,
+    NODE_ROLES,
+    NeuralGraphData,
+    ParamSpec,
+    apply_graph_delta,
+    from_graph_outputs,
+)
+from lopt.weightspace.dataset import (
+    NeuralGraphDataset,
+    save_network,
+    sequential_from_config,
+)
+from lopt.weightspace.models import NeuralGraphGNN, WeightSpaceOutput
+
+__all__ = [
+    "to_graph",
+    "graph_state",
+    "NeuralGraphData",
+    "ParamSpec",
+    "from_graph_outputs",
+    "apply_graph_delta",
+    "NeuralGraphDataset",
+    "sequential_from_config",
+    "save_network",
+    "NeuralGraphGNN",
+    "WeightSpaceOutput",
+    "NODE_ROLES",
+    "LAYER_TYPES",
+    "ACTIVATIONS",
+    "NODE_FEATURES",
+]
