@@ -31,6 +31,16 @@ from lopt.optimizer import NGOptimizer, gradient_is_finite
 __all__ = ["DifferentiableNGOptimizer"]
 
 
+def _as_param_dtype(new: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """The float32 result ``new`` of a step from ``p``, in ``p``'s dtype. A
+    float64 parameter gets the float32 step added (as in NGOptimizer), so that
+    it keeps its low bits and stays exactly in place where its step is zero;
+    the derivative is that of ``new`` (``p - p.float()`` has zero gradient)."""
+    if p.dtype == torch.float64:
+        return p + (new - p.float())
+    return new.to(p.dtype)
+
+
 class DifferentiableNGOptimizer(DifferentiableOptimizer):
     """Differentiable counterpart of :class:`~lopt.optimizer.NGOptimizer`.
 
@@ -139,7 +149,7 @@ class DifferentiableNGOptimizer(DifferentiableOptimizer):
         k = 0
         for group_idx, group in enumerate(self.param_groups):
             for p_idx, p in enumerate(group["params"]):
-                group["params"][p_idx] = new_list[k].to(p.dtype)
+                group["params"][p_idx] = _as_param_dtype(new_list[k], p)
                 self.state[group_idx][p_idx] = {
                     "step": state.step,
                     "momenta": momenta[k],

@@ -233,3 +233,27 @@ def test_initial_state_after_add_param_group():
     for m, p in zip(momenta, model.body.parameters()):
         assert torch.equal(m, opt.state[p]["momenta"])
     assert all(not m.any() for m in momenta[-2:])
+
+
+def test_float64_fast_weights_follow_ngoptimizer_exactly():
+    """float64 fast weights get the float32 step added, as NGOptimizer does,
+    instead of being rounded to float32 every step (a parameter without a
+    gradient used to move by that rounding)."""
+    x, y = regression_data()
+    rule = random_rule(seed=1)
+    model = mlp().double()
+    idle = nn.Parameter(torch.full((3,), 1 / 3, dtype=torch.float64))
+    model.register_parameter("idle", idle)
+    reference = copy.deepcopy(model)
+    ref_opt = NGOptimizer(reference.parameters(), rule=rule)
+    opt = NGOptimizer(model.parameters(), rule=rule)
+    with higher.innerloop_ctx(model, opt) as (fmodel, diffopt):
+        for _ in range(2):
+            diffopt.step(_loss(fmodel, x.double(), y.double()))
+            ref_opt.zero_grad()
+            _loss(reference, x.double(), y.double()).backward()
+            ref_opt.step()
+        fast = list(fmodel.parameters())
+        for f, p in zip(fast, reference.parameters()):
+            torch.testing.assert_close(f, p, atol=1e-12, rtol=1e-9)
+        assert torch.equal(dict(fmodel.named_parameters())["idle"], idle)
