@@ -32,6 +32,10 @@ from lopt.weightspace.features import (
 from lopt.weightspace.models import NeuralGraphGNN
 from lopt.weightspace.probes import probe_activations
 from lopt.weightspace.readout import WeightSpaceOutput, WeightSpaceReadout
+from lopt.weightspace.transformer import (
+    NeuralGraphTransformer,
+    RelationalAttentionLayer,
+)
 
 __all__ = [
     "to_graph",
@@ -44,6 +48,8 @@ __all__ = [
     "sequential_from_config",
     "save_network",
     "NeuralGraphGNN",
+    "NeuralGraphTransformer",
+    "RelationalAttentionLayer",
     "WeightSpaceConfig",
     "WeightSpaceOutput",
     "WeightSpaceReadout",
