@@ -12,7 +12,14 @@ import pytest
 import torch
 from torch import nn
 from torch_geometric.data import Batch
-from weightspace_nets import cnn, edge_match, mlp, permuted_graphs, symmetric_cases
+from weightspace_nets import (
+    cnn,
+    edge_match,
+    mlp,
+    permuted_graphs,
+    siren,
+    symmetric_cases,
+)
 
 from lopt.weightspace import (
     NeuralGraphFeaturizer,
@@ -130,6 +137,23 @@ def test_probe_activations_are_the_networks_own_and_batch_under_vmap():
     x = torch.randn(3, 2, 6, 6)
     values = probe_activations(net, to_graph(net), x)
     torch.testing.assert_close(values[2:6].T, torch.relu(net[0](x)).mean((2, 3)))
+
+
+def test_siren_probes_run_its_own_forward_and_learn_under_vmap():
+    """w0 lives in the forward, not in the weights: probes read it from the
+    module. A batch of SIRENs (one architecture) runs under vmap."""
+    nets = [siren(seed=s) for s in range(3)]
+    graphs = [to_graph(n) for n in nets]
+    coords = torch.rand(6, 2) * 2 - 1
+    values = probe_activations(nets[0], graphs[0], coords)
+    first = torch.sin(30.0 * nets[0].layers[0](coords))
+    torch.testing.assert_close(values[2:10].T, first)
+    torch.testing.assert_close(values[-1:].T, nets[0](coords))
+    config = WeightSpaceConfig(probes=5, probe_shape=(2,))
+    model = NeuralGraphTransformer(1, config=config)
+    out = model(Batch.from_data_list(graphs), nets[0])
+    out.graph.sum().backward()
+    assert model.features.probe_inputs.grad.abs().sum() > 0
 
 
 def test_probe_errors_name_the_problem():

@@ -215,3 +215,26 @@ def edge_match(old, new, old_of_new) -> torch.Tensor:
     assert len(old_keys) == old.num_edges, "duplicate edges: matching is ambiguous"
     assert sorted(old_keys) == sorted(new_keys), "edge sets differ"
     return torch.tensor([old_keys[k] for k in new_keys])
+
+
+class Siren(nn.Module):
+    """A SIREN INR: ``sin(w0 * linear(x))`` layers (``w0`` is in the forward,
+    not in the weights), then a linear output."""
+
+    def __init__(self, widths=(2, 8, 8, 1), w0: float = 30.0):
+        super().__init__()
+        self.w0 = w0
+        self.layers = nn.ModuleList(
+            nn.Linear(a, b) for a, b in zip(widths[:-2], widths[1:-1])
+        )
+        self.out = nn.Linear(widths[-2], widths[-1])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.sin(self.w0 * layer(x))
+        return self.out(x)
+
+
+def siren(widths=(2, 8, 8, 1), seed=0) -> Siren:
+    torch.manual_seed(seed)
+    return Siren(widths).eval()
