@@ -36,6 +36,8 @@ TENSOR_KEYS = (
     "edge_tensor",
     "param_node_pos",
     "param_edge_pos",
+    "node_fx",
+    "node_channel",
     "y",
 )
 

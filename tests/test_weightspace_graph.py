@@ -10,7 +10,15 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from weightspace_nets import mlp, old_of_new, perm, permute_state, symmetric_cases
+from weightspace_nets import (
+    edge_match,
+    mlp,
+    old_of_new,
+    perm,
+    permute_state,
+    permuted_graphs,
+    symmetric_cases,
+)
 
 from lopt.weightspace import NeuralGraphGNN, to_graph
 
@@ -20,27 +28,7 @@ ATOL = 1e-5
 
 
 def _graphs(name):
-    model, permuted_state, x, groups = CASES[name]
-    permuted = copy.deepcopy(model)
-    permuted.load_state_dict(permuted_state)
-    return model, permuted, x, to_graph(model), to_graph(permuted), old_of_new(groups)
-
-
-def _edge_match(old, new, old_of_new) -> torch.Tensor:
-    """For each edge of ``new``, the edge of ``old`` between the same
-    (relabelled) neurons with the same type; asserts the edge sets are equal."""
-    new_of_old = torch.empty_like(old_of_new)
-    new_of_old[old_of_new] = torch.arange(len(old_of_new))
-
-    def keys(graph, relabel):
-        src, dst = relabel[graph.edge_index]
-        return list(zip(src.tolist(), dst.tolist(), graph.edge_type.tolist()))
-
-    old_keys = {k: i for i, k in enumerate(keys(old, new_of_old))}
-    new_keys = keys(new, torch.arange(new.num_nodes))
-    assert len(old_keys) == old.num_edges, "duplicate edges: matching is ambiguous"
-    assert sorted(old_keys) == sorted(new_keys), "edge sets differ"
-    return torch.tensor([old_keys[k] for k in new_keys])
+    return permuted_graphs(name, CASES)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -60,7 +48,7 @@ def test_permuting_hidden_neurons_relabels_the_graph(name):
     assert new.num_nodes == old.num_nodes
     for key in NODE_KEYS:
         assert torch.equal(new[key], old[key][relabel]), key
-    match = _edge_match(old, new, relabel)
+    match = edge_match(old, new, relabel)
     assert torch.equal(new.edge_attr, old.edge_attr[match])
     # The graphs themselves differ (the test is not vacuous).
     assert not torch.equal(new.x, old.x) or not torch.equal(
@@ -92,7 +80,7 @@ def test_gnn_is_invariant_and_equivariant_to_hidden_permutations(name):
     with torch.no_grad():
         out_old, out_new = gnn(old), gnn(new)
     torch.testing.assert_close(out_new.node, out_old.node[relabel], atol=ATOL, rtol=0)
-    match = _edge_match(old, new, relabel)
+    match = edge_match(old, new, relabel)
     torch.testing.assert_close(out_new.edge, out_old.edge[match], atol=ATOL, rtol=0)
 
 
@@ -130,6 +118,6 @@ def test_any_mlp_permutation_relabels_the_graph_and_keeps_the_readout(widths, se
     old, new = to_graph(model), to_graph(permuted)
     for key in NODE_KEYS:
         assert torch.equal(new[key], old[key][relabel]), key
-    match = _edge_match(old, new, relabel)
+    match = edge_match(old, new, relabel)
     assert torch.equal(new.edge_attr, old.edge_attr[match])
     _assert_invariant(_random_gnn(1), old, new)

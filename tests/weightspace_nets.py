@@ -1,7 +1,10 @@
 """Small networks for the weight-space tests, each with the permutations of
-its hidden neurons that leave its function unchanged."""
+its hidden neurons that leave its function unchanged, and the helpers that
+match a permuted network's graph to the original's."""
 
 from __future__ import annotations
+
+import copy
 
 import torch
 import torch.nn.functional as F
@@ -184,3 +187,54 @@ def old_of_new(groups) -> torch.Tensor:
         parts.append(start + (torch.arange(size) if p is None else p))
         start += size
     return torch.cat(parts)
+
+
+def permuted_graphs(name: str, cases=None):
+    """``(model, permuted model, input, graph, permuted graph, old_of_new)``
+    for case ``name`` of :func:`symmetric_cases`."""
+    from lopt.weightspace import to_graph
+
+    model, permuted_state, x, groups = (cases or symmetric_cases())[name]
+    permuted = copy.deepcopy(model)
+    permuted.load_state_dict(permuted_state)
+    return model, permuted, x, to_graph(model), to_graph(permuted), old_of_new(groups)
+
+
+def edge_match(old, new, old_of_new) -> torch.Tensor:
+    """For each edge of ``new``, the edge of ``old`` between the same
+    (relabelled) neurons with the same type; asserts the edge sets are equal."""
+    new_of_old = torch.empty_like(old_of_new)
+    new_of_old[old_of_new] = torch.arange(len(old_of_new))
+
+    def keys(graph, relabel):
+        src, dst = relabel[graph.edge_index]
+        return list(zip(src.tolist(), dst.tolist(), graph.edge_type.tolist()))
+
+    old_keys = {k: i for i, k in enumerate(keys(old, new_of_old))}
+    new_keys = keys(new, torch.arange(new.num_nodes))
+    assert len(old_keys) == old.num_edges, "duplicate edges: matching is ambiguous"
+    assert sorted(old_keys) == sorted(new_keys), "edge sets differ"
+    return torch.tensor([old_keys[k] for k in new_keys])
+
+
+class Siren(nn.Module):
+    """A SIREN INR: ``sin(w0 * linear(x))`` layers (``w0`` is in the forward,
+    not in the weights), then a linear output."""
+
+    def __init__(self, widths=(2, 8, 8, 1), w0: float = 30.0):
+        super().__init__()
+        self.w0 = w0
+        self.layers = nn.ModuleList(
+            nn.Linear(a, b) for a, b in zip(widths[:-2], widths[1:-1])
+        )
+        self.out = nn.Linear(widths[-2], widths[-1])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.sin(self.w0 * layer(x))
+        return self.out(x)
+
+
+def siren(widths=(2, 8, 8, 1), seed=0) -> Siren:
+    torch.manual_seed(seed)
+    return Siren(widths).eval()

@@ -24,7 +24,18 @@ from lopt.weightspace.dataset import (
     save_network,
     sequential_from_config,
 )
-from lopt.weightspace.models import NeuralGraphGNN, WeightSpaceOutput
+from lopt.weightspace.features import (
+    NeuralGraphFeaturizer,
+    RandomFourierFeatures,
+    WeightSpaceConfig,
+)
+from lopt.weightspace.models import NeuralGraphGNN
+from lopt.weightspace.probes import probe_activations
+from lopt.weightspace.readout import WeightSpaceOutput, WeightSpaceReadout
+from lopt.weightspace.transformer import (
+    NeuralGraphTransformer,
+    RelationalAttentionLayer,
+)
 
 __all__ = [
     "to_graph",
@@ -37,7 +48,14 @@ __all__ = [
     "sequential_from_config",
     "save_network",
     "NeuralGraphGNN",
+    "NeuralGraphTransformer",
+    "RelationalAttentionLayer",
+    "WeightSpaceConfig",
     "WeightSpaceOutput",
+    "WeightSpaceReadout",
+    "NeuralGraphFeaturizer",
+    "RandomFourierFeatures",
+    "probe_activations",
     "NODE_ROLES",
     "LAYER_TYPES",
     "ACTIVATIONS",

@@ -62,6 +62,8 @@ class GraphBuilder:
     # state_dict key -> index in _blocks for edge-held tensors
     _edge_params: dict[str, int] = field(default_factory=dict)
     _occupied: set[tuple[int, int]] = field(default_factory=set)  # (node, column)
+    # (fx node name, neurons its output holds along dim 1), in trace order
+    _values: list[tuple[str, torch.Tensor]] = field(default_factory=list)
 
     # ------------------------------------------------------------- nodes
     def add_nodes(
@@ -121,6 +123,13 @@ class GraphBuilder:
         for name in self.state:
             if name not in self._node_params and name not in self._edge_params:
                 self.add_standalone(name)
+
+    def record_value(self, name: str, nodes: torch.Tensor) -> None:
+        """The output of traced node ``name`` holds ``nodes`` along dim 1 (in
+        that order). For each neuron the last such record wins: it is the
+        neuron's value after everything the graph folds into it (activation,
+        norm, residual sum), which :mod:`lopt.weightspace.probes` reads."""
+        self._values.append((name, nodes))
 
     # ------------------------------------------------------------- edges
     def add_edges(
@@ -182,6 +191,8 @@ class GraphBuilder:
         for nodes, value in reversed(self._acts):
             act[nodes] = value
 
+        fx_values, node_fx, node_channel = self._value_map()
+
         x = torch.zeros(self.num_nodes, len(NODE_FEATURES))
         node_pos: dict[str, torch.Tensor] = {}
         for name, (nodes, column) in self._node_params.items():
@@ -238,8 +249,27 @@ class GraphBuilder:
             param_edge_pos=cat([edge_pos[n] for n in names if n in edge_pos]),
             param_layout=layout,
             kernel_shape=kernel_shape,
+            node_fx=node_fx,
+            node_channel=node_channel,
+            fx_values=fx_values,
             num_nodes=self.num_nodes,
         )
+
+    def _value_map(self) -> tuple[tuple[str, ...], torch.Tensor, torch.Tensor]:
+        """The traced nodes that hold neuron values, and for each neuron the
+        one that holds its final value (-1: none) and its channel there."""
+        node_fx = torch.full((self.num_nodes,), -1, dtype=torch.long)
+        node_channel = torch.full((self.num_nodes,), -1, dtype=torch.long)
+        names: dict[str, int] = {}
+        for name, nodes in self._values:
+            node_fx[nodes] = names.setdefault(name, len(names))
+            node_channel[nodes] = torch.arange(len(nodes))
+        used = set(node_fx.unique().tolist())
+        kept = [n for n, i in names.items() if i in used]
+        renumber = torch.full((len(names) + 1,), -1, dtype=torch.long)
+        for new, name in enumerate(kept):
+            renumber[names[name]] = new
+        return tuple(kept), renumber[node_fx], node_channel
 
 
 def _check_kernel_shape(

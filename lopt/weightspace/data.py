@@ -108,6 +108,12 @@ class NeuralGraphData(Data):
         - ``param_layout``: tuple of :class:`ParamSpec` (not a tensor; a batch
           holds a list of them, one per graph).
         - ``kernel_shape``: tuple of ints (not a tensor).
+        - ``node_fx``, ``node_channel``: ``(N,)`` int64: where each neuron's
+          final value is in the module's ``torch.fx`` trace, as an index into
+          ``fx_values`` (tuple of traced node names, not a tensor) and a
+          channel (dim 1) of that node's output; ``-1`` where none (graphs
+          from shape inference have none). Read by
+          :func:`~lopt.weightspace.probe_activations`.
         - ``y``: optional graph label, ``(1, ...)`` so that a batch is ``(B, ...)``.
 
     In a batch, ``param_node_pos`` and ``param_edge_pos`` point into the

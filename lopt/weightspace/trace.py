@@ -166,6 +166,7 @@ class _Walker:
             if node.op == "placeholder":
                 self.env[node] = _Value(None)
             elif node.op == "output":
+                self._record_values()
                 return self._output(node)
             elif node.op == "get_attr":
                 if any(user.op != "output" for user in node.users):
@@ -175,6 +176,13 @@ class _Walker:
             else:
                 self._function(node)
         return None
+
+    def _record_values(self) -> None:
+        # After the walk: a network input gets its neurons when a layer first
+        # reads it, after its own trace node was seen.
+        for fx_node, value in self.env.items():
+            if value.nodes is not None and not value.flat:
+                self.b.record_value(fx_node.name, value.nodes)
 
     # ----------------------------------------------------------- helpers
     def _values(self, node: fx.Node) -> list[fx.Node]:

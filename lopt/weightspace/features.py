@@ -1,0 +1,260 @@
+"""What a weight-space model sees of a neural graph: the input features the
+paper found matter (Kofinas et al. 2024, section 4 and the ablations), each
+behind a flag of :class:`WeightSpaceConfig` so that a benchmark can ablate it.
+
+* **Positional embeddings** of input and output neurons: a learned vector per
+  position (an INR's x and y inputs, a classifier's classes). Hidden neurons
+  get none (zeros), so they stay interchangeable and the model stays
+  equivariant to their permutations.
+* **Layer-type and activation embeddings**: learned vectors per entry of
+  :data:`~lopt.weightspace.LAYER_TYPES` (nodes and edges) and
+  :data:`~lopt.weightspace.ACTIVATIONS` (nodes). The paper found the
+  activation embedding matters on zoos that mix activations.
+* **Random Fourier features** of every scalar weight, bias and statistic:
+  :math:`w \\mapsto [\\sin(2\\pi b_k w), \\cos(2\\pi b_k w)]_{k=1..K}`.
+* **Probe features**: each neuron's activation on learned probe inputs
+  (:mod:`lopt.weightspace.probes`).
+
+A neuron's role (input, hidden, output, standalone) is always given, one-hot:
+it is what the graph's symmetry leaves visible, not a positional feature.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lopt.weightspace.data import (
+    ACTIVATIONS,
+    LAYER_TYPES,
+    NODE_FEATURES,
+    NODE_ROLES,
+)
+from lopt.weightspace.probes import probe_activations
+
+__all__ = ["WeightSpaceConfig", "RandomFourierFeatures", "NeuralGraphFeaturizer"]
+
+_INPUT, _OUTPUT = NODE_ROLES.index("input"), NODE_ROLES.index("output")
+
+
+@dataclass(frozen=True)
+class WeightSpaceConfig:
+    """Which input features a weight-space model uses (defaults: the paper's
+    model without probes).
+
+    Attributes:
+        positional: learned embeddings of input and output neurons' positions.
+        max_positions: size of each positional table (input and output
+            positions must be below it).
+        activation_embedding: learned embedding of each neuron's activation.
+        layer_embedding: learned embedding of each neuron's and edge's layer
+            type.
+        embedding_dim: width of every learned embedding.
+        fourier_features: ``K``, frequencies per scalar; ``0`` gives the raw
+            scalars only. With ``K > 0`` each scalar becomes ``2K + 1``
+            inputs: itself, then its sines and cosines.
+        fourier_scale: standard deviation of the frequencies ``b_k``, in
+            cycles per unit of weight: ``1`` resolves weights of order one.
+        fourier_seed: seed of the frequencies (fixed, not learned).
+        probes: number of learned probe inputs; ``0`` turns probes off.
+        probe_shape: the shape of one network input, e.g. ``(2,)`` for an INR
+            of 2-D coordinates or ``(1, 8, 8)`` for a small CNN.
+    """
+
+    positional: bool = True
+    max_positions: int = 64
+    activation_embedding: bool = True
+    layer_embedding: bool = True
+    embedding_dim: int = 8
+    fourier_features: int = 0
+    fourier_scale: float = 1.0
+    fourier_seed: int = 0
+    probes: int = 0
+    probe_shape: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.max_positions < 1:
+            raise ValueError(f"Invalid max_positions: {self.max_positions}")
+        if self.embedding_dim < 1:
+            raise ValueError(f"Invalid embedding_dim: {self.embedding_dim}")
+        if self.fourier_features < 0:
+            raise ValueError(f"Invalid fourier_features: {self.fourier_features}")
+        if not self.fourier_scale > 0:
+            raise ValueError(f"Invalid fourier_scale: {self.fourier_scale}")
+        if self.probes < 0:
+            raise ValueError(f"Invalid probes: {self.probes}")
+        object.__setattr__(self, "probe_shape", tuple(self.probe_shape))
+        if self.probes and not self.probe_shape:
+            raise ValueError("probes need probe_shape, the shape of one input")
+
+
+class RandomFourierFeatures(nn.Module):
+    r"""Elementwise random Fourier features of scalars.
+
+    .. math::
+        \phi(w) = [w,\ \sin(2\pi b_1 w), \dots, \sin(2\pi b_K w),\
+        \cos(2\pi b_1 w), \dots, \cos(2\pi b_K w)],
+        \qquad b_k \sim \mathcal{N}(0, \sigma^2)
+
+    with ``b`` drawn once from ``seed`` and kept as a buffer (saved in the
+    state_dict, moved with the module, never trained).
+
+    Args:
+        num_features (int): ``K``.
+        scale (float, optional): :math:`\sigma`. (default: ``1.0``)
+        seed (int, optional): seed of ``b``. (default: ``0``)
+
+    Shapes:
+        - **input:** :math:`(*, F)`
+        - **output:** :math:`(*, F (2K + 1))`: for each input column, its
+          value, ``K`` sines and ``K`` cosines, next to each other
+    """
+
+    def __init__(self, num_features: int, scale: float = 1.0, seed: int = 0):
+        super().__init__()
+        if num_features < 1:
+            raise ValueError(f"Invalid num_features: {num_features}")
+        self.num_features, self.scale, self.seed = num_features, scale, seed
+        gen = torch.Generator().manual_seed(seed)
+        self.register_buffer("frequencies", torch.randn(num_features, generator=gen))
+        self.frequencies.mul_(scale)
+
+    def out_features(self, in_features: int) -> int:
+        return in_features * (2 * self.num_features + 1)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        angle = (2 * math.pi) * w[..., None] * self.frequencies.to(w.dtype)
+        out = torch.cat([w[..., None], angle.sin(), angle.cos()], dim=-1)
+        return out.flatten(-2)
+
+    def __repr__(self) -> str:
+        return (
+            f"{self.__class__.__name__}({self.num_features}, scale={self.scale}, "
+            f"seed={self.seed})"
+        )
+
+
+class NeuralGraphFeaturizer(nn.Module):
+    """Node and edge inputs of a weight-space model, per
+    :class:`WeightSpaceConfig`.
+
+    Node inputs, in order: ``x`` (or its Fourier features), the role one-hot,
+    then, where enabled, the layer-type, activation and positional embeddings
+    and the probe values. Edge inputs: ``edge_attr`` (or its Fourier
+    features) and the layer-type embedding.
+
+    Args:
+        edge_features (int): ``F_edge`` of the graphs.
+        config (WeightSpaceConfig, optional): which features. (default: the
+            defaults of :class:`WeightSpaceConfig`)
+
+    Shapes:
+        - **input:** a graph or batch (and the networks, with probes)
+        - **output:** node inputs ``(N, node_in)``, edge inputs
+          ``(E, edge_in)``
+    """
+
+    def __init__(self, edge_features: int, config: WeightSpaceConfig | None = None):
+        super().__init__()
+        if edge_features < 1:
+            raise ValueError(f"Invalid edge_features: {edge_features}")
+        self.config = config = config if config is not None else WeightSpaceConfig()
+        self.edge_features = edge_features
+        dim = config.embedding_dim
+        self.fourier = (
+            RandomFourierFeatures(
+                config.fourier_features, config.fourier_scale, config.fourier_seed
+            )
+            if config.fourier_features
+            else None
+        )
+        widen = self.fourier.out_features if self.fourier else (lambda f: f)
+        self.node_in = widen(len(NODE_FEATURES)) + len(NODE_ROLES)
+        self.edge_in = widen(edge_features)
+        if config.layer_embedding:
+            self.node_layer_embedding = nn.Embedding(len(LAYER_TYPES), dim)
+            self.edge_layer_embedding = nn.Embedding(len(LAYER_TYPES), dim)
+            self.node_in += dim
+            self.edge_in += dim
+        if config.activation_embedding:
+            self.activation_embedding = nn.Embedding(len(ACTIVATIONS), dim)
+            self.node_in += dim
+        if config.positional:
+            # Rows [0, max) are input positions, [max, 2 max) output ones.
+            self.position_embedding = nn.Embedding(2 * config.max_positions, dim)
+            self.node_in += dim
+        if config.probes:
+            self.probe_inputs = nn.Parameter(
+                torch.empty(config.probes, *config.probe_shape)
+            )
+            self.node_in += config.probes
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for module in self.children():
+            if isinstance(module, nn.Embedding):
+                module.reset_parameters()
+        if self.config.probes:
+            # The range of an INR's coordinates; inputs of other networks are
+            # normalised to about this scale too.
+            nn.init.uniform_(self.probe_inputs, -1.0, 1.0)
+
+    def positions(self, data) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row of the positional table for each node, and which nodes have
+        one (input and output neurons)."""
+        limit = self.config.max_positions
+        has = (data.node_role == _INPUT) | (data.node_role == _OUTPUT)
+        pos = data.node_pos[has]
+        if len(pos) and int(pos.max()) >= limit:
+            raise ValueError(
+                f"a graph has an input or output neuron at position "
+                f"{int(pos.max())}, beyond max_positions={limit}"
+            )
+        row = data.node_pos.clamp(min=0) + limit * (data.node_role == _OUTPUT)
+        return torch.where(has, row, 0), has
+
+    def forward(
+        self, data, networks: nn.Module | Sequence[nn.Module] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``networks``: the architecture(s) of the graphs, needed with
+        probes only (see :func:`~lopt.weightspace.probe_activations`)."""
+        if data.edge_attr.shape[1] != self.edge_features:
+            raise ValueError(
+                f"graphs have {data.edge_attr.shape[1]} edge features, the model "
+                f"expects {self.edge_features} (pass the same kernel_size to "
+                "to_graph for every network)"
+            )
+        config = self.config
+        x, edge_attr = data.x, data.edge_attr
+        if self.fourier is not None:
+            x, edge_attr = self.fourier(x), self.fourier(edge_attr)
+        nodes = [x, F.one_hot(data.node_role, len(NODE_ROLES)).to(x.dtype)]
+        edges = [edge_attr]
+        if config.layer_embedding:
+            nodes.append(self.node_layer_embedding(data.node_type))
+            edges.append(self.edge_layer_embedding(data.edge_type))
+        if config.activation_embedding:
+            nodes.append(self.activation_embedding(data.node_act))
+        if config.positional:
+            row, has = self.positions(data)
+            nodes.append(self.position_embedding(row) * has[:, None].to(x.dtype))
+        if config.probes:
+            if networks is None:
+                raise ValueError(
+                    "the config has probes: pass the networks (their "
+                    "architectures) to run them through"
+                )
+            probes = probe_activations(networks, data, self.probe_inputs)
+            nodes.append(probes.to(x.dtype))
+        return torch.cat(nodes, dim=1), torch.cat(edges, dim=1)
+
+    def __repr__(self) -> str:
+        return (
+            f"{self.__class__.__name__}(edge_features={self.edge_features}, "
+            f"node_in={self.node_in}, edge_in={self.edge_in}, {self.config})"
+        )

@@ -1,0 +1,242 @@
+"""NG-T: a relational transformer over neural graphs (Kofinas et al. 2024).
+
+Every neuron attends to every neuron of its own network; where two neurons are
+joined by a weight, that weight's edge embedding enters the attention between
+them (relational attention, after Diao & Loynd 2023). Edges are then updated
+from their endpoints, as in :class:`lopt.nn.NGConv`. Nothing is positional
+but what the input features give (input and output neurons' positions), so
+the model is equivariant to permutations of hidden neurons by construction.
+
+Graphs of a batch are padded to the largest (``to_dense_batch``) and padding
+is masked out of the keys, so no neuron attends across networks. The cost is
+quadratic in the neurons of the largest graph: meant for zoo networks of up to
+a few hundred neurons.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch_geometric.utils import to_dense_batch
+
+from lopt.weightspace.features import NeuralGraphFeaturizer, WeightSpaceConfig
+from lopt.weightspace.readout import WeightSpaceOutput, WeightSpaceReadout, graph_batch
+
+__all__ = ["RelationalAttentionLayer", "NeuralGraphTransformer"]
+
+
+def pair_edges(
+    e: torch.Tensor,
+    edge_index: torch.Tensor,
+    batch: torch.Tensor,
+    num_graphs: int,
+    size: int,
+) -> torch.Tensor:
+    """``(B, M, M, 2 F + 2)``: for query neuron ``j`` and key neuron ``i`` of
+    one graph (local ids), the embedding of edge ``i -> j`` (``j``'s fan-in),
+    of edge ``j -> i`` (its fan-out), and two indicators of which exist; zero
+    for pairs without an edge. Parallel edges between one pair are summed."""
+    count = torch.bincount(batch, minlength=num_graphs)
+    start = torch.cumsum(count, 0) - count
+    local = torch.arange(len(batch), device=batch.device) - start[batch]
+    src, dst = edge_index
+    g, ls, ld = batch[src], local[src], local[dst]
+    width = e.shape[1]
+    ones = e.new_ones(len(src), 1)
+    pairs = e.new_zeros(num_graphs, size, size, 2 * width + 2)
+    fan_in = torch.cat([e, e.new_zeros(len(src), width), ones, 0 * ones], 1)
+    fan_out = torch.cat([e.new_zeros(len(src), width), e, 0 * ones, ones], 1)
+    pairs = pairs.index_put((g, ld, ls), fan_in, accumulate=True)
+    return pairs.index_put((g, ls, ld), fan_out, accumulate=True)
+
+
+class RelationalAttentionLayer(nn.Module):
+    r"""One NG-T layer: relational self-attention, a node MLP, an edge update.
+
+    For query neuron :math:`j`, key neuron :math:`i` of the same graph and
+    their pair features :math:`r_{ji}` (:func:`pair_edges`: the embeddings of
+    edges :math:`i \to j` and :math:`j \to i`, zero where absent), per head:
+
+    .. math::
+        \alpha_{ji} = \mathrm{softmax}_i\!\left(
+            \frac{q_j^\top (k_i + K_r r_{ji})}{\sqrt{d_h}}\right),\qquad
+        h_j \leftarrow h_j + W_o \sum_i \alpha_{ji} (v_i + V_r r_{ji})
+
+    then :math:`h \leftarrow h + \mathrm{MLP}(\mathrm{LN}(h))` and, for each
+    edge :math:`i \to j`,
+    :math:`e_{ij} \leftarrow e_{ij} + W_2\,\sigma(W_e \mathrm{LN}(e_{ij}) +
+    W_s h_i + W_t h_j)`. Queries, keys and values read
+    :math:`\mathrm{LN}(h)` (pre-norm).
+
+    Args:
+        node_dim (int): width of node embeddings (a multiple of
+            ``num_heads``).
+        edge_dim (int): width of edge embeddings.
+        num_heads (int, optional): attention heads. (default: ``4``)
+
+    Shapes:
+        - **input:** node embeddings ``(N, node_dim)``, edge embeddings
+          ``(E, edge_dim)``, ``edge_index (2, E)``, ``batch (N,)``, number of
+          graphs
+        - **output:** node embeddings ``(N, node_dim)``, edge embeddings
+          ``(E, edge_dim)``
+    """
+
+    def __init__(self, node_dim: int, edge_dim: int, num_heads: int = 4):
+        super().__init__()
+        if num_heads < 1 or node_dim % num_heads:
+            raise ValueError(
+                f"Invalid num_heads: {num_heads} (must divide node_dim={node_dim})"
+            )
+        self.node_dim, self.edge_dim, self.num_heads = node_dim, edge_dim, num_heads
+        pair = 2 * edge_dim + 2
+        self.node_norm = nn.LayerNorm(node_dim)
+        self.qkv = nn.Linear(node_dim, 3 * node_dim)
+        self.pair_key = nn.Linear(pair, node_dim, bias=False)
+        self.pair_value = nn.Linear(pair, node_dim, bias=False)
+        self.out = nn.Linear(node_dim, node_dim)
+        self.mlp_norm = nn.LayerNorm(node_dim)
+        self.mlp = nn.Sequential(
+            nn.Linear(node_dim, 2 * node_dim),
+            nn.SiLU(),
+            nn.Linear(2 * node_dim, node_dim),
+        )
+        self.edge_norm = nn.LayerNorm(edge_dim)
+        self.edge_self = nn.Linear(edge_dim, edge_dim)
+        self.edge_src = nn.Linear(node_dim, edge_dim, bias=False)
+        self.edge_dst = nn.Linear(node_dim, edge_dim, bias=False)
+        self.edge_out = nn.Linear(edge_dim, edge_dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for module in self.modules():
+            if module is not self and hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+
+    def forward(
+        self,
+        h: torch.Tensor,
+        e: torch.Tensor,
+        edge_index: torch.Tensor,
+        batch: torch.Tensor,
+        num_graphs: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        heads, width = self.num_heads, self.node_dim // self.num_heads
+        dense, mask = to_dense_batch(self.node_norm(h), batch, batch_size=num_graphs)
+        size = dense.shape[1]
+        q, k, v = (
+            t.reshape(num_graphs, size, heads, width)
+            for t in self.qkv(dense).chunk(3, dim=-1)
+        )
+        pairs = pair_edges(e, edge_index, batch, num_graphs, size)  # (B, Mq, Mk, P)
+        pk = self.pair_key(pairs).reshape(num_graphs, size, size, heads, width)
+        pv = self.pair_value(pairs).reshape(num_graphs, size, size, heads, width)
+        logits = torch.einsum("bjhd,bihd->bhji", q, k)
+        logits = logits + torch.einsum("bjhd,bjihd->bhji", q, pk)
+        logits = logits / math.sqrt(width)
+        logits = logits.masked_fill(~mask[:, None, None, :], float("-inf"))
+        attn = logits.softmax(dim=-1)
+        mixed = torch.einsum("bhji,bihd->bjhd", attn, v)
+        mixed = mixed + torch.einsum("bhji,bjihd->bjhd", attn, pv)
+        h = h + self.out(mixed.reshape(num_graphs, size, self.node_dim)[mask])
+        h = h + self.mlp(self.mlp_norm(h))
+        src, dst = edge_index
+        update = self.edge_self(self.edge_norm(e)) + self.edge_src(h)[src]
+        e = e + self.edge_out(F.silu(update + self.edge_dst(h)[dst]))
+        return h, e
+
+    def __repr__(self) -> str:
+        return (
+            f"{self.__class__.__name__}(node_dim={self.node_dim}, "
+            f"edge_dim={self.edge_dim}, num_heads={self.num_heads})"
+        )
+
+
+class NeuralGraphTransformer(nn.Module):
+    r"""NG-T (Kofinas et al. 2024): input features, encoders, a stack of
+    :class:`RelationalAttentionLayer`, and the readouts of
+    :class:`~lopt.weightspace.NeuralGraphGNN`.
+
+    Args:
+        edge_features (int): ``F_edge`` of the graphs (``prod(kernel_shape)``).
+        graph_out (int, optional): width of the graph-level output.
+            (default: ``1``)
+        node_dim (int, optional): node embedding width. (default: ``32``)
+        edge_dim (int, optional): edge embedding width. (default: ``8``)
+        num_layers (int, optional): attention layers. (default: ``2``)
+        num_heads (int, optional): attention heads. (default: ``4``)
+        config (WeightSpaceConfig, optional): input features.
+            (default: ``WeightSpaceConfig()``)
+
+    Shapes:
+        - **input:** a :class:`~lopt.weightspace.NeuralGraphData` or a batch;
+          with probes, the networks' architectures
+        - **output:** :class:`~lopt.weightspace.WeightSpaceOutput`: graph
+          ``(B, graph_out)``, node ``(N, F_node)``, edge ``(E, F_edge)``
+    """
+
+    def __init__(
+        self,
+        edge_features: int,
+        graph_out: int = 1,
+        node_dim: int = 32,
+        edge_dim: int = 8,
+        num_layers: int = 2,
+        num_heads: int = 4,
+        config: WeightSpaceConfig | None = None,
+    ):
+        super().__init__()
+        if edge_features < 1:
+            raise ValueError(f"Invalid edge_features: {edge_features}")
+        self.edge_features, self.graph_out = edge_features, graph_out
+        self.node_dim, self.edge_dim = node_dim, edge_dim
+        self.num_layers, self.num_heads = num_layers, num_heads
+        self.features = NeuralGraphFeaturizer(edge_features, config)
+        self.node_encoder = nn.Sequential(
+            nn.Linear(self.features.node_in, node_dim),
+            nn.SiLU(),
+            nn.Linear(node_dim, node_dim),
+        )
+        self.edge_encoder = nn.Linear(self.features.edge_in, edge_dim)
+        self.layers = nn.ModuleList(
+            RelationalAttentionLayer(node_dim, edge_dim, num_heads)
+            for _ in range(num_layers)
+        )
+        self.node_norm = nn.LayerNorm(node_dim)
+        self.readout = WeightSpaceReadout(node_dim, edge_dim, edge_features, graph_out)
+        self.reset_parameters()
+
+    @property
+    def config(self) -> WeightSpaceConfig:
+        return self.features.config
+
+    def reset_parameters(self) -> None:
+        for module in (self.features, *self.node_encoder, self.edge_encoder):
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+        for layer in self.layers:
+            layer.reset_parameters()
+        self.node_norm.reset_parameters()
+        self.readout.reset_parameters()
+
+    def forward(
+        self, data, networks: nn.Module | Sequence[nn.Module] | None = None
+    ) -> WeightSpaceOutput:
+        nodes, edges = self.features(data, networks)
+        h, e = self.node_encoder(nodes), self.edge_encoder(edges)
+        batch, num_graphs = graph_batch(data, h.shape[0])
+        for layer in self.layers:
+            h, e = layer(h, e, data.edge_index, batch, num_graphs)
+        return self.readout(self.node_norm(h), e, data.edge_index, data)
+
+    def __repr__(self) -> str:
+        return (
+            f"{self.__class__.__name__}(edge_features={self.edge_features}, "
+            f"graph_out={self.graph_out}, node_dim={self.node_dim}, "
+            f"edge_dim={self.edge_dim}, num_layers={self.num_layers}, "
+            f"num_heads={self.num_heads})"
+        )

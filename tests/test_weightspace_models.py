@@ -1,0 +1,298 @@
+"""Weight-space models and their input features: NG-GNN and NG-T with every
+feature on and off are invariant (graph) and equivariant (nodes, edges) to
+hidden-neuron permutations; positional and activation embeddings see what
+they must; probes are the networks' activations and learn; batching changes
+nothing."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch_geometric.data import Batch
+from weightspace_nets import (
+    cnn,
+    edge_match,
+    mlp,
+    permuted_graphs,
+    siren,
+    symmetric_cases,
+)
+
+from lopt.weightspace import (
+    NeuralGraphFeaturizer,
+    NeuralGraphGNN,
+    NeuralGraphTransformer,
+    RandomFourierFeatures,
+    RelationalAttentionLayer,
+    WeightSpaceConfig,
+    WeightSpaceReadout,
+    probe_activations,
+    to_graph,
+)
+
+CASES = symmetric_cases()
+MODELS = {"gnn": NeuralGraphGNN, "transformer": NeuralGraphTransformer}
+ATOL = 1e-5
+OFF = dict(positional=False, activation_embedding=False, layer_embedding=False)
+
+
+def _config(flags: str, probe_shape=()) -> WeightSpaceConfig:
+    if flags == "off":
+        return WeightSpaceConfig(**OFF)
+    return WeightSpaceConfig(
+        fourier_features=3, fourier_scale=0.5, probes=4, probe_shape=probe_shape
+    )
+
+
+def _model(kind: str, edge_features: int, config: WeightSpaceConfig, seed=0):
+    torch.manual_seed(seed)
+    model = MODELS[kind](
+        edge_features, graph_out=2, node_dim=8, edge_dim=4, config=config
+    )
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # far from the initialisation (LayerNorms included)
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    return model.eval()
+
+
+@pytest.mark.parametrize("flags", ["on", "off"])
+@pytest.mark.parametrize("kind", sorted(MODELS))
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_models_are_invariant_and_equivariant_to_hidden_permutations(name, kind, flags):
+    model, permuted, x, old, new, relabel = permuted_graphs(name, CASES)
+    net = _model(kind, old.edge_attr.shape[1], _config(flags, x.shape[1:]))
+    with torch.no_grad():
+        out_old, out_new = net(old, model), net(new, permuted)
+    torch.testing.assert_close(out_new.graph, out_old.graph, atol=ATOL, rtol=0)
+    torch.testing.assert_close(out_new.node, out_old.node[relabel], atol=ATOL, rtol=0)
+    match = edge_match(old, new, relabel)
+    torch.testing.assert_close(out_new.edge, out_old.edge[match], atol=ATOL, rtol=0)
+    # Not vacuous: the node outputs do differ from node to node.
+    assert out_old.node.std(0).min() > 1e-4
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_positional_embeddings_see_a_permutation_of_input_neurons(kind):
+    """Swapping an MLP's inputs relabels input neurons only: a model that
+    knows their positions tells the two apart, one that does not cannot. The
+    hidden and output neurons keep their ids: compare their outputs (graph
+    means shrink the difference)."""
+    model = mlp()
+    swapped = copy.deepcopy(model)
+    with torch.no_grad():
+        swapped[0].weight.copy_(model[0].weight[:, [2, 0, 1]])
+    old, new = to_graph(model), to_graph(swapped)
+    for positional, same in ((False, True), (True, False)):
+        config = WeightSpaceConfig(positional=positional)
+        net = _model(kind, 1, config)
+        with torch.no_grad():
+            a, b = net(old).node[3:], net(new).node[3:]
+        assert torch.allclose(a, b, atol=ATOL) == same, positional
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_activation_embeddings_tell_activations_apart(kind):
+    tanh = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    relu = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    relu.load_state_dict(tanh.state_dict())
+    a, b = to_graph(tanh), to_graph(relu)
+    for embed, same in ((False, True), (True, False)):
+        net = _model(kind, 1, WeightSpaceConfig(activation_embedding=embed))
+        with torch.no_grad():
+            same_out = torch.allclose(net(a).graph, net(b).graph, atol=ATOL)
+        assert same_out == same, embed
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_probe_activations_permute_with_hidden_neurons(name):
+    model, permuted, x, old, new, relabel = permuted_graphs(name, CASES)
+    before = probe_activations(model, old, x)
+    after = probe_activations(permuted, new, x)
+    torch.testing.assert_close(after, before[relabel], atol=ATOL, rtol=0)
+    # Output neurons hold the network's outputs.
+    outputs = old.node_role == 2
+    torch.testing.assert_close(before[outputs].T, model(x), atol=ATOL, rtol=0)
+    assert before.abs().sum(0).min() > 0
+
+
+def test_probe_activations_are_the_networks_own_and_batch_under_vmap():
+    model = mlp(widths=(3, 6, 5, 2))
+    probes = torch.randn(5, 3)
+    graph = to_graph(model)
+    values = probe_activations(model, graph, probes)
+    torch.testing.assert_close(values[:3].T, probes)  # inputs: the probes
+    torch.testing.assert_close(values[3:9].T, torch.tanh(model[0](probes)))
+    other = mlp(widths=(3, 6, 5, 2), seed=1)
+    batch = Batch.from_data_list([graph, to_graph(other)])
+    shared = probe_activations(model, batch, probes)  # one architecture: vmap
+    each = probe_activations([model, other], batch, probes)
+    torch.testing.assert_close(shared, each)
+    torch.testing.assert_close(shared[graph.num_nodes :, :].T[:, -2:], other(probes))
+    # The CNN's neurons: per-channel means over positions.
+    net = cnn()
+    x = torch.randn(3, 2, 6, 6)
+    values = probe_activations(net, to_graph(net), x)
+    torch.testing.assert_close(values[2:6].T, torch.relu(net[0](x)).mean((2, 3)))
+
+
+def test_siren_probes_run_its_own_forward_and_learn_under_vmap():
+    """w0 lives in the forward, not in the weights: probes read it from the
+    module. A batch of SIRENs (one architecture) runs under vmap."""
+    nets = [siren(seed=s) for s in range(3)]
+    graphs = [to_graph(n) for n in nets]
+    coords = torch.rand(6, 2) * 2 - 1
+    values = probe_activations(nets[0], graphs[0], coords)
+    first = torch.sin(30.0 * nets[0].layers[0](coords))
+    torch.testing.assert_close(values[2:10].T, first)
+    torch.testing.assert_close(values[-1:].T, nets[0](coords))
+    config = WeightSpaceConfig(probes=5, probe_shape=(2,))
+    model = NeuralGraphTransformer(1, config=config)
+    out = model(Batch.from_data_list(graphs), nets[0])
+    out.graph.sum().backward()
+    assert model.features.probe_inputs.grad.abs().sum() > 0
+
+
+def test_probe_errors_name_the_problem():
+    model = mlp()
+    graph = to_graph(model)
+    with pytest.raises(ValueError, match="does not trace to the graph's network"):
+        probe_activations(cnn(), graph, torch.randn(2, 3))
+    inferred = to_graph(model, trace=False)
+    assert inferred.fx_values == ()
+    with pytest.raises(ValueError, match="built by shape inference"):
+        probe_activations(model, inferred, torch.randn(2, 3))
+    batch = Batch.from_data_list([graph, to_graph(mlp(widths=(3, 4, 2)))])
+    with pytest.raises(ValueError, match="different architectures"):
+        probe_activations(model, batch, torch.randn(2, 3))
+    net = NeuralGraphGNN(1, config=WeightSpaceConfig(probes=2, probe_shape=(3,)))
+    with pytest.raises(ValueError, match="pass the networks"):
+        net(graph)
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_learned_probes_receive_gradients(kind):
+    models = [mlp(seed=0), mlp(seed=1)]
+    batch = Batch.from_data_list([to_graph(m) for m in models])
+    config = WeightSpaceConfig(probes=4, probe_shape=(3,))
+    for networks in (models[0], models):  # shared architecture, then one each
+        net = MODELS[kind](1, config=config)
+        net(batch, networks).graph.square().sum().backward()
+        grad = net.features.probe_inputs.grad
+        assert grad is not None and grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_a_batch_gives_each_graph_its_own_outputs(kind):
+    nets = [mlp(widths=(3, 7, 2)), cnn(), symmetric_cases()["residual_cnn"][0]]
+    graphs = [to_graph(m, kernel_size=(3, 3)) for m in nets]
+    config = WeightSpaceConfig(fourier_features=2)
+    model = _model(kind, 9, config)
+    batch = Batch.from_data_list(graphs)
+    with torch.no_grad():
+        together = model(batch)
+        alone = [model(g) for g in graphs]
+    torch.testing.assert_close(together.graph, torch.cat([a.graph for a in alone]))
+    torch.testing.assert_close(together.node, torch.cat([a.node for a in alone]))
+    torch.testing.assert_close(together.edge, torch.cat([a.edge for a in alone]))
+    # With probes: three MLPs of different widths, one module each.
+    mlps = [mlp(widths=w) for w in ((3, 4, 2), (3, 6, 5, 2), (3, 2, 2))]
+    config = WeightSpaceConfig(probes=3, probe_shape=(3,))
+    model = _model(kind, 1, config)
+    graphs = [to_graph(m) for m in mlps]
+    with torch.no_grad():
+        together = model(Batch.from_data_list(graphs), mlps)
+        alone = torch.cat([model(g, m).graph for g, m in zip(graphs, mlps)])
+    torch.testing.assert_close(together.graph, alone)
+
+
+def test_fourier_features_shape_values_and_seed():
+    rff = RandomFourierFeatures(4, scale=2.0, seed=3)
+    w = torch.randn(5, 7)
+    out = rff(w)
+    assert out.shape == (5, 7 * 9) == (5, rff.out_features(7))
+    per = out.reshape(5, 7, 9)
+    torch.testing.assert_close(per[..., 0], w)
+    angle = 2 * torch.pi * w[..., None] * rff.frequencies
+    torch.testing.assert_close(per[..., 1:5], angle.sin())
+    torch.testing.assert_close(per[..., 5:], angle.cos())
+    same = RandomFourierFeatures(4, scale=2.0, seed=3)
+    assert torch.equal(same.frequencies, rff.frequencies)
+    assert not torch.equal(
+        RandomFourierFeatures(4, seed=4).frequencies, rff.frequencies
+    )
+    assert "frequencies" in rff.state_dict() and not list(rff.parameters())
+    # Conv kernels: each tap of each edge gets its own features.
+    featurizer = NeuralGraphFeaturizer(9, WeightSpaceConfig(fourier_features=4, **OFF))
+    graph = to_graph(cnn(), kernel_size=(3, 3))
+    nodes, edges = featurizer(graph)
+    assert edges.shape == (graph.num_edges, 9 * 9)
+    assert (
+        nodes.shape
+        == (graph.num_nodes, 3 * 9 + 4)
+        == (graph.num_nodes, featurizer.node_in)
+    )
+
+
+def test_featurizer_widths_follow_the_flags_and_hidden_neurons_get_no_position():
+    graph = to_graph(mlp())
+    base = NeuralGraphFeaturizer(1, WeightSpaceConfig(**OFF))
+    assert (base.node_in, base.edge_in) == (3 + 4, 1)
+    full = NeuralGraphFeaturizer(1, WeightSpaceConfig(embedding_dim=5))
+    assert (full.node_in, full.edge_in) == (3 + 4 + 3 * 5, 1 + 5)
+    nodes, edges = full(graph)
+    assert nodes.shape == (graph.num_nodes, full.node_in)
+    position = nodes[:, -5:]
+    hidden = graph.node_pos == -1
+    assert not position[hidden].any() and position[~hidden].abs().sum(1).min() > 0
+    # Input position 0 and output position 0 are different rows.
+    assert not torch.equal(position[0], position[-2])
+    with pytest.raises(ValueError, match="beyond max_positions=2"):
+        NeuralGraphFeaturizer(1, WeightSpaceConfig(max_positions=2))(graph)
+
+
+def test_bad_arguments_raise():
+    for kwargs, message in (
+        (dict(max_positions=0), "Invalid max_positions: 0"),
+        (dict(embedding_dim=0), "Invalid embedding_dim: 0"),
+        (dict(fourier_features=-1), "Invalid fourier_features: -1"),
+        (dict(fourier_scale=0.0), "Invalid fourier_scale: 0.0"),
+        (dict(probes=-2), "Invalid probes: -2"),
+        (dict(probes=2), "probes need probe_shape"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            WeightSpaceConfig(**kwargs)
+    with pytest.raises(ValueError, match="Invalid num_heads: 3"):
+        NeuralGraphTransformer(1, node_dim=8, num_heads=3)
+    with pytest.raises(ValueError, match="Invalid edge_features: 0"):
+        NeuralGraphTransformer(0)
+    with pytest.raises(ValueError, match="Invalid graph_out: 0"):
+        NeuralGraphGNN(1, graph_out=0)
+    with pytest.raises(ValueError, match="graphs have 1 edge features, the model"):
+        NeuralGraphTransformer(9)(to_graph(mlp()))
+
+
+def test_reprs():
+    assert repr(NeuralGraphGNN(9, graph_out=3)) == (
+        "NeuralGraphGNN(edge_features=9, graph_out=3, node_dim=32, edge_dim=8, "
+        "num_layers=2)"
+    )
+    assert repr(NeuralGraphTransformer(9, num_heads=2)) == (
+        "NeuralGraphTransformer(edge_features=9, graph_out=1, node_dim=32, "
+        "edge_dim=8, num_layers=2, num_heads=2)"
+    )
+    assert repr(RelationalAttentionLayer(8, 4, 2)) == (
+        "RelationalAttentionLayer(node_dim=8, edge_dim=4, num_heads=2)"
+    )
+    assert repr(RandomFourierFeatures(4, 0.5, 1)) == (
+        "RandomFourierFeatures(4, scale=0.5, seed=1)"
+    )
+    featurizer = NeuralGraphFeaturizer(1, WeightSpaceConfig(**OFF))
+    assert repr(featurizer).startswith(
+        "NeuralGraphFeaturizer(edge_features=1, node_in=7, edge_in=1, "
+        "WeightSpaceConfig(positional=False"
+    )
+    assert isinstance(NeuralGraphGNN(1).readout, WeightSpaceReadout)
