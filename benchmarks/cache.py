@@ -1,7 +1,8 @@
-"""A cache of finished baseline runs, so that comparing a new rule re-runs only
-``NGOptimizer``.
+"""A cache of finished baseline and peer runs, so that comparing a new rule
+re-runs only ``NGOptimizer``.
 
-Baseline runs (Adam, AdamW, SGD at a given learning rate) do not depend on the
+Baseline runs (Adam, AdamW, SGD at a given learning rate) and the untuned
+peers' runs (Prodigy, Schedule-Free AdamW, LDoG) do not depend on the
 learned rule, and with a fixed seed and thread count they are deterministic. A
 full comparison spends most of its time on them (the learning-rate grids), so
 evaluating several candidate rules against the same baselines re-uses them:
@@ -9,9 +10,11 @@ evaluating several candidate rules against the same baselines re-uses them:
 
 One JSON file per run (loading never executes code), named by a hash of
 everything the run depends on: task, optimizer, learning rate, seed, step
-budget, divergence factor, torch version and torch thread count. The learned
-optimizer's runs are never cached. A cached run keeps the wall-clock time it
-was measured with.
+budget, divergence factor, torch version and torch thread count, and for a
+peer also its package and version and its settings (so a new release of the
+package, or new settings, re-runs it; the baselines' keys are unchanged by
+this). The learned optimizer's runs are never cached. A cached run keeps the
+wall-clock time it was measured with.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.optimizers import NG, OptimizerConfig
+from benchmarks.optimizers import NG, PEER_SPECS, OptimizerConfig, peer_version
 from benchmarks.training import RunResult
 
 __all__ = ["RunCache"]
@@ -34,7 +37,7 @@ _FORMAT = 1
 
 
 class RunCache:
-    """Finished baseline runs stored as JSON files in ``directory``.
+    """Finished baseline and peer runs stored as JSON files in ``directory``.
 
     Args:
         directory: where the files live (created when missing).
@@ -49,13 +52,13 @@ class RunCache:
 
     @staticmethod
     def cacheable(config: OptimizerConfig) -> bool:
-        """Only baselines: the learned optimizer's runs depend on the rule."""
+        """Baselines and peers: the learned optimizer's runs depend on the rule."""
         return config.name != NG
 
     def _key(
         self, task: str, config: OptimizerConfig, seed: int, steps: int, factor: float
     ) -> dict:
-        return {
+        key = {
             "format": _FORMAT,
             "task": task,
             "optimizer": config.name,
@@ -66,6 +69,11 @@ class RunCache:
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
         }
+        spec = PEER_SPECS.get(config.name)
+        if spec is not None:  # only for peers: the baselines' keys stay as they were
+            key["package"] = f"{spec.distribution}=={peer_version(config.name)}"
+            key["settings"] = spec.settings()
+        return key
 
     def _path(self, key: dict) -> Path:
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()

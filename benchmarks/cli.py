@@ -1,11 +1,17 @@
-"""Command-line pieces shared by the three benchmark commands."""
+"""Command-line pieces shared by the benchmark commands."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-__all__ = ["RESULTS_DIR", "add_common_arguments", "output_dir", "print_saved"]
+__all__ = [
+    "RESULTS_DIR",
+    "add_common_arguments",
+    "add_peers_argument",
+    "output_dir",
+    "print_saved",
+]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -20,6 +26,18 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_peers_argument(parser: argparse.ArgumentParser) -> None:
+    """``--peers``: which untuned peers run (parse with
+    :func:`benchmarks.optimizers.parse_peers`)."""
+    parser.add_argument(
+        "--peers",
+        default="all",
+        help="untuned peer optimizers run beside NG and Adam(1e-3): all "
+        "(default: prodigy,schedulefree,ldog), none, or a comma-separated list; "
+        "they need the bench extra (pip install -e '.[bench]')",
+    )
 
 
 def output_dir(args: argparse.Namespace) -> Path:

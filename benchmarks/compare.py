@@ -1,16 +1,20 @@
-"""NGOptimizer against Adam and tuned baselines on the held-out suite.
+"""NGOptimizer against Adam, untuned peers and tuned baselines on the held-out
+suite.
 
 Usage::
 
     python -m benchmarks.compare [--quick] [--steps N] [--seeds K]
-        [--tasks a,b] [--rule PATH] [--out DIR]
+        [--grid-points G] [--peers all|none|a,b] [--tasks a,b] [--rule PATH]
+        [--cache DIR] [--out DIR]
 
 For every task of :mod:`benchmarks.suite`: ``NGOptimizer`` with the rule at its
-defaults (never tuned), Adam at lr 1e-3, and Adam, AdamW and SGD-momentum each
-at the best learning rate of a log-spaced grid (best = fewest divergent seeds,
-then lowest mean final smoothed train loss). Writes ``results.json`` (every
-run's curve, subsampled, and all summaries), ``results.md`` (tables) and
-``loss_curves.png`` into ``--out`` and prints the tables.
+defaults (never tuned), Adam at lr 1e-3, the untuned peers at their recommended
+defaults (Prodigy, Schedule-Free AdamW, LDoG; ``--peers`` chooses), and Adam,
+AdamW and SGD-momentum each at the best learning rate of a log-spaced grid
+(best = fewest divergent seeds, then lowest mean final smoothed train loss).
+Writes ``results.json`` (every run's curve, subsampled, and all summaries),
+``results.md`` (tables) and ``loss_curves.png`` into ``--out`` and prints the
+tables.
 
 Full settings: 1000 steps, 3 seeds, 9-point grids (half-decade spacing over
 four decades: Adam / AdamW 1e-4..1, SGD 1e-3..10). ``--quick``: 200 steps, 2
@@ -32,14 +36,31 @@ import torch
 
 from benchmarks import report
 from benchmarks.cache import RunCache
-from benchmarks.cli import add_common_arguments, output_dir, print_saved
-from benchmarks.optimizers import BASELINES, load_ng_rule, lr_grid
+from benchmarks.cli import (
+    add_common_arguments,
+    add_peers_argument,
+    output_dir,
+    print_saved,
+)
+from benchmarks.optimizers import (
+    BASELINES,
+    PEER_SPECS,
+    PEERS,
+    MissingPeerError,
+    check_peers,
+    load_ng_rule,
+    lr_grid,
+    parse_peers,
+    peer_version,
+)
 from benchmarks.plotting import plot_loss_curves
 from benchmarks.protocol import (
     TIE_TOLERANCE,
     Protocol,
     entry_label,
     execute,
+    reference_keys,
+    reference_name,
     run_record,
     summarise_task,
 )
@@ -58,8 +79,8 @@ __all__ = [
     "main",
 ]
 
-#: Column order of the tables.
-ENTRY_ORDER = ("ng", "adam_default", "adam_tuned", "adamw_tuned", "sgd_tuned")
+#: Column order of the tables (columns of entries no task has are left out).
+ENTRY_ORDER = ("ng", "adam_default", *PEERS, "adam_tuned", "adamw_tuned", "sgd_tuned")
 
 
 @dataclass(frozen=True)
@@ -69,12 +90,14 @@ class Settings:
     Attributes:
         steps: optimizer steps per run.
         seeds: number of seeds (``0 .. seeds - 1``).
-        grid_points: learning rates per tuned baseline.
+        grid_points: learning rates per tuned baseline (0: none tuned).
+        peers: untuned peers run beside NG and Adam(1e-3) (all by default).
     """
 
     steps: int
     seeds: int
     grid_points: int
+    peers: tuple[str, ...] = PEERS
 
 
 FULL = Settings(steps=1000, seeds=3, grid_points=9)
@@ -82,7 +105,8 @@ QUICK = Settings(steps=200, seeds=2, grid_points=5)
 
 
 def make_protocol(settings: Settings) -> Protocol:
-    """The protocol for ``settings``: every baseline of :data:`BASELINES` tuned."""
+    """The protocol for ``settings``: every baseline of :data:`BASELINES` tuned,
+    and the peers of ``settings``."""
     return Protocol(
         steps=settings.steps,
         seeds=tuple(range(settings.seeds)),
@@ -91,6 +115,7 @@ def make_protocol(settings: Settings) -> Protocol:
             for name in BASELINES
             if settings.grid_points > 0
         },
+        peers=settings.peers,
     )
 
 
@@ -106,10 +131,10 @@ def run_compare(
 
     Args:
         tasks: tasks to run.
-        protocol: steps, seeds and grids.
+        protocol: steps, seeds, grids and peers.
         rule_path: the learned rule's directory (``None``: the default rule).
         progress: show a progress bar over runs.
-        cache: re-use (and store) finished baseline runs, see
+        cache: re-use (and store) finished baseline and peer runs, see
             :mod:`benchmarks.cache`.
 
     Returns:
@@ -129,6 +154,10 @@ def run_compare(
             "steps": protocol.steps,
             "seeds": list(protocol.seeds),
             "grids": {k: list(v) for k, v in protocol.grids.items()},
+            "peers": {
+                name: {**PEER_SPECS[name].settings(), "version": peer_version(name)}
+                for name in protocol.peers
+            },
             "default_adam_lr": protocol.default_adam_lr,
             "smoothing_fraction": protocol.smoothing,
             "smoothing_window": protocol.window,
@@ -149,8 +178,17 @@ def _count_outcomes(summaries: Sequence[dict], key: str) -> dict[str, int]:
     return counts
 
 
+def _outcome_keys(summaries: Sequence[dict]) -> list[str]:
+    keys = {k for s in summaries for k in s["outcome"]}
+    return [k for k in reference_keys(dict.fromkeys(keys)) if k in keys]
+
+
 def aggregate(summaries: Sequence[dict], wall_s: float | None = None) -> dict:
     """Suite-level numbers: wins, median speedup and divergences.
+
+    ``outcome_vs`` counts NG's wins, ties and losses against every entry it is
+    compared with (Adam(1e-3), tuned Adam, each peer); ``outcome_vs_adam_default``
+    and ``outcome_vs_adam_tuned`` repeat the first two (older readers use them).
 
     Censored speedups (tuned Adam never reached NG's final loss) enter the
     median at their cap, so the median is then itself a lower bound.
@@ -164,6 +202,9 @@ def aggregate(summaries: Sequence[dict], wall_s: float | None = None) -> dict:
             divergences[key] = divergences.get(key, 0) + int(run["diverged"])
     return {
         "num_tasks": len(summaries),
+        "outcome_vs": {
+            k: _count_outcomes(summaries, k) for k in _outcome_keys(summaries)
+        },
         "outcome_vs_adam_default": _count_outcomes(summaries, "adam_default"),
         "outcome_vs_adam_tuned": _count_outcomes(summaries, "adam_tuned"),
         "median_speedup_vs_adam_tuned": (
@@ -188,11 +229,18 @@ def _best(values: list[float | None], higher: bool) -> int | None:
     return (max if higher else min)(finite)[1]
 
 
-def _entry_cells(summary: dict, mean_key: str, std_key: str, higher: bool) -> list[str]:
-    entries = [summary["entries"].get(k) for k in ENTRY_ORDER]
+def _entry_keys(summaries: Sequence[dict]) -> list[str]:
+    """The table's entry columns: those of :data:`ENTRY_ORDER` some task has."""
+    return [k for k in ENTRY_ORDER if any(k in s["entries"] for s in summaries)]
+
+
+def _entry_cells(
+    summary: dict, keys: Sequence[str], mean_key: str, std_key: str, higher: bool
+) -> list[str]:
+    entries = [summary["entries"].get(k) for k in keys]
     best = _best([e[mean_key] if e else None for e in entries], higher)
     cells = []
-    for i, (key, entry) in enumerate(zip(ENTRY_ORDER, entries)):
+    for i, (key, entry) in enumerate(zip(keys, entries)):
         if entry is None:
             cells.append("-")
             continue
@@ -217,9 +265,30 @@ def _reverse(speedup: dict | None) -> str:
     return "never" if value is None else f"{value:.2f}x"
 
 
+def _default_lr(summaries: Sequence[dict]) -> float | None:
+    return summaries[0]["entries"]["adam_default"]["lr"] if summaries else None
+
+
 def _headers(first: Sequence[str], summaries: Sequence[dict]) -> list[str]:
-    lr = summaries[0]["entries"]["adam_default"]["lr"] if summaries else None
-    return [*first, *(entry_label(k, lr) for k in ENTRY_ORDER)]
+    lr = _default_lr(summaries)
+    return [*first, *(entry_label(k, lr) for k in _entry_keys(summaries))]
+
+
+def _peers_text(peers: dict) -> str:
+    if not peers:
+        return "no peers"
+    parts = []
+    for name, info in peers.items():
+        kwargs = ", ".join(f"{k}={v:g}" for k, v in info["kwargs"].items())
+        evaluated = {
+            "schedulefree_x": "evaluated at x",
+            "polynomial_average": "evaluated at its polynomial-decay average",
+        }.get(info["evaluated_at"])
+        details = "; ".join(t for t in (kwargs or "defaults", evaluated) if t)
+        parts.append(
+            f"{entry_label(name)} ({info['class']} {info['version']}: {details})"
+        )
+    return "peers at their defaults: " + ", ".join(parts)
 
 
 def markdown_report(results: dict) -> str:
@@ -235,9 +304,10 @@ def markdown_report(results: dict) -> str:
         f"{cfg['steps']} steps, seeds {cfg['seeds']}, lr grids {grids}; "
         f"rule `{cfg['rule_path']}`; lopt {cfg['lopt_version']}, "
         f"torch {cfg['torch_version']}, commit {str(cfg['git_commit'])[:10]}, "
-        f"{cfg['date']}.",
+        f"{cfg['date']}; {_peers_text(cfg.get('peers', {}))}.",
         "",
         "`*` = tuned per task (lr after `@`; `†` = at the edge of the grid); "
+        "NG, Adam(1e-3) and the peers are untuned; "
         "**bold** = best in the row; "
         "`div.` = diverged runs (non-finite loss or loss > "
         f"{cfg['divergence_factor']:g}x the initial loss).",
@@ -246,9 +316,10 @@ def markdown_report(results: dict) -> str:
         f"{cfg['smoothing_window']} steps)",
         "",
     ]
+    keys = _entry_keys(summaries)
     rows = [
         [s["name"], f"{s['num_params']:,}"]
-        + _entry_cells(s, "final_loss_mean", "final_loss_std", higher=False)
+        + _entry_cells(s, keys, "final_loss_mean", "final_loss_std", higher=False)
         for s in summaries
     ]
     lines += [report.markdown_table(_headers(["task", "params"], summaries), rows), ""]
@@ -259,7 +330,9 @@ def markdown_report(results: dict) -> str:
             s["name"],
             s["metric"]["name"] + (" ↑" if s["metric"]["higher_is_better"] else " ↓"),
         ]
-        + _entry_cells(s, "metric_mean", "metric_std", s["metric"]["higher_is_better"])
+        + _entry_cells(
+            s, keys, "metric_mean", "metric_std", s["metric"]["higher_is_better"]
+        )
         for s in summaries
     ]
     lines += [report.markdown_table(_headers(["task", "metric"], summaries), rows), ""]
@@ -308,14 +381,21 @@ def markdown_report(results: dict) -> str:
         median_text += f" (lower bound: {agg['speedups_censored']} censored)"
     by_opt = ", ".join(f"{k} {v}" for k, v in agg["divergences_by_optimizer"].items())
     n = agg["num_tasks"]
-    default, tuned = agg["outcome_vs_adam_default"], agg["outcome_vs_adam_tuned"]
+    outcomes = agg.get("outcome_vs") or {
+        "adam_default": agg["outcome_vs_adam_default"],
+        "adam_tuned": agg["outcome_vs_adam_tuned"],
+    }
+    beats = [
+        f"{reference_name(key, _default_lr(summaries))} on **{c['win']}/{n}** tasks "
+        f"({c['tie']} ties, {c['loss']} losses)"
+        for key, c in outcomes.items()
+    ]
     lines += [
         "## Aggregate",
         "",
-        f"- NG beats Adam(1e-3) (final train loss lower by > "
-        f"{TIE_TOLERANCE:.0%}) on **{default['win']}/{n}** tasks "
-        f"({default['tie']} ties, {default['loss']} losses); tuned Adam on "
-        f"**{tuned['win']}/{n}** ({tuned['tie']} ties, {tuned['loss']} losses).",
+        f"- NG beats (final train loss lower by > {TIE_TOLERANCE:.0%}) "
+        + "; ".join(beats)
+        + ".",
         f"- Median speedup over tuned Adam: **{median_text}**.",
         f"- Divergences: **{agg['divergences_total']}** of {agg['runs_total']} runs "
         f"({by_opt}).",
@@ -357,12 +437,13 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "--grid-points",
         type=int,
         help="lr grid size (overrides); 0 runs no tuned baselines "
-        "(NG and Adam(1e-3) only)",
+        "(NG, Adam(1e-3) and the peers only)",
     )
+    add_peers_argument(parser)
     parser.add_argument("--tasks", help="comma-separated task names (default: all)")
     parser.add_argument(
         "--cache",
-        help="directory of cached baseline runs: re-used when present, filled "
+        help="directory of cached baseline and peer runs: re-used when present, filled "
         "otherwise, so comparing another rule re-runs only NGOptimizer",
     )
     add_common_arguments(parser)
@@ -373,18 +454,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
     args = _parse(argv)
     base = QUICK if args.quick else FULL
-    settings = Settings(
-        steps=args.steps or base.steps,
-        seeds=args.seeds or base.seeds,
-        grid_points=base.grid_points if args.grid_points is None else args.grid_points,
-    )
     torch.set_num_threads(args.threads)
     try:
+        settings = Settings(
+            steps=args.steps or base.steps,
+            seeds=args.seeds or base.seeds,
+            grid_points=(
+                base.grid_points if args.grid_points is None else args.grid_points
+            ),
+            peers=parse_peers(args.peers),
+        )
         tasks = get_tasks(args.tasks.split(",") if args.tasks else None)
         protocol = make_protocol(settings)
         load_ng_rule(args.rule)  # fail now, not after the first runs
+        check_peers(settings.peers)  # likewise for a missing package
         cache = RunCache(args.cache) if args.cache else None
-    except ValueError as err:
+    except (ValueError, MissingPeerError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(
@@ -400,7 +485,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         cache=cache,
     )
     if cache is not None:
-        print(f"baseline runs re-used from {args.cache}: {cache.hits}", flush=True)
+        print(
+            f"baseline and peer runs re-used from {args.cache}: {cache.hits}",
+            flush=True,
+        )
     paths = write_outputs(results, output_dir(args))
     print()
     print(markdown_report(results))

@@ -21,7 +21,13 @@ from benchmarks import curves
 from benchmarks.protocol import entry_label
 from benchmarks.report import format_lr
 
-__all__ = ["ENTRY_COLORS", "plot_loss_curves", "plot_overhead", "plot_scaling"]
+__all__ = [
+    "ENTRY_COLORS",
+    "ENTRY_STYLES",
+    "plot_loss_curves",
+    "plot_overhead",
+    "plot_scaling",
+]
 
 #: Colour of each summary entry, shared by all figures.
 ENTRY_COLORS = {
@@ -30,7 +36,13 @@ ENTRY_COLORS = {
     "adam_tuned": "tab:blue",
     "adamw_tuned": "tab:green",
     "sgd_tuned": "tab:purple",
+    "prodigy": "tab:orange",
+    "schedulefree": "tab:cyan",
+    "ldog": "tab:brown",
 }
+#: Line style of each summary entry (solid when absent): the untuned peers are
+#: dash-dotted, apart from the tuned baselines (diverged runs are dashed).
+ENTRY_STYLES = {"prodigy": "-.", "schedulefree": "-.", "ldog": "-."}
 _FLOOR = 1e-12  # log axes cannot show zero losses
 
 
@@ -111,7 +123,13 @@ def plot_loss_curves(
                 # NG on top: it is the subject and may overlap a baseline.
                 z = 3 if key == "ng" else 2
                 ax.plot(
-                    steps, stack.mean(0), color=color, label=label, lw=1.4, zorder=z
+                    steps,
+                    stack.mean(0),
+                    color=color,
+                    ls=ENTRY_STYLES.get(key, "-"),
+                    label=label,
+                    lw=1.4,
+                    zorder=z,
                 )
                 if len(complete) > 1:
                     ax.fill_between(
@@ -191,7 +209,9 @@ def plot_scaling(sweeps: dict[str, list[dict]], path: str | os.PathLike) -> Path
     Args:
         sweeps: ``{"width": points, "depth": points}``; each point has the
             swept ``value``, ``loss_ratio`` and ``speedup`` dicts keyed by
-            baseline (``adam_default``, ``adam_tuned``).
+            baseline (``adam_default``, ``adam_tuned``, and each peer's name).
+            Loss ratios are drawn against every baseline and peer, speedups
+            against the two Adams.
         path: PNG file to write.
     """
     names = [n for n in ("width", "depth") if sweeps.get(n)]
@@ -200,17 +220,19 @@ def plot_scaling(sweeps: dict[str, list[dict]], path: str | os.PathLike) -> Path
     for col, name in enumerate(names):
         points = sweeps[name]
         xs = [p["value"] for p in points]
-        for key in ("adam_default", "adam_tuned"):
-            color = ENTRY_COLORS[key]
-            label = "vs " + entry_label(key, points[0]["lr"].get(key))
+        for key in points[0]["loss_ratio"]:
             ratio = [p["loss_ratio"].get(key) for p in points]
             axes[0, col].plot(
                 xs,
                 [np.nan if r is None else r for r in ratio],
-                "o-",
-                color=color,
-                label=label,
+                marker="o",
+                ls=ENTRY_STYLES.get(key, "-"),
+                color=ENTRY_COLORS[key],
+                label="vs " + entry_label(key, points[0]["lr"].get(key)),
             )
+        for key in ("adam_default", "adam_tuned"):
+            color = ENTRY_COLORS[key]
+            label = "vs " + entry_label(key, points[0]["lr"].get(key))
             speed = [p["speedup"].get(key) for p in points]
             values = [np.nan if s is None else s["value"] for s in speed]
             axes[1, col].plot(xs, values, "o-", color=color, label=label)

@@ -1,8 +1,10 @@
 """The comparison protocol shared by ``compare`` and ``scaling``.
 
 For each task: the learned optimizer at its defaults, Adam at its default
-learning rate, and each tuned baseline at every point of its learning-rate
-grid, all on the same seeds (same initial weights, same batches). Tuning picks,
+learning rate, the untuned peers at their recommended defaults (Prodigy,
+Schedule-Free AdamW, LDoG; see :data:`benchmarks.optimizers.PEER_SPECS`), and
+each tuned baseline at every point of its learning-rate grid, all on the same
+seeds (same initial weights, same batches). Tuning picks,
 per task and baseline, the learning rate with the fewest divergent seeds and
 then the lowest mean final smoothed train loss. Runs are planned first (so a
 progress bar knows the total and shared runs such as Adam at 1e-3, which is
@@ -20,7 +22,7 @@ from tqdm.auto import tqdm
 
 from benchmarks import curves
 from benchmarks.cache import RunCache
-from benchmarks.optimizers import DISPLAY_NAMES, NG, OptimizerConfig
+from benchmarks.optimizers import DISPLAY_NAMES, NG, PEERS, OptimizerConfig
 from benchmarks.report import format_lr
 from benchmarks.suite import Task
 from benchmarks.training import DIVERGENCE_FACTOR, RunResult, train
@@ -35,6 +37,8 @@ __all__ = [
     "execute",
     "summarise_task",
     "entry_label",
+    "reference_keys",
+    "reference_name",
     "run_record",
 ]
 
@@ -52,6 +56,7 @@ class Protocol:
         steps: optimizer steps per run.
         seeds: run seeds.
         grids: learning-rate grid of each tuned baseline.
+        peers: untuned peers (names from :data:`benchmarks.optimizers.PEERS`).
         default_adam_lr: the untuned Adam reference.
         smoothing: fraction of steps averaged for the final loss.
         divergence_factor: see :func:`benchmarks.training.train`.
@@ -60,6 +65,7 @@ class Protocol:
     steps: int
     seeds: tuple[int, ...]
     grids: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
+    peers: tuple[str, ...] = ()
     default_adam_lr: float = DEFAULT_ADAM_LR
     smoothing: float = curves.SMOOTHING_FRACTION
     divergence_factor: float = DIVERGENCE_FACTOR
@@ -69,6 +75,9 @@ class Protocol:
             raise ValueError(f"Invalid steps: {self.steps}")
         if not self.seeds:
             raise ValueError(f"Invalid seeds: {self.seeds}")
+        unknown = [p for p in self.peers if p not in PEERS]
+        if unknown:
+            raise ValueError(f"Invalid peers: {unknown} (known: {list(PEERS)})")
 
     @property
     def window(self) -> int:
@@ -78,6 +87,7 @@ class Protocol:
     def configs(self) -> list[OptimizerConfig]:
         """Every optimizer configuration run on each task, without repeats."""
         out = [OptimizerConfig(NG), OptimizerConfig("adam", self.default_adam_lr)]
+        out += [OptimizerConfig(peer) for peer in self.peers]
         for name, grid in self.grids.items():
             out += [OptimizerConfig(name, lr) for lr in grid]
         return list(dict.fromkeys(out))
@@ -115,7 +125,7 @@ def execute(
         rule: the learned rule shared by every ``NGOptimizer`` run.
         progress: show a tqdm bar.
         on_run: called after each run (e.g. to log).
-        cache: re-use finished baseline runs from, and store new ones in,
+        cache: re-use finished baseline and peer runs from, and store new ones in,
             this :class:`~benchmarks.cache.RunCache`.
 
     Returns:
@@ -163,14 +173,32 @@ def execute(
 
 
 def entry_label(key: str, lr: float | None = None) -> str:
-    """Column heading of a summary entry (``"adam_tuned"`` -> ``"Adam*"``)."""
-    if key == NG:
-        return "NG"
+    """Column heading of a summary entry (``"adam_tuned"`` -> ``"Adam*"``,
+    ``"adam_default"`` -> ``"Adam(1e-3)"``, ``"prodigy"`` -> ``"Prodigy"``)."""
     name, _, kind = key.partition("_")
     display = DISPLAY_NAMES[name]
+    if not kind:  # NG and the peers: untuned, at their defaults
+        return display
     if kind == "default":
         return f"{display}({format_lr(lr)})" if lr is not None else display
     return f"{display}*"
+
+
+def reference_name(key: str, lr: float | None = None) -> str:
+    """How summary lines name an entry NG is compared against: ``"tuned Adam"``
+    for ``"adam_tuned"``, otherwise :func:`entry_label`."""
+    name, _, kind = key.partition("_")
+    return f"tuned {DISPLAY_NAMES[name]}" if kind == "tuned" else entry_label(key, lr)
+
+
+def reference_keys(entries: Mapping[str, dict]) -> list[str]:
+    """The entries NG is compared against, in report order: Adam(1e-3), tuned
+    Adam, then the peers present."""
+    return [k for k in ("adam_default", "adam_tuned", *PEERS) if k in entries]
+
+
+def _config_of(entry: dict) -> OptimizerConfig:
+    return OptimizerConfig(entry["optimizer"], entry["lr"])
 
 
 def _runs_of(runs: Sequence[RunResult], config: OptimizerConfig) -> list[RunResult]:
@@ -241,11 +269,11 @@ def summarise_task(task: Task, runs: Sequence[RunResult], protocol: Protocol) ->
 
     Returns:
         A dict with ``tuning`` (every grid point's score), ``best_lr``,
-        ``entries`` (seed statistics of ``ng``, ``adam_default`` and each
-        ``<baseline>_tuned``), ``speedup`` over ``adam_tuned`` and
-        ``adam_default`` (see :func:`benchmarks.curves.speedup`), the
-        divergence counts and the ``outcome`` (win / tie / loss, see
-        :func:`loss_outcome`) of NG against Adam at its default and tuned lr.
+        ``entries`` (seed statistics of ``ng``, ``adam_default``, each peer
+        and each ``<baseline>_tuned``), ``speedup`` over ``adam_tuned``,
+        ``adam_default`` and each peer (see :func:`benchmarks.curves.speedup`),
+        the divergence counts and the ``outcome`` (win / tie / loss, see
+        :func:`loss_outcome`) of NG against each of :func:`reference_keys`.
     """
     window = protocol.window
     entries = {
@@ -254,6 +282,8 @@ def summarise_task(task: Task, runs: Sequence[RunResult], protocol: Protocol) ->
             _runs_of(runs, OptimizerConfig("adam", protocol.default_adam_lr)), window
         ),
     }
+    for peer in protocol.peers:
+        entries[peer] = _summary(_runs_of(runs, OptimizerConfig(peer)), window)
     tuning: dict[str, list[dict]] = {}
     best_lr: dict[str, float] = {}
     for name, grid in protocol.grids.items():
@@ -276,16 +306,12 @@ def summarise_task(task: Task, runs: Sequence[RunResult], protocol: Protocol) ->
 
     ng_curve = _smoothed_mean(_runs_of(runs, OptimizerConfig(NG)), window)
     speedups = {}
-    for key in ("adam_tuned", "adam_default"):
-        if key in entries:
-            config = OptimizerConfig("adam", entries[key]["lr"])
-            base_curve = _smoothed_mean(_runs_of(runs, config), window)
-            speedups[key] = _speedup(ng_curve, base_curve, protocol.steps)
+    for key in reference_keys(entries):
+        base_curve = _smoothed_mean(_runs_of(runs, _config_of(entries[key])), window)
+        speedups[key] = _speedup(ng_curve, base_curve, protocol.steps)
 
     outcome = {
-        key: loss_outcome(entries[NG], entries[key])
-        for key in ("adam_default", "adam_tuned")
-        if key in entries
+        key: loss_outcome(entries[NG], entries[key]) for key in reference_keys(entries)
     }
     return {
         "name": task.name,

@@ -7,11 +7,12 @@ Usage::
 MLPs on ``mnist1d`` swept in width (2 hidden layers of 32 .. 1024 units) and in
 depth (2 .. 12 hidden layers of 64 units); the shipped rule's meta-training saw
 width <= 128 and depth <= 3 (validation: width <= 256). At each point:
-NGOptimizer at its defaults, Adam at lr 1e-3 and Adam tuned over a small
-learning-rate grid, on the same seeds. Reported: the
-ratio of final smoothed train losses (NG / baseline, < 1 means NG is better)
-and the speedup over each baseline (see :mod:`benchmarks.curves`), plus the
-held-out accuracy.
+NGOptimizer at its defaults, Adam at lr 1e-3, the untuned peers at their
+recommended defaults (Prodigy, Schedule-Free AdamW, LDoG; ``--peers``
+chooses) and Adam tuned over a small learning-rate grid, on the same seeds.
+Reported: the ratio of final smoothed train losses (NG / baseline or peer, < 1
+means NG is better), the speedup over each Adam (see
+:mod:`benchmarks.curves`), plus the held-out accuracy.
 
 Full: 1000 steps, 2 seeds, widths 32..1024, depths 2..12, a 5-point grid
 (3.2e-4..3.2e-2). ``--quick``: 150 steps, 1 seed, widths 32, 128, 512, depths
@@ -23,6 +24,7 @@ Writes ``scaling.json``, ``scaling.md`` and ``scaling.png`` into ``--out``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from collections.abc import Sequence
@@ -34,10 +36,28 @@ import torch
 
 from benchmarks import data as datasets
 from benchmarks import report
-from benchmarks.cli import add_common_arguments, output_dir, print_saved
-from benchmarks.optimizers import load_ng_rule
+from benchmarks.cli import (
+    add_common_arguments,
+    add_peers_argument,
+    output_dir,
+    print_saved,
+)
+from benchmarks.optimizers import (
+    PEERS,
+    MissingPeerError,
+    check_peers,
+    load_ng_rule,
+    parse_peers,
+    peer_version,
+)
 from benchmarks.plotting import plot_scaling
-from benchmarks.protocol import Protocol, entry_label, execute, summarise_task
+from benchmarks.protocol import (
+    Protocol,
+    entry_label,
+    execute,
+    reference_keys,
+    summarise_task,
+)
 from benchmarks.provenance import run_metadata
 from benchmarks.suite import Task, mlp_task
 
@@ -56,6 +76,7 @@ __all__ = [
 DEPTH_SWEEP_WIDTH = 64
 #: Hidden layers in the width sweep.
 WIDTH_SWEEP_DEPTH = 2
+#: The baselines whose speedups are tabulated (loss ratios: also every peer).
 BASELINE_KEYS = ("adam_default", "adam_tuned")
 
 
@@ -71,6 +92,7 @@ class SweepSettings:
         grid: Adam learning rates tried for "tuned Adam".
         shapes: ``(width, depth)`` MLPs of a third sweep that grows both at
             once (e.g. the meta-training size and 8x its width at 2x its depth).
+        peers: untuned peers run at every point (all by default).
     """
 
     widths: tuple[int, ...]
@@ -79,6 +101,7 @@ class SweepSettings:
     seeds: int
     grid: tuple[float, ...]
     shapes: tuple[tuple[int, int], ...] = ()
+    peers: tuple[str, ...] = PEERS
 
 
 def _log_grid(low: float, high: float, points: int) -> tuple[float, ...]:
@@ -153,6 +176,7 @@ def _ratio(a: float, b: float) -> float | None:
 def _point(value: int, summary: dict) -> dict:
     entries = summary["entries"]
     ng_loss = entries["ng"]["final_loss_mean"]
+    versus = reference_keys(entries)
     return {
         "value": value,
         "task": summary["name"],
@@ -164,9 +188,9 @@ def _point(value: int, summary: dict) -> dict:
         "divergences": {k: e["divergences"] for k, e in entries.items()},
         "ms_per_step": {k: e["ms_per_step_mean"] for k, e in entries.items()},
         "loss_ratio": {
-            k: _ratio(ng_loss, entries[k]["final_loss_mean"]) for k in BASELINE_KEYS
+            k: _ratio(ng_loss, entries[k]["final_loss_mean"]) for k in versus
         },
-        "speedup": {k: summary["speedup"].get(k) for k in BASELINE_KEYS},
+        "speedup": {k: summary["speedup"].get(k) for k in versus},
         "failures": summary["failures"],
     }
 
@@ -179,13 +203,15 @@ def run_scaling(
     Returns:
         ``{"benchmark", "config", "sweeps": {"width": points, "depth": points}}``
         where each point holds final losses, held-out accuracies, the tuned
-        learning rate, loss ratios and speedups.
+        learning rate, loss ratios (against both Adams and every peer) and
+        speedups.
     """
     rule = load_ng_rule(rule_path)
     protocol = Protocol(
         steps=settings.steps,
         seeds=tuple(range(settings.seeds)),
         grids={"adam": settings.grid},
+        peers=settings.peers,
     )
     sweeps = sweep_tasks(settings)
     tasks = [task for points in sweeps.values() for _, task in points]
@@ -209,6 +235,7 @@ def run_scaling(
             "steps": settings.steps,
             "seeds": list(protocol.seeds),
             "adam_grid": list(settings.grid),
+            "peers": {name: peer_version(name) for name in settings.peers},
             "smoothing_window": protocol.window,
             "wall_s": time.perf_counter() - start,
             **run_metadata(rule_path, rule),
@@ -217,14 +244,25 @@ def run_scaling(
     }
 
 
+def _peers_text(peers: dict) -> str:
+    if not peers:
+        return "none"
+    return ", ".join(f"{entry_label(k)} {v}" for k, v in peers.items())
+
+
 def _to_final(speedup: dict | None) -> str:
     if speedup is None or speedup.get("to_baseline_final") is None:
         return "never" if speedup else "n/a"
     return f"{speedup['to_baseline_final']:.2f}x"
 
 
+def _peer_keys(points: Sequence[dict]) -> list[str]:
+    return [k for k in points[0]["loss_ratio"] if k not in BASELINE_KEYS]
+
+
 def _sweep_table(name: str, points: Sequence[dict]) -> str:
     fmt = report.format_number
+    peers = _peer_keys(points)
     headers = [
         name,
         "params",
@@ -234,6 +272,7 @@ def _sweep_table(name: str, points: Sequence[dict]) -> str:
         "Adam* lr",
         "NG / Adam(1e-3)",
         "NG / Adam*",
+        *(f"NG / {entry_label(k)}" for k in peers),
         "speedup vs Adam(1e-3)",
         "speedup vs Adam*",
         "to Adam* final",
@@ -251,6 +290,7 @@ def _sweep_table(name: str, points: Sequence[dict]) -> str:
             + ("†" if p["lr_at_grid_edge"] else ""),
             fmt(p["loss_ratio"]["adam_default"]),
             fmt(p["loss_ratio"]["adam_tuned"]),
+            *(fmt(p["loss_ratio"].get(k)) for k in peers),
             report.format_speedup(p["speedup"]["adam_default"]),
             report.format_speedup(p["speedup"]["adam_tuned"]),
             _to_final(p["speedup"]["adam_tuned"]),
@@ -265,8 +305,8 @@ def _sweep_table(name: str, points: Sequence[dict]) -> str:
 def _trend(name: str, points: Sequence[dict]) -> str:
     first, last = points[0], points[-1]
     parts = []
-    for key in BASELINE_KEYS:
-        a, b = first["loss_ratio"][key], last["loss_ratio"][key]
+    for key in first["loss_ratio"]:
+        a, b = first["loss_ratio"][key], last["loss_ratio"].get(key)
         label = entry_label(key, first["lr"]["adam_default"])
         parts.append(
             f"vs {label} {report.format_number(a)} -> {report.format_number(b)}"
@@ -288,7 +328,9 @@ def markdown_report(results: dict) -> str:
         f"mean of the last {cfg['smoothing_window']} steps, seed mean; rule "
         f"`{cfg['rule_path']}`; commit {str(cfg['git_commit'])[:10]}, {cfg['date']}. "
         "The shipped rule's meta-training saw width <= 128 and depth <= 3 "
-        "(validation: width <= 256). `†`: tuned lr at the edge "
+        "(validation: width <= 256). "
+        f"Peers (untuned, their defaults): {_peers_text(cfg.get('peers', {}))}. "
+        "`†`: tuned lr at the edge "
         "of the grid. Speedup as in `compare`; `to Adam* final` = steps / steps NG "
         "needs to reach tuned Adam's final loss.",
         "",
@@ -376,6 +418,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--steps", type=int, help="steps per run (overrides)")
     parser.add_argument("--seeds", type=int, help="number of seeds (overrides)")
+    add_peers_argument(parser)
     add_common_arguments(parser)
     return parser.parse_args(argv)
 
@@ -394,8 +437,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     torch.set_num_threads(args.threads)
     try:
+        settings = dataclasses.replace(settings, peers=parse_peers(args.peers))
         load_ng_rule(args.rule)  # fail now, not after the first runs
-    except ValueError as err:
+        check_peers(settings.peers)  # likewise for a missing package
+    except (ValueError, MissingPeerError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     results = run_scaling(settings, rule_path=args.rule, progress=not args.no_progress)

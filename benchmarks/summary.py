@@ -5,8 +5,10 @@ Usage::
 
     python -m benchmarks.summary LABEL=path/to/results.json [...] [--out FILE.md]
 
-Each row: NG divergences, wins against Adam(1e-3) and tuned Adam on final
-train loss, the median speedup over tuned Adam, and the speedup on every task.
+Each row: NG divergences, wins against Adam(1e-3), tuned Adam and each untuned
+peer (Prodigy, Schedule-Free AdamW, LDoG, where the results have them) on
+final train loss, the median speedup over tuned Adam, and the speedup on every
+task.
 The results should come from the same protocol (steps, seeds, grids); rows whose
 protocol differs from the first one's are flagged.
 """
@@ -19,6 +21,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from benchmarks.protocol import reference_name
 from benchmarks.report import format_speedup, markdown_table, write_text
 
 __all__ = ["load_results", "summary_table", "main"]
@@ -44,13 +47,25 @@ def _protocol(results: dict) -> dict:
     return {k: results["config"].get(k) for k in _PROTOCOL_KEYS}
 
 
+def _outcomes(results: dict) -> dict[str, dict[str, int]]:
+    """NG's win / tie / loss counts per compared entry (older files: the Adams)."""
+    agg = results["aggregate"]
+    return agg.get("outcome_vs") or {
+        "adam_default": agg["outcome_vs_adam_default"],
+        "adam_tuned": agg["outcome_vs_adam_tuned"],
+    }
+
+
 def summary_table(entries: Sequence[tuple[str, dict]]) -> str:
-    """Markdown table of ``(label, results)`` pairs (tasks of the first)."""
+    """Markdown table of ``(label, results)`` pairs (tasks and compared entries
+    of the first; ``-`` where a row's results lack one)."""
     if not entries:
         raise ValueError("no results to summarise")
     tasks = [t["name"] for t in entries[0][1]["tasks"]]
     reference = _protocol(entries[0][1])
-    headers = ["rule", "NG div.", "beats Adam(1e-3)", "beats tuned Adam"]
+    versus = list(_outcomes(entries[0][1]))
+    lr = entries[0][1]["config"].get("default_adam_lr")
+    headers = ["rule", "NG div.", *(f"beats {reference_name(k, lr)}" for k in versus)]
     headers += ["median speedup vs tuned Adam", *tasks]
     rows = []
     for label, results in entries:
@@ -62,10 +77,13 @@ def summary_table(entries: Sequence[tuple[str, dict]]) -> str:
         row = [
             label + flag,
             f"{agg['divergences_by_optimizer'].get('ng', 0)}/{runs}",
-            f"{agg['outcome_vs_adam_default']['win']}/{agg['num_tasks']}",
-            f"{agg['outcome_vs_adam_tuned']['win']}/{agg['num_tasks']}",
-            "n/a" if median is None else f"{median:.2f}x",
         ]
+        outcomes = _outcomes(results)
+        row += [
+            f"{outcomes[k]['win']}/{agg['num_tasks']}" if k in outcomes else "-"
+            for k in versus
+        ]
+        row += ["n/a" if median is None else f"{median:.2f}x"]
         for task in tasks:
             summary = by_name.get(task)
             row.append(

@@ -3,6 +3,14 @@
 A run records the train loss of every step, stops early when it diverges
 (non-finite loss, or a loss above ``divergence_factor`` times the first step's
 loss) and evaluates the held-out metric at the end.
+
+Optimizers whose result is read at other weights than those their gradients
+are taken at (Schedule-Free's ``x``, LDoG's averaged iterates; see
+:class:`benchmarks.optimizers.EvalWeights`) are evaluated there: the held-out
+metric, and each step's recorded train loss (the same minibatch, evaluated at
+those weights without gradient before the training forward pass). Their curves,
+final losses and speedups are thus those of the weights their authors say to
+use.
 """
 
 from __future__ import annotations
@@ -10,6 +18,8 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+
+import torch
 
 from benchmarks.optimizers import OptimizerConfig
 from benchmarks.suite import Task
@@ -31,12 +41,13 @@ class RunResult:
         seed: model-initialisation and batch-order seed.
         steps: the step budget.
         losses: train loss of each completed step (shorter than ``steps`` if
-            the run diverged).
+            the run diverged), at the evaluated weights (see the module).
         diverged: whether the run was stopped for divergence.
         diverged_at: the step (1-based) at which it was stopped.
         held_out: ``{"metric": ..., "loss": ...}`` on the held-out split
             (``nan`` for diverged runs).
-        wall_s: wall-clock seconds of the training loop (evaluation excluded).
+        wall_s: wall-clock seconds of the training loop (evaluation excluded,
+            also the extra loss evaluation at averaged weights).
         error: ``"Type: message"`` of an exception that ended the run (set by
             :func:`benchmarks.protocol.execute`, which records it and goes on).
     """
@@ -88,25 +99,40 @@ def train(
     """
     model = task.make_model(seed)
     opt = optimizer.build(model.parameters(), rule)
+    evaluation = optimizer.evaluation(model, opt)
     generator = task.batch_generator(seed)
     result = RunResult(task.name, optimizer, seed, steps)
     limit = math.inf
+    eval_s = 0.0
     start = time.perf_counter()
+    evaluation.start()
     for step in range(1, steps + 1):
         opt.zero_grad(set_to_none=True)
-        loss = task.loss(model, task.sample_batch(generator))
-        value = float(loss.detach())
+        batch = task.sample_batch(generator)
+        if evaluation.averaged:
+            tick = time.perf_counter()
+            with torch.no_grad(), evaluation.weights() as evaluated:
+                value = float(task.loss(evaluated, batch))
+            eval_s += time.perf_counter() - tick
+            loss = task.loss(model, batch)
+            train_finite = math.isfinite(float(loss.detach()))
+        else:
+            loss = task.loss(model, batch)
+            value = float(loss.detach())
+            train_finite = True
         if step == 1:
             limit = divergence_factor * abs(value)
-        if not math.isfinite(value) or value > limit:
+        if not math.isfinite(value) or value > limit or not train_finite:
             result.diverged, result.diverged_at = True, step
             break
         result.losses.append(value)
         loss.backward()
         opt.step()
-    result.wall_s = time.perf_counter() - start
+        evaluation.after_step()
+    result.wall_s = time.perf_counter() - start - eval_s
     if result.diverged:
         result.held_out = {"metric": math.nan, "loss": math.nan}
     else:
-        result.held_out = task.evaluate(model)
+        with evaluation.weights() as evaluated:
+            result.held_out = task.evaluate(evaluated)
     return result

@@ -6,22 +6,33 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 
 import numpy as np
 import pytest
 import torch
 
 from benchmarks import compare, curves, import_time, overhead, scaling
-from benchmarks.optimizers import BASELINES, OptimizerConfig, lr_grid
+from benchmarks.optimizers import (
+    BASELINES,
+    PEER_SPECS,
+    PEERS,
+    MissingPeerError,
+    OptimizerConfig,
+    lr_grid,
+    parse_peers,
+)
+from benchmarks.plotting import ENTRY_COLORS, ENTRY_STYLES
 from benchmarks.protocol import Protocol, execute, loss_outcome, summarise_task
 from benchmarks.report import format_lr, markdown_table
-from benchmarks.suite import TASKS, get_tasks
+from benchmarks.suite import TASKS, Task, get_tasks
 from benchmarks.training import train
 from lopt import RuleConfig, UpdateRule, save_rule
 
 torch.set_num_threads(1)
 
-ENTRIES = ("ng", "adam_default", "adam_tuned", "adamw_tuned", "sgd_tuned")
+ENTRIES = ("ng", "adam_default", *PEERS, "adam_tuned", "adamw_tuned", "sgd_tuned")
+PEER_LABELS = ("Prodigy", "SF-AdamW", "LDoG")
 
 
 def _table_rows(markdown: str, first_cell: str) -> list[str]:
@@ -155,19 +166,35 @@ def test_compare_main_writes_well_formed_outputs(tmp_path, capsys):
             assert math.isfinite(entry["ms_per_step_mean"])
         speedup = task["speedup"]["adam_tuned"]
         assert speedup["value"] > 0 and isinstance(speedup["censored"], bool)
-        # 1 NG + 3 baselines x 2 grid points + Adam(1e-3), one seed.
-        assert len(task["runs"]) == 8
+        # 1 NG + 3 baselines x 2 grid points + Adam(1e-3) + 3 peers, one seed.
+        assert len(task["runs"]) == 11
         curve = task["runs"][0]["curve"]
         assert len(curve["step"]) == len(curve["loss"]) == 20
+        assert set(task["outcome"]) == {"adam_default", "adam_tuned", *PEERS}
+    assert set(results["config"]["peers"]) == set(PEERS)
+    assert all(p["version"] for p in results["config"]["peers"].values())
     agg = results["aggregate"]
-    assert agg["num_tasks"] == 2 and agg["runs_total"] == 16
+    assert agg["num_tasks"] == 2 and agg["runs_total"] == 22
     assert sum(agg["outcome_vs_adam_default"].values()) == 2
+    assert list(agg["outcome_vs"]) == ["adam_default", "adam_tuned", *PEERS]
+    assert all(sum(c.values()) == 2 for c in agg["outcome_vs"].values())
     assert agg["median_speedup_vs_adam_tuned"] > 0
 
     markdown = (tmp_path / "results.md").read_text()
     for name in tasks:
         assert len(_table_rows(markdown, name)) == 3  # loss, metric, speedup tables
     assert "## Aggregate" in markdown
+    header = next(line for line in markdown.splitlines() if line.startswith("| task"))
+    assert all(f"| {label} |" in header for label in PEER_LABELS)
+    # A final-loss cell per peer in each task row.
+    assert _table_rows(markdown, "wine_logreg")[0].count("|") == 11
+    (beats,) = [line for line in markdown.splitlines() if "NG beats" in line]
+    for label, key in zip(PEER_LABELS, PEERS):
+        count = agg["outcome_vs"][key]["win"]
+        assert f"{label} on **{count}/2** tasks" in beats
+    # Every entry is drawn in its own colour; the peers dash-dotted.
+    assert len({ENTRY_COLORS[k] for k in ENTRIES}) == len(ENTRIES)
+    assert all(ENTRY_STYLES[k] == "-." for k in PEERS)
     _check_png(tmp_path / "loss_curves.png")
 
 
@@ -245,16 +272,24 @@ def test_scaling_main_writes_well_formed_outputs(tmp_path):
         for key in ("adam_default", "adam_tuned"):
             assert point["loss_ratio"][key] > 0
             assert point["speedup"][key]["value"] > 0
+        for key in PEERS:
+            assert point["loss_ratio"][key] == pytest.approx(
+                point["final_loss"]["ng"] / point["final_loss"][key]
+            )
         assert math.isfinite(point["final_loss"]["ng"])
+    assert set(results["config"]["peers"]) == set(PEERS)
     markdown = (tmp_path / "scaling.md").read_text()
     assert len(_table_rows(markdown, "16")) == len(_table_rows(markdown, "3")) == 1
+    assert all(f"| NG / {label} |" in markdown for label in PEER_LABELS)
+    assert all(f"vs {label} " in markdown for label in PEER_LABELS)  # trends
     _check_png(tmp_path / "scaling.png")
     assert "shape" not in sweeps  # only with --shapes
 
 
 def test_scaling_shapes_grow_width_and_depth_together(tmp_path):
     argv = ["--quick", "--widths", "8", "--depths", "1", "--shapes", "8x1,24x3"]
-    argv += ["--steps", "12", "--out", str(tmp_path), "--no-progress"]
+    argv += ["--steps", "12", "--peers", "none", "--out", str(tmp_path)]
+    argv += ["--no-progress"]
     assert scaling.main(argv) == 0
     results = json.loads((tmp_path / "scaling.json").read_text())
     assert results["config"]["shapes"] == [[8, 1], [24, 3]]
@@ -264,6 +299,7 @@ def test_scaling_shapes_grow_width_and_depth_together(tmp_path):
     assert shape[1]["num_params"] == 40 * 24 + 24 + 2 * (24 * 24 + 24) + 24 * 10 + 10
     assert shape[0]["num_params"] == 40 * 8 + 8 + 8 * 10 + 10
     assert all(p["loss_ratio"]["adam_tuned"] > 0 for p in shape)
+    assert all(set(p["loss_ratio"]) == {"adam_default", "adam_tuned"} for p in shape)
     markdown = (tmp_path / "scaling.md").read_text()
     assert "## Width and depth together" in markdown
     assert len(_table_rows(markdown, "24x3")) == 1
@@ -276,16 +312,152 @@ def test_scaling_rejects_malformed_shapes(bad, capsys):
     assert "invalid shape" in capsys.readouterr().err
 
 
+# ------------------------------------------------------------------------ peers
+@pytest.mark.parametrize("name", PEERS)
+def test_peers_build_and_train(name):
+    spec = PEER_SPECS[name]
+    model = torch.nn.Linear(3, 2)
+    opt = OptimizerConfig(name).build(model.parameters())
+    assert type(opt).__name__ == spec.factory
+    assert all(opt.defaults[k] == v for k, v in spec.kwargs.items())
+    run = train(TASKS["wine_logreg"], OptimizerConfig(name), steps=15, seed=0)
+    assert run.completed and len(run.losses) == 15
+    assert all(math.isfinite(v) for v in run.losses)
+    assert math.isfinite(run.held_out["metric"]) and run.wall_s > 0
+    with pytest.raises(ValueError, match="runs at its defaults"):
+        OptimizerConfig(name, 1e-3)
+
+
+def test_peers_argument():
+    assert parse_peers("all") == parse_peers(None) == PEERS
+    assert parse_peers("none") == ()
+    assert parse_peers("ldog, prodigy") == ("prodigy", "ldog")  # table order
+    with pytest.raises(ValueError, match="Invalid peer: 'adam'"):
+        parse_peers("prodigy,adam")
+    with pytest.raises(ValueError, match="Invalid peers"):
+        Protocol(steps=1, seeds=(0,), peers=("sgd",))
+
+
+def _evaluated_weights(monkeypatch) -> list[list[torch.Tensor]]:
+    """Record the parameters of every model the held-out evaluation sees."""
+    seen: list[list[torch.Tensor]] = []
+    real = Task.evaluate
+
+    def evaluate(self, model):
+        seen.append([p.detach().clone() for p in model.parameters()])
+        return real(self, model)
+
+    monkeypatch.setattr(Task, "evaluate", evaluate)
+    return seen
+
+
+def _equal(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def test_schedulefree_is_evaluated_at_its_x_sequence(monkeypatch):
+    """Its docs: ``optimizer.train()`` before training steps, ``optimizer.eval()``
+    before evaluating (``x``, not the gradient point ``y``). The held-out metric
+    and every recorded train loss must be at ``x``."""
+    import schedulefree
+
+    task, steps = TASKS["wine_logreg"], 6
+    seen = _evaluated_weights(monkeypatch)
+    run = train(task, OptimizerConfig("schedulefree"), steps=steps, seed=0)
+
+    model = task.make_model(0)
+    opt = schedulefree.AdamWScheduleFree(model.parameters())
+    opt.train()
+    generator, x_losses = task.batch_generator(0), []
+    for _ in range(steps):
+        batch = task.sample_batch(generator)
+        opt.eval()
+        with torch.no_grad():
+            x_losses.append(float(task.loss(model, batch)))
+        opt.train()
+        opt.zero_grad()
+        task.loss(model, batch).backward()
+        opt.step()
+    y = [p.detach().clone() for p in model.parameters()]
+    opt.eval()
+    x = [p.detach().clone() for p in model.parameters()]
+
+    assert not _equal(x, y)  # so evaluating without eval() would be caught
+    assert len(seen) == 1 and _equal(seen[0], x)
+    assert run.losses == x_losses
+
+
+def test_ldog_is_evaluated_at_its_polynomial_average(monkeypatch):
+    """Its docs: DoG / LDoG "must be combined with iterate averaging"
+    (``PolynomialDecayAverager``, stepped after each optimizer step); the
+    averaged model is evaluated and its train loss recorded."""
+    import dog
+
+    task, steps = TASKS["wine_logreg"], 6
+    seen = _evaluated_weights(monkeypatch)
+    run = train(task, OptimizerConfig("ldog"), steps=steps, seed=0)
+
+    model = task.make_model(0)
+    opt = dog.LDoG(model.parameters())
+    averager = dog.PolynomialDecayAverager(model)
+    generator, averaged_losses = task.batch_generator(0), []
+    for _ in range(steps):
+        batch = task.sample_batch(generator)
+        with torch.no_grad():
+            averaged_losses.append(float(task.loss(averager.averaged_model, batch)))
+        opt.zero_grad()
+        task.loss(model, batch).backward()
+        opt.step()
+        averager.step()
+    averaged = [p.detach().clone() for p in averager.averaged_model.parameters()]
+
+    assert not _equal(averaged, list(model.parameters()))
+    assert len(seen) == 1 and _equal(seen[0], averaged)
+    assert run.losses == averaged_losses
+
+
+def test_a_missing_peer_package_names_the_bench_extra(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "prodigyopt", None)  # import fails
+    with pytest.raises(
+        MissingPeerError, match=r"prodigyopt.*pip install -e '\.\[bench"
+    ):
+        OptimizerConfig("prodigy").build(torch.nn.Linear(2, 1).parameters())
+    argv = ["--steps", "5", "--tasks", "wine_logreg", "--peers", "prodigy"]
+    assert compare.main([*argv, "--out", str(tmp_path), "--no-progress"]) == 2
+    assert "pip install -e '.[bench]'" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # failed before any run
+    assert compare.main(["--peers", "nope", "--out", str(tmp_path)]) == 2
+    assert "Invalid peer: 'nope'" in capsys.readouterr().err
+
+
+def test_benchmarks_import_without_the_peer_packages(monkeypatch):
+    """No module of the package imports a peer's package at its top level (each
+    module's code is run afresh with those imports failing)."""
+    import importlib.util
+    import pkgutil
+
+    import benchmarks
+
+    for spec in PEER_SPECS.values():
+        monkeypatch.setitem(sys.modules, spec.module, None)
+    names = [m.name for m in pkgutil.iter_modules(benchmarks.__path__)]
+    assert {"optimizers", "compare", "scaling", "summary"} <= set(names)
+    for name in names:
+        found = importlib.util.find_spec(f"benchmarks.{name}")
+        found.loader.exec_module(importlib.util.module_from_spec(found))
+
+
 # ------------------------------------------------------------------------ cache
-def test_run_cache_reuses_baselines_only(tmp_path, monkeypatch):
+def test_run_cache_reuses_baselines_and_peers(tmp_path, monkeypatch):
+    from benchmarks import cache as cache_module
     from benchmarks import protocol as protocol_module
     from benchmarks.cache import RunCache
 
     task = TASKS["wine_logreg"]
-    protocol = Protocol(steps=12, seeds=(0,), grids={"adam": (1e-2, 1e-1)})
+    protocol = Protocol(steps=12, seeds=(0,), grids={"adam": (1e-2, 1e-1)}, peers=PEERS)
     cache = RunCache(tmp_path / "cache")
     first = execute([task], protocol, progress=False, cache=cache)[task.name]
-    assert cache.hits == 0 and len(list((tmp_path / "cache").glob("*.json"))) == 3
+    assert cache.hits == 0 and len(list((tmp_path / "cache").glob("*.json"))) == 6
 
     trained = []
     real_train = protocol_module.train
@@ -298,16 +470,22 @@ def test_run_cache_reuses_baselines_only(tmp_path, monkeypatch):
     )
     second = execute([task], protocol, progress=False, cache=cache)[task.name]
     assert trained == ["ng"]  # only the learned optimizer ran again
-    assert cache.hits == 3
+    assert cache.hits == 6
     for a, b in zip(first, second):
         assert a.optimizer == b.optimizer and a.losses == b.losses
         assert a.held_out == b.held_out
     summaries = [summarise_task(task, runs, protocol) for runs in (first, second)]
     for key in ("best_lr", "speedup", "outcome", "tuning"):
         assert summaries[0][key] == summaries[1][key], key
+    assert summaries[0]["entries"]["prodigy"] == summaries[1]["entries"]["prodigy"]
 
-    # Another step budget is another key; a corrupted file is a miss, not a crash.
+    # Another step budget is another key; so is another release of a peer's
+    # package (the baselines' keys do not change with it).
     assert cache.get(task.name, OptimizerConfig("adam", 1e-2), 0, 13, 10.0) is None
+    monkeypatch.setattr(cache_module, "peer_version", lambda name: "99.0")
+    assert cache.get(task.name, OptimizerConfig("prodigy"), 0, 12, 10.0) is None
+    assert cache.get(task.name, OptimizerConfig("adam", 1e-2), 0, 12, 10.0)
+    # A corrupted file is a miss, not a crash.
     for path in (tmp_path / "cache").glob("*.json"):
         path.write_text("{not json")
     assert cache.get(task.name, OptimizerConfig("adam", 1e-2), 0, 12, 10.0) is None
@@ -321,13 +499,22 @@ def test_run_cache_rejects_a_file_path(tmp_path):
         RunCache(tmp_path / "file")
 
 
-def test_compare_with_no_tuned_baselines(tmp_path):
+def test_compare_with_no_tuned_baselines_runs_the_peers(tmp_path):
     argv = ["--steps", "10", "--seeds", "1", "--grid-points", "0", "--tasks"]
-    argv += ["wine_logreg", "--out", str(tmp_path), "--no-progress"]
-    assert compare.main(argv) == 0
-    results = json.loads((tmp_path / "results.json").read_text())
-    assert set(results["tasks"][0]["entries"]) == {"ng", "adam_default"}
+    argv += ["wine_logreg", "--no-progress"]
+    assert compare.main([*argv, "--out", str(tmp_path / "all")]) == 0
+    results = json.loads((tmp_path / "all" / "results.json").read_text())
+    assert set(results["tasks"][0]["entries"]) == {"ng", "adam_default", *PEERS}
     assert results["config"]["grids"] == {}
+    markdown = (tmp_path / "all" / "results.md").read_text()
+    header = next(line for line in markdown.splitlines() if line.startswith("| task"))
+    assert "Adam*" not in header and "| LDoG |" in header
+
+    assert compare.main([*argv, "--peers", "none", "--out", str(tmp_path / "no")]) == 0
+    results = json.loads((tmp_path / "no" / "results.json").read_text())
+    assert set(results["tasks"][0]["entries"]) == {"ng", "adam_default"}
+    assert results["config"]["peers"] == {}
+    assert "Prodigy" not in (tmp_path / "no" / "results.md").read_text()
 
 
 def test_summary_table_one_row_per_rule(tmp_path, capsys):
@@ -336,15 +523,18 @@ def test_summary_table_one_row_per_rule(tmp_path, capsys):
     argv = ["--steps", "10", "--seeds", "1", "--grid-points", "2", "--tasks"]
     argv += ["wine_logreg,breast_cancer_logreg", "--no-progress"]
     assert compare.main([*argv, "--out", str(tmp_path / "a")]) == 0
-    assert compare.main([*argv, "--steps", "12", "--out", str(tmp_path / "b")]) == 0
+    argv_b = [*argv, "--steps", "12", "--peers", "none", "--out", str(tmp_path / "b")]
+    assert compare.main(argv_b) == 0
     out = tmp_path / "table.md"
     items = [f"first={tmp_path / 'a' / 'results.json'}"]
     items += [f"second={tmp_path / 'b' / 'results.json'}"]
     assert summary.main([*items, "--out", str(out)]) == 0
     lines = out.read_text().splitlines()
     assert "median speedup vs tuned Adam" in lines[0] and "wine_logreg" in lines[0]
+    assert all(f"| beats {label} |" in lines[0] for label in PEER_LABELS)
     assert lines[2].startswith("| first |") and "/2 |" in lines[2]
     assert lines[3].startswith("| second (other protocol) |")
+    assert lines[3].split(" | ")[4:7] == ["-", "-", "-"]  # it ran no peers
     assert summary.main([f"bad={tmp_path / 'table.md'}"]) == 2
     assert "not JSON" in capsys.readouterr().err
 
