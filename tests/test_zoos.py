@@ -235,3 +235,92 @@ def test_cli_build_and_info(tmp_path, capsys):
     assert "peak RSS" in capsys.readouterr().out
     assert main(["info", str(out)]) == 0
     assert "status: complete" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------ CNN zoos
+
+TINY_CNN = {"runs": 8, "runs_per_chunk": 4, "checkpoints": [5, 40]}
+TINY_WILD = {
+    "architectures": 6,
+    "runs_per_architecture": 2,
+    "checkpoints": [20],
+    "depths": [2, 3],
+    "widths": [4, 6],
+}
+
+
+@pytest.fixture(scope="module")
+def cnn_zoo(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("zoo") / "cnn"
+    return build_zoo("cnn_digits", out, progress=False, config=TINY_CNN)
+
+
+@pytest.fixture(scope="module")
+def wild_zoo(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("zoo") / "wild"
+    return build_zoo("cnn_wild", out, progress=False, config=TINY_WILD)
+
+
+def _accuracy(module: torch.nn.Module) -> float:
+    from lopt.weightspace.cnn_training import digits_images
+
+    _, _, x_test, y_test = digits_images()
+    with torch.no_grad():
+        return (module(x_test).argmax(1) == y_test).float().mean().item()
+
+
+def test_cnn_zoo_records_and_label_spread(cnn_zoo):
+    zoo = load_zoo(cnn_zoo)
+    assert len(zoo) == 16 and zoo.labels.dtype == torch.float32
+    assert {n["step"] for n in zoo.nets} == {5, 40}
+    assert {n["hparams"]["optimizer"] for n in zoo.nets} == {"adam", "sgd"}
+    # Some nets near chance, some far above it: the label ranks something.
+    labels = zoo.labels
+    assert labels.min() < 0.2 and labels.max() > 0.5
+    summary = read_header(cnn_zoo)["summary"]
+    assert sum(summary["test_accuracy_histogram"]["counts"]) == 16
+    for run in {n["run"] for n in zoo.nets}:  # splits by run
+        assert len({n["split"] for n in zoo.nets if n["run"] == run}) == 1
+
+
+def test_cnn_modules_reproduce_stored_accuracy(cnn_zoo, wild_zoo):
+    for path in (cnn_zoo, wild_zoo):
+        zoo = load_zoo(path)
+        best = int(zoo.labels.argmax())
+        for i in (0, best):
+            assert _accuracy(zoo.module(i)) == pytest.approx(
+                zoo.labels[i].item(), abs=1e-6
+            )
+    # BatchNorm nets in eval mode use the running statistics training stored.
+    zoo = load_zoo(wild_zoo)
+    bn = [i for i, n in enumerate(zoo.nets) if zoo.specs[n["spec"]]["batchnorm"]]
+    assert bn
+    for i in bn[:2]:
+        assert _accuracy(zoo.module(i)) == pytest.approx(zoo.labels[i].item(), abs=1e-6)
+        stats = zoo.state_dict(i)["features.0.norm.running_var"]
+        assert not torch.allclose(stats, torch.ones_like(stats))
+
+
+def test_cnn_chunks_are_deterministic(cnn_zoo, tmp_path):
+    part = build_zoo(
+        "cnn_digits", tmp_path / "cnn", progress=False, config=TINY_CNN, max_chunks=1
+    )
+    assert chunk_digests(part).items() <= chunk_digests(cnn_zoo).items()
+    assert len(chunk_digests(part)) == 2  # chunk 0: tensors and JSON
+
+
+def test_wild_zoo_holds_out_whole_families(wild_zoo):
+    zoo = load_zoo(wild_zoo)
+    splits = read_header(wild_zoo)["splits"]
+    assert splits["test_families"] and splits["test_specs"]
+    test_specs = {n["spec"] for n in zoo.nets if n["split"] == "test"}
+    seen_specs = {n["spec"] for n in zoo.nets if n["split"] != "test"}
+    assert test_specs == set(splits["test_specs"]) and not test_specs & seen_specs
+    test_families = {n["family"] for n in zoo.nets if n["split"] == "test"}
+    seen_families = {n["family"] for n in zoo.nets if n["split"] != "test"}
+    assert test_families == set(splits["test_families"])
+    assert not test_families & seen_families
+    assert len({json.dumps(s, sort_keys=True) for s in zoo.specs.values()}) == 6
+    for spec_id, spec in zoo.specs.items():
+        state = zoo.params[spec_id]
+        assert set(state) == set(build_module(spec).state_dict())

@@ -55,7 +55,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from lopt.weightspace import inr
+from lopt.weightspace import cnn_zoo, inr
 from lopt.weightspace.zoo_store import (
     FORMAT_VERSION,
     ZooPlan,
@@ -74,6 +74,8 @@ SIZES = ("quick", "full")
 _REGISTRY: dict[str, tuple[Mapping[str, Any], Callable[[Any, int], ZooPlan]]] = {
     "digits_inr": (inr.PRESETS["digits_inr"], inr.plan_inr_zoo),
     "mnist1d_inr": (inr.PRESETS["mnist1d_inr"], inr.plan_inr_zoo),
+    "cnn_digits": (cnn_zoo.PRESETS["cnn_digits"], cnn_zoo.plan_cnn_zoo),
+    "cnn_wild": (cnn_zoo.PRESETS["cnn_wild"], cnn_zoo.plan_wild_zoo),
 }
 ZOO_NAMES = tuple(_REGISTRY)
 #: Header fields that identify a zoo: a resumed build must plan the same ones.
@@ -129,6 +131,7 @@ def build_zoo(
     progress: bool = True,
     config: Mapping[str, Any] | None = None,
     max_chunks: int | None = None,
+    threads: int | None = None,
 ) -> Path:
     """Build zoo ``name`` into ``out_dir``, or resume its interrupted build.
 
@@ -147,6 +150,9 @@ def build_zoo(
             :func:`zoo_config`), for example ``{"views": 2}``.
         max_chunks: build at most this many chunks now and leave the rest
             for a later call (incremental builds).
+        threads: torch threads while building (restored afterwards); ``None``
+            keeps the current setting. Resume with the same count for
+            byte-identical chunks.
 
     Returns:
         ``out_dir`` as a ``Path``.
@@ -154,6 +160,25 @@ def build_zoo(
     Raises:
         ValueError: invalid arguments, or ``out_dir`` holds a different zoo.
     """
+    if threads is None:
+        return _build(name, out_dir, size, seed, progress, config, max_chunks)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _build(name, out_dir, size, seed, progress, config, max_chunks)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _build(
+    name: str,
+    out_dir: str | os.PathLike,
+    size: str,
+    seed: int,
+    progress: bool,
+    config: Mapping[str, Any] | None,
+    max_chunks: int | None,
+) -> Path:
     overrides = dict(config or {})
     cfg = zoo_config(name, size, **overrides)
     out = Path(out_dir)
@@ -267,6 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="override a config field (JSON value), e.g. --set views=4",
     )
     build.add_argument("--max-chunks", type=int, default=None)
+    build.add_argument("--threads", type=int, default=None, help="torch threads")
     build.add_argument("--no-progress", action="store_true")
     info = sub.add_parser("info", help="describe a zoo directory")
     info.add_argument("path", type=Path)
@@ -283,11 +309,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         progress=not args.no_progress,
         config=_parse_set(args.set),
         max_chunks=args.max_chunks,
+        threads=args.threads,
     )
     header = read_header(out)
+    threads = header["build_sessions"][-1]["torch_threads"]
     print(
         f"{args.name}: {header['status']} at {out}, wall {time.perf_counter() - t0:.1f}"
-        f" s, peak RSS {_peak_rss_mib():.0f} MiB, {torch.get_num_threads()} threads"
+        f" s, peak RSS {_peak_rss_mib():.0f} MiB, {threads} torch threads"
     )
     return 0
 
