@@ -246,6 +246,7 @@ TINY_WILD = {
     "checkpoints": [20],
     "depths": [2, 3],
     "widths": [4, 6],
+    "batchnorm": [True],  # cnn_digits covers nets without
 }
 
 
