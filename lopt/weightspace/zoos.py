@@ -79,7 +79,17 @@ _REGISTRY: dict[str, tuple[Mapping[str, Any], Callable[[Any, int], ZooPlan]]] = 
 }
 ZOO_NAMES = tuple(_REGISTRY)
 #: Header fields that identify a zoo: a resumed build must plan the same ones.
-_IDENTITY = ("name", "seed", "size", "config", "specs", "num_chunks", "data")
+_IDENTITY = (
+    "name",
+    "seed",
+    "size",
+    "config",
+    "specs",
+    "num_chunks",
+    "data",
+    "splits",
+    "labels",
+)
 
 
 def zoo_config(name: str, size: str = "quick", **overrides: Any) -> Any:
@@ -208,12 +218,11 @@ def _build(
     remove_stale_temporaries(out)
     write_header(out, {**header, "status": "building", "build_sessions": sessions})
     num_chunks = header["num_chunks"]
-    todo = [k for k in range(num_chunks) if not chunk_is_complete(out, k)]
-    if max_chunks is not None:
-        todo = todo[:max_chunks]
+    missing = [k for k in range(num_chunks) if not chunk_is_complete(out, k)]
+    todo = missing if max_chunks is None else missing[:max_chunks]
     bar = tqdm(
         total=num_chunks,
-        initial=num_chunks - len(todo) if max_chunks is None else 0,
+        initial=num_chunks - len(missing),
         unit="chunk",
         desc=name,
         disable=not progress,
