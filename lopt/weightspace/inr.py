@@ -23,7 +23,11 @@ the module route is used: the trained weights are those of
 Fit (digits, w0 = 30, lr 1e-3, 512 nets): 100 steps reach a mean PSNR of
 61 dB (min 56 dB), far beyond what an 8x8 image needs; w0 = 10 needs ~200
 steps for the same; lr 3e-3 or 1e-2 with w0 = 30 stalls at ~50 dB with
-outliers below 35 dB.
+outliers below 35 dB. Full zoos (300 steps): digits PSNR median 139 dB
+(min 68 dB; every MSE below 2e-6 of the image variance, i.e. float32-exact);
+mnist1d (lr 3e-3, peak = each signal's range) median 59 dB, min 30 dB, MSE /
+signal variance median 2.4e-5, max 0.02. At 1 thread a chunk of 1,000 SIRENs
+x 300 steps takes ~24 s (digits) and ~15 s (mnist1d).
 """
 
 from __future__ import annotations

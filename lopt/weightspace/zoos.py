@@ -25,17 +25,30 @@ Usage::
     zoo.module(0), zoo.labels, zoo.split("test")
 
 A build killed at any point resumes, with the same command, at the first
-missing chunk and gives the same bytes as an uninterrupted build (on the same
-machine and torch thread count: reductions may round differently elsewhere).
+missing chunk and gives the same bytes as an uninterrupted build. Measured on
+this machine: identical bytes across processes and across 1 and 2 torch
+threads; another CPU or BLAS build may round differently.
 
-Build times (wall clock, 2 shared cores with other engineers' jobs running,
-torch at 2 threads; peak RSS of the whole process):
+Build times, measured with ``--threads 1`` (faster than 2 on this shared
+2-core machine, where other engineers' jobs kept the load average at 1-3;
+during the full builds this repository's slow tests also ran for a few
+minutes); peak RSS of the whole process, torch included:
 
-============== ======================= =======================
-zoo            quick                   full
-============== ======================= =======================
-digits_inr     see below               see below
-============== ======================= =======================
+=========== ============================ =====================================
+zoo         quick                        full
+=========== ============================ =====================================
+digits_inr  1,024 nets, 12 s, 546 MiB    35,940 nets, 849 s, 575 MiB, 182 MB
+mnist1d_inr 1,000 nets, 13 s, 502 MiB    50,000 nets, 734 s, 533 MiB, 241 MB
+cnn_digits  144 nets, 15 s, 483 MiB      6,144 nets, 903 s, 522 MiB, 92 MB
+cnn_wild    96 nets, 28 s, 394 MiB       CNN_WILD_FULL
+=========== ============================ =====================================
+
+Quick: digits 256 images x 2 views x (image, dilated), 100 steps; mnist1d
+500 signals x 2 views, 150 steps; 48 runs x checkpoints at 20/80/240 steps;
+8 architectures x 6 runs x 40/160 steps. Full: all 1,797 digits x 10 views x
+2, 300 steps (float32-exact fits: ~150 steps would halve the time); all
+5,000 mnist1d signals x 10 views, 300 steps; 1,024 runs x 6 checkpoints
+(25 to 800 steps); 96 architectures x 12 runs x 3 checkpoints (50/150/400).
 """
 
 from __future__ import annotations
