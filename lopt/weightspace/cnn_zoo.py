@@ -17,6 +17,12 @@ an update made the weights non-finite; the run keeps its last finite weights
 from then on, so no zoo holds NaNs). Splits are by run: all checkpoints of a
 run share one.
 
+Full zoos (seed 0): ``cnn_digits`` test accuracy q10 / median / q90 =
+0.08 / 0.48 / 0.95 (median by checkpoint: 0.12 at step 25 up to 0.92 at step
+800), no diverged run; ``cnn_wild`` 0.09 / 0.55 / 0.96 over 88 families, 22
+of them (27 architectures, 972 nets) test-only, 3 diverged runs. The
+histograms and quantiles per step, split and family are in ``zoo.json``.
+
 Training (many runs at once with vmap) lives in
 :mod:`lopt.weightspace.cnn_training`.
 """

@@ -40,7 +40,7 @@ zoo         quick                        full
 digits_inr  1,024 nets, 12 s, 546 MiB    35,940 nets, 849 s, 575 MiB, 182 MB
 mnist1d_inr 1,000 nets, 13 s, 502 MiB    50,000 nets, 734 s, 533 MiB, 241 MB
 cnn_digits  144 nets, 15 s, 483 MiB      6,144 nets, 903 s, 522 MiB, 92 MB
-cnn_wild    96 nets, 28 s, 394 MiB       CNN_WILD_FULL
+cnn_wild    96 nets, 28 s, 394 MiB       3,456 nets, 1,279 s, 529 MiB, 111 MB
 =========== ============================ =====================================
 
 Quick: digits 256 images x 2 views x (image, dilated), 100 steps; mnist1d
