@@ -18,8 +18,9 @@ So sharding saves memory outside the optimizer step only; the optimizer costs
 each rank what it costs an unsharded model. Communication per step: one
 all-gather of the parameters and one of the gradients.
 
-Plain tensors pass through unchanged, and nothing here imports
-``torch.distributed.tensor``: without it no ``DTensor`` can exist.
+Plain tensors pass through unchanged. :func:`is_dtensor` and
+:func:`full_tensors` never import ``torch.distributed.tensor`` (without it no
+``DTensor`` can exist); :func:`copy_into` runs only when a ``DTensor`` does.
 """
 
 from __future__ import annotations
@@ -54,17 +55,15 @@ def full_tensors(tensors: Sequence[torch.Tensor | None]) -> list[torch.Tensor | 
 
 
 def copy_into(params: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> None:
-    """Copy full ``values`` into ``params`` in place: plain parameters whole,
-    ``DTensor`` parameters their local part only (cut out of the full value
-    with the parameter's own mesh and placements, without communication)."""
-    dtensor = _dtensor_type()
-    if dtensor is None or not any(isinstance(p, dtensor) for p in params):
-        torch._foreach_copy_(list(params), list(values))
-        return
-    from torch.distributed.tensor import distribute_tensor
+    """Copy full ``values`` into ``params`` in place (called by
+    :class:`~lopt.optimizer.NGOptimizer` only when some parameter is a
+    ``DTensor``): plain parameters whole, ``DTensor`` parameters their local
+    part only (cut out of the full value with the parameter's own mesh and
+    placements, without communication)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
 
     for p, value in zip(params, values):
-        if isinstance(p, dtensor):
+        if isinstance(p, DTensor):
             value = distribute_tensor(
                 value, p.device_mesh, p.placements, src_data_rank=None
             )
