@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from lopt import cpu_kernel
+from lopt.dense import DensePlan, fused_step, fused_supported
 from lopt.dtensor import copy_into, full_tensors, is_dtensor
 from lopt.features import FeatureState
 from lopt.functional import flat_gradients, init_state, ng_step
@@ -62,6 +64,16 @@ class NGOptimizer(Optimizer):
             inf: ``"skip"`` the step (parameters and state untouched, counted
             in :attr:`skipped_steps`) or ``"raise"`` ``FloatingPointError``.
             (default: ``"skip"``)
+        fused (bool, optional): run the step through the fused CPU kernel
+            (:mod:`lopt.dense`: dense layers as tensors, three passes over
+            memory; built with the system C compiler on first use), which
+            computes the reference step's updates to float32 rounding and is
+            several times faster. ``None`` uses it wherever it applies (CPU
+            parameters, a rule of the shipped widths, a C compiler) and
+            falls back to the reference path otherwise; ``True`` raises if it
+            does not apply; ``False`` always takes the reference path.
+            Steps where some parameter has no gradient take the reference
+            path. (default: ``None``)
 
     State (per parameter, float32 whatever the parameter dtype; views into
     flat buffers shared by all parameters):
@@ -83,6 +95,7 @@ class NGOptimizer(Optimizer):
         weight_decay: float = 0.0,
         rule: str | os.PathLike | UpdateRule = "default",
         nonfinite: str = "skip",
+        fused: bool | None = None,
     ):
         _check_number("learning rate", lr)
         _check_number("weight_decay value", weight_decay)
@@ -90,8 +103,12 @@ class NGOptimizer(Optimizer):
             raise ValueError(
                 f"Invalid nonfinite: {nonfinite!r} (expected one of {_NONFINITE_MODES})"
             )
+        if fused not in (None, True, False):
+            raise ValueError(f"Invalid fused: {fused!r} (expected None, True or False)")
         self.rule = resolve_rule(rule)
         self.nonfinite = nonfinite
+        self.fused = fused
+        self._plan: DensePlan | None = None
         #: Number of steps skipped because a gradient was not finite.
         self.skipped_steps = 0
         self._graph: NeuralGraph | None = None
@@ -167,6 +184,21 @@ class NGOptimizer(Optimizer):
         self._sharded = any(is_dtensor(p) for p in params)
         self._float64 = [i for i, p in enumerate(params) if p.dtype == torch.float64]
         self.rule.to(device)
+        self._plan = self._fused_plan(graph, torch.device(device))
+
+    def _fused_plan(self, graph: NeuralGraph, device: torch.device):
+        """The dense plan of ``graph`` when this optimizer fuses its steps,
+        else ``None`` (see ``fused``); decided once per layout."""
+        if self.fused is False:
+            return None
+        reason = fused_supported(self.rule, graph, device)
+        if reason is None and cpu_kernel.load() is None:
+            reason = "the fused CPU kernel could not be built (see the warning)"
+        if reason is not None:
+            if self.fused:
+                raise ValueError(f"NGOptimizer(fused=True) does not apply: {reason}")
+            return None
+        return DensePlan(graph)
 
     @staticmethod
     def _views(graph: NeuralGraph, momenta: torch.Tensor, second: torch.Tensor):
@@ -216,6 +248,19 @@ class NGOptimizer(Optimizer):
         if not gradient_is_finite(self, flat_grad):
             return loss
         lr, weight_decay = self._group_values(graph)
+        if self._plan is not None and mask is None:
+            new_params = fused_step(
+                cpu_kernel.load(),
+                self._plan,
+                self.rule,
+                graph.flatten(values),
+                flat_grad,
+                flat,
+                lr,
+                weight_decay,
+            )  # updates ``flat`` in place
+            self._write_back(params, values, graph.unflatten(new_params))
+            return loss
         new_params, new_state = ng_step(
             self.rule,
             graph,
