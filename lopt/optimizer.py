@@ -109,6 +109,14 @@ class NGOptimizer(Optimizer):
         self.nonfinite = nonfinite
         self.fused = fused
         self._plan: DensePlan | None = None
+        if fused:  # what can be checked before the graph exists
+            reason = fused_supported(
+                self.rule, NeuralGraph.from_shapes([]), torch.device("cpu")
+            )
+            if reason is None and cpu_kernel.load() is None:
+                reason = "the fused CPU kernel could not be built (see the warning)"
+            if reason is not None:
+                raise ValueError(f"NGOptimizer(fused=True) does not apply: {reason}")
         #: Number of steps skipped because a gradient was not finite.
         self.skipped_steps = 0
         self._graph: NeuralGraph | None = None
