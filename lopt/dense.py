@@ -215,6 +215,8 @@ def fused_step(
     P, E, N = graph.num_scalars, graph.num_edges, graph.num_nodes
     momenta, second = state.momenta, state.second_moment
     state.step.add_(1)
+    if P == 0:  # only empty tensors: nothing to update (as ng_step)
+        return params.clone()
     t = state.step
     betas = torch.tensor(MOMENTUM_DECAYS, dtype=torch.float32)
     sums = torch.zeros(len(plan.numels), 2 + len(MOMENTUM_DECAYS), dtype=torch.float64)
