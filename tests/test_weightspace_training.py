@@ -10,6 +10,7 @@ from torch import nn
 from lopt.weightspace import NeuralGraphGNN
 from lopt.weightspace.baselines import FlatWeightsMLP, StatNN
 from lopt.weightspace.training import (
+    GraphPredictor,
     WeightSpaceData,
     WeightSpaceTrainer,
     kendall_tau,
@@ -183,3 +184,30 @@ def test_weightspace_data_checks_lengths():
     )
     with pytest.raises(ValueError, match="another architecture"):
         mixed.stacked_state([0, 1])
+
+
+def test_fitted_input_scales_keep_graph_outputs_invariant(toy):
+    """Scaling per layer depth commutes with permuting hidden neurons."""
+    from lopt.weightspace.baselines import permute_hidden
+
+    train, _, _ = toy
+    model = NeuralGraphGNN(train.edge_features, graph_out=3, node_dim=8, num_layers=2)
+    predictor = GraphPredictor(model)
+    predictor.prepare(train)
+    assert model.features.node_scale.shape[0] >= 3
+    net = _net(7, 2.0)
+    permuted = _net(7, 2.0)
+    permuted.load_state_dict(
+        permute_hidden(net.state_dict(), torch.Generator().manual_seed(1))
+    )
+    data = WeightSpaceData.from_modules([net, permuted], kernel_size=train.kernel_size)
+    with torch.no_grad():
+        out = predictor(predictor.collate(data, [0, 1]))
+    torch.testing.assert_close(out[0], out[1], atol=1e-5, rtol=1e-5)
+    # The scales are used: unscaled inputs give other outputs.
+    with torch.no_grad():
+        scaled = predictor(predictor.collate(data, [0]))
+        model.features.node_scale = torch.ones(0)
+        model.features.edge_scale = torch.ones(0)
+        plain = predictor(predictor.collate(data, [0]))
+    assert not torch.allclose(scaled, plain)

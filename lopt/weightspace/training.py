@@ -222,11 +222,23 @@ class GraphPredictor(nn.Module):
     Args:
         model: the graph model.
         task: one of :data:`TASKS` (set by :class:`WeightSpaceTrainer`).
+        normalize: divide node and edge features by their training-split
+            standard deviation per layer depth (see :meth:`prepare`).
+            (default: ``True``)
     """
 
-    def __init__(self, model: nn.Module, task: str = "classification"):
+    def __init__(
+        self, model: nn.Module, task: str = "classification", normalize: bool = True
+    ):
         super().__init__()
-        self.model, self.task = model, task
+        self.model, self.task, self.normalize = model, task, normalize
+
+    def prepare(self, train: WeightSpaceData) -> None:
+        """Fit the model's input scales on ``train``
+        (:meth:`~lopt.weightspace.NeuralGraphFeaturizer.fit_input_scales`)."""
+        if self.normalize:
+            batch = Batch.from_data_list(train.graphs[: min(len(train), 2048)])
+            self.model.features.fit_input_scales(batch)
 
     def collate(self, data: WeightSpaceData, index: Sequence[int]):
         batch = Batch.from_data_list([data.graphs[i] for i in index])
