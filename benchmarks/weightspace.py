@@ -81,12 +81,12 @@ class Settings:
 
     size: str = "full"
     seeds: int = 3
-    epochs: int = 40
-    patience: int = 8
+    epochs: int = 30
+    patience: int = 6
     batch_size: int = 32
     lr: float = 1e-3
-    max_train: int | None = 4000
-    max_eval: int | None = 1000
+    max_train: int | None = 2000
+    max_eval: int | None = 500
     node_dim: int = 32
     edge_dim: int = 8
     layers: int = 3
@@ -96,7 +96,7 @@ class Settings:
     mlp_hidden: int = 128
     probes: int = 64
     tree_iters: int = 200
-    max_seconds: float | None = 240.0
+    max_seconds: float | None = 75.0
 
 
 QUICK = Settings(
