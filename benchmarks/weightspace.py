@@ -565,6 +565,28 @@ def results_table(results: dict) -> str:
     )
 
 
+def pivot_table(results: dict) -> str:
+    """Models as rows, tasks as columns: the test metric, mean ± std over
+    seeds ("-" where a model does not run on a task)."""
+    tasks = list(results["tasks"].items())
+    keys: list[str] = []
+    for _, entry in tasks:
+        keys += [k for k in entry["models"] if k not in keys]
+    headers = ["model"] + [
+        f"{t} ({e['metric']} {'↑' if e['higher_is_better'] else '↓'})" for t, e in tasks
+    ]
+    rows = []
+    for key in keys:
+        row = [LABELS.get(key, key)]
+        for _, entry in tasks:
+            m = entry["models"].get(key)
+            row.append(
+                "-" if m is None else report.format_mean_std(m["mean"], m["std"])
+            )
+        rows.append(row)
+    return report.markdown_table(headers, rows)
+
+
 def markdown_report(results: dict) -> str:
     meta = results.get("provenance", {})
     s = results["settings"]
@@ -593,6 +615,10 @@ def markdown_report(results: dict) -> str:
             for t, e in results["tasks"].items()
         )
         + " (train/val/test).",
+        "",
+        pivot_table(results),
+        "",
+        "Per task, with the training time of one fit:",
         "",
         results_table(results),
         "",
@@ -708,6 +734,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     zoo_dir = args.zoo_dir or REPO / "runs" / "weightspace_zoos" / settings.size
     out = args.out or RESULTS_DIR / "weightspace" / ("quick" if args.quick else "")
+    # Provenance before the run: the commit measured, not the one at the end.
+    meta = {k: v for k, v in run_metadata().items() if not k.startswith("rule")}
+    meta["command"] = "python -m benchmarks.weightspace " + " ".join(
+        sys.argv[1:] if argv is None else argv
+    )
     try:
         results = run_benchmark(
             settings,
@@ -719,11 +750,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    meta = run_metadata()
-    meta = {k: v for k, v in meta.items() if not k.startswith("rule")}
-    meta["command"] = "python -m benchmarks.weightspace " + " ".join(
-        sys.argv[1:] if argv is None else argv
-    )
     results["provenance"] = meta
     paths = write_outputs(results, Path(out))
     print()
