@@ -26,7 +26,9 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from lopt.weightspace.training import WeightSpaceData
+from lopt.weightspace.nfn_baseline import NFNPredictor
+from lopt.weightspace.permutations import chain_layers, permute_hidden
+from lopt.weightspace.splits import WeightSpaceData
 
 __all__ = [
     "mlp",
@@ -58,66 +60,6 @@ def mlp(in_dim: int, hidden: int, out_dim: int, layers: int = 2, dropout: float 
         width = hidden
     mods.append(nn.Linear(width, out_dim))
     return nn.Sequential(*mods)
-
-
-def chain_layers(state: dict[str, torch.Tensor]) -> list[dict[str, str]]:
-    """Group a state_dict into layers: each tensor of two or more dims starts
-    a layer (``"weight"``); one-dim tensors of the same module are its
-    ``"bias"``, those of the next module (a norm) its ``"norm_weight"`` /
-    ``"norm_bias"`` / ``"norm_running_mean"`` / ``"norm_running_var"``.
-    Shortcut weights (keys containing ``shortcut``) form layers marked
-    ``{"shortcut": key}``.
-    """
-    layers: list[dict[str, str]] = []
-    for key, value in state.items():
-        prefix, _, leaf = key.rpartition(".")
-        if "shortcut" in key:
-            layers.append({"shortcut": key})
-        elif value.dim() >= 2:
-            layers.append({"weight": key, "prefix": prefix})
-        elif layers and "weight" in layers[-1]:
-            slot = leaf if prefix == layers[-1]["prefix"] else f"norm_{leaf}"
-            layers[-1][slot] = key
-        else:
-            raise ValueError(f"{key} does not follow a weight tensor")
-    return layers
-
-
-def permute_hidden(
-    state: dict[str, torch.Tensor], generator: torch.Generator | None = None
-) -> dict[str, torch.Tensor]:
-    """The same function with its hidden neurons randomly permuted.
-
-    For chains of linear / conv layers (each layer's inputs are the previous
-    layer's outputs, or their flattened spatial maps): every layer but the
-    last gets a random permutation of its output neurons (channels), applied
-    to its weight rows, bias, norm parameters and the next layer's weight
-    columns.
-
-    Raises:
-        ValueError: a network with shortcut connections, or layers that do
-            not chain.
-    """
-    layers = chain_layers(state)
-    if any("shortcut" in layer for layer in layers):
-        raise ValueError("permute_hidden handles chains only, not shortcuts")
-    out = dict(state)
-    for i, layer in enumerate(layers[:-1]):
-        width = state[layer["weight"]].shape[0]
-        perm = torch.randperm(width, generator=generator)
-        for slot, key in layer.items():
-            if slot != "prefix":
-                out[key] = out[key][perm]
-        nxt = out[layers[i + 1]["weight"]]
-        fan_in = nxt.shape[1]
-        if fan_in % width:
-            raise ValueError(
-                f"layer {i + 1} takes {fan_in} inputs from {width} neurons"
-            )
-        block = fan_in // width
-        cols = (perm[:, None] * block + torch.arange(block)).reshape(-1)
-        out[layers[i + 1]["weight"]] = nxt[:, cols]
-    return out
 
 
 def _stats(tensor: torch.Tensor) -> torch.Tensor:
@@ -459,128 +401,4 @@ class ImagePredictor(FeaturePredictor):
             data.extras["image"][torch.as_tensor(list(index))]
             .reshape(len(index), -1)
             .float()
-        )
-
-
-class NFNPredictor(nn.Module):
-    """Neural functional network (Zhou et al. 2023) from the ``nfn`` package.
-
-    ``layers`` equivariant layers (``HNPLinear``: hidden neurons permutable,
-    input and output neurons fixed, or ``NPLinear``: all permutable) with
-    ReLU; graph-level tasks pool invariantly (``HNPPool`` / ``NPPool``) into
-    an MLP, editing maps to one channel: a delta per weight and bias. Each
-    weight and bias tensor is divided by its standard deviation over the
-    training split (one scalar per tensor, so equivariance is kept).
-
-    Args:
-        out_dim (int): outputs of graph-level tasks.
-        hidden (int, optional): channels. (default: ``32``)
-        layers (int, optional): equivariant layers. (default: ``3``)
-        mode (str, optional): ``"HNP"`` or ``"NP"``. (default: ``"HNP"``)
-        head_hidden (int, optional): width of the pooled MLP. (default: ``128``)
-    """
-
-    def __init__(
-        self,
-        out_dim: int,
-        hidden: int = 32,
-        layers: int = 3,
-        mode: str = "HNP",
-        head_hidden: int = 128,
-    ):
-        super().__init__()
-        if mode not in ("HNP", "NP"):
-            raise ValueError(f"Invalid mode: {mode!r} (expected 'HNP' or 'NP')")
-        self.out_dim, self.hidden, self.num_layers, self.mode = (
-            out_dim,
-            hidden,
-            layers,
-            mode,
-        )
-        self.head_hidden = head_hidden
-        self.task = "classification"
-        self.spec = None
-        self.keys: list[str] = []
-        self.net: nn.Module | None = None
-        self.scales: list[float] = []
-
-    def _wsfeat(self, state: dict[str, torch.Tensor]):
-        from nfn.common import WeightSpaceFeatures
-
-        weights, biases = [], []
-        for layer in self._layers:
-            weights.append(state[layer["weight"]][:, None].float())
-            biases.append(state[layer["bias"]][:, None].float())
-        return WeightSpaceFeatures(weights, biases)
-
-    def prepare(self, train: WeightSpaceData) -> None:
-        """Read the architecture from ``train`` and build the layers."""
-        from nfn import layers as nfn_layers
-        from nfn.common import network_spec_from_wsfeat
-
-        layers = chain_layers(train.state_dicts[0])
-        for layer in layers:
-            if set(layer) - {"prefix"} != {"weight", "bias"}:
-                raise ValueError(
-                    "NFNPredictor handles chains of weight + bias layers only "
-                    f"(no norms, shortcuts or bias-free layers), got {layer}"
-                )
-        self._layers = layers
-        self.keys = list(train.state_dicts[0])
-        sample = train.stacked_state(list(range(min(len(train), 512))))
-        self.scales = [
-            float(sample[k].float().std().clamp(min=1e-6)) for k in self.keys
-        ]
-        self.spec = network_spec_from_wsfeat(self._wsfeat(sample))
-        equivariant = (
-            nfn_layers.HNPLinear if self.mode == "HNP" else nfn_layers.NPLinear
-        )
-        pool = nfn_layers.HNPPool if self.mode == "HNP" else nfn_layers.NPPool
-        mods: list[nn.Module] = []
-        channels = 1
-        for _ in range(self.num_layers):
-            mods += [
-                equivariant(self.spec, channels, self.hidden),
-                nfn_layers.TupleOp(nn.ReLU()),
-            ]
-            channels = self.hidden
-        if self.task == "editing":
-            mods.append(equivariant(self.spec, channels, 1))
-        else:
-            mods += [
-                pool(self.spec),
-                nn.Flatten(start_dim=-2),
-                mlp(
-                    pool.get_num_outs(self.spec) * channels,
-                    self.head_hidden,
-                    self.out_dim,
-                    1,
-                ),
-            ]
-        self.net = nn.Sequential(*mods)
-
-    def collate(self, data: WeightSpaceData, index: Sequence[int]):
-        if self.net is None:
-            raise RuntimeError("NFNPredictor: call prepare(train) first")
-        state = data.stacked_state(index)
-        if list(state) != self.keys:
-            raise ValueError(
-                "NFNPredictor: networks of another architecture than train"
-            )
-        return {k: state[k] / s for k, s in zip(self.keys, self.scales)}
-
-    def forward(self, state: dict[str, torch.Tensor]):
-        out = self.net(self._wsfeat(state))
-        if self.task != "editing":
-            return out
-        deltas = {}
-        for layer, (w, b) in zip(self._layers, out):
-            deltas[layer["weight"]] = w[:, 0]
-            deltas[layer["bias"]] = b[:, 0]
-        return {k: deltas[k] for k in self.keys}
-
-    def extra_repr(self) -> str:
-        return (
-            f"out_dim={self.out_dim}, hidden={self.hidden}, "
-            f"layers={self.num_layers}, mode={self.mode!r}"
         )
