@@ -224,6 +224,20 @@ def task_data(zoo, task: str, settings: Settings):
     return splits["train"], splits["val"], splits["test"]
 
 
+def no_edit_mse(data) -> float:
+    """MSE of the unedited networks' outputs on ``data.grid`` against
+    ``data.target``: what an editor that changes nothing scores."""
+    from torch.func import functional_call, vmap
+
+    params = data.stacked_state(list(range(len(data))))
+    module = data.modules[0]
+    with torch.no_grad():
+        out = vmap(lambda p: functional_call(module, p, (data.grid,)).reshape(-1))(
+            params
+        )
+    return float(((out - data.target) ** 2).mean())
+
+
 # -------------------------------------------------------------------- models
 def model_factories(task: str, settings: Settings, train) -> dict[str, Callable]:
     """``{model key: () -> predictor}`` run on ``task``."""
@@ -345,6 +359,8 @@ def run_benchmark(
             "data_s": round(time.perf_counter() - t0, 2),
             "models": {},
         }
+        if spec.kind == "editing":
+            entry["no_edit_mse"] = no_edit_mse(test)
         print(
             f"{task}: {len(train)} train / {len(val)} val / {len(test)} test networks, "
             f"{len(factories)} models x {settings.seeds} seeds",

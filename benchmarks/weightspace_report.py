@@ -249,6 +249,13 @@ def markdown_report(results: dict) -> str:
         "",
         results_table(results),
         "",
+        *(
+            f"{t}: an editor that changes nothing scores MSE "
+            f"{report.format_number(e['no_edit_mse'])} on the same test networks."
+            for t, e in results["tasks"].items()
+            if "no_edit_mse" in e
+        ),
+        "",
         "## The issue's orderings (on the means above)",
         "",
     ]
