@@ -5,6 +5,10 @@ weights (:func:`to_graph`); graphs batch in PyTorch Geometric's conventions and
 a graph network over them sees every architecture the same way, equivariant to
 permutations of hidden neurons by construction.
 
+Training: :class:`WeightSpaceTrainer` fits any of these models, or a
+baseline of :mod:`lopt.weightspace.baselines`, on a :class:`WeightSpaceData`
+split (classification, regression, editing).
+
 Imports ``torch_geometric``; ``import lopt`` alone does not.
 """
 
@@ -32,6 +36,12 @@ from lopt.weightspace.features import (
 from lopt.weightspace.models import NeuralGraphGNN
 from lopt.weightspace.probes import probe_activations
 from lopt.weightspace.readout import WeightSpaceOutput, WeightSpaceReadout
+from lopt.weightspace.training import (
+    FitResult,
+    GraphPredictor,
+    WeightSpaceData,
+    WeightSpaceTrainer,
+)
 from lopt.weightspace.transformer import (
     NeuralGraphTransformer,
     RelationalAttentionLayer,
@@ -56,6 +66,10 @@ __all__ = [
     "NeuralGraphFeaturizer",
     "RandomFourierFeatures",
     "probe_activations",
+    "WeightSpaceData",
+    "WeightSpaceTrainer",
+    "GraphPredictor",
+    "FitResult",
     "NODE_ROLES",
     "LAYER_TYPES",
     "ACTIVATIONS",

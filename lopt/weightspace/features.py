@@ -193,7 +193,49 @@ class NeuralGraphFeaturizer(nn.Module):
                 torch.empty(config.probes, *config.probe_shape)
             )
             self.node_in += config.probes
+        # Input scales per layer depth (row d + 1 for depth d, row 0 for
+        # depths not seen when fitted); empty: no scaling.
+        self.register_buffer("node_scale", torch.ones(0))
+        self.register_buffer("edge_scale", torch.ones(0))
         self.reset_parameters()
+
+    @torch.no_grad()
+    def fit_input_scales(self, data) -> None:
+        """Divide ``x`` and ``edge_attr`` from now on by the standard
+        deviation of each of their columns among the nodes (edges into the
+        nodes) of each layer depth of ``data`` (a batch of typical graphs).
+
+        Depth is not changed by permuting neurons, so the model stays
+        equivariant. It puts layers of very different weight scales (an INR's
+        first layer of order 1, its hidden layers of order 1 / w0) on one
+        scale. Probes still run the networks with their own weights.
+        """
+        node_depth = data.node_layer
+        edge_depth = node_depth[data.edge_index[1]]
+        depths = int(node_depth.max()) + 2
+
+        def scales(values: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
+            out = values.new_ones(depths, values.shape[1])
+            if len(values) > 1:
+                out[0] = values.std(0)
+            for d in range(depths - 1):
+                rows = values[depth == d]
+                if len(rows) > 1:
+                    out[d + 1] = rows.std(0)
+            return torch.where(out > 1e-8, out, torch.ones_like(out))
+
+        self.node_scale = scales(data.x.float(), node_depth)
+        self.edge_scale = scales(data.edge_attr.float(), edge_depth)
+
+    def _scaled(self, data) -> tuple[torch.Tensor, torch.Tensor]:
+        x, edge_attr = data.x, data.edge_attr
+        if not len(self.node_scale):
+            return x, edge_attr
+        known = self.node_scale.shape[0] - 1
+        node_depth = data.node_layer
+        node_row = torch.where(node_depth < known, node_depth + 1, 0)
+        edge_row = node_row[data.edge_index[1]]
+        return x / self.node_scale[node_row], edge_attr / self.edge_scale[edge_row]
 
     def reset_parameters(self) -> None:
         for module in self.children():
@@ -230,7 +272,7 @@ class NeuralGraphFeaturizer(nn.Module):
                 "to_graph for every network)"
             )
         config = self.config
-        x, edge_attr = data.x, data.edge_attr
+        x, edge_attr = self._scaled(data)
         if self.fourier is not None:
             x, edge_attr = self.fourier(x), self.fourier(edge_attr)
         nodes = [x, F.one_hot(data.node_role, len(NODE_ROLES)).to(x.dtype)]

@@ -1,0 +1,490 @@
+"""Weight-space benchmark: NG-GNN, NG-T and the baselines on the locally
+built zoos (issue 10).
+
+    python -m benchmarks.weightspace [--quick] [--seeds 3] [--zoo-dir DIR] [--out DIR]
+
+Tasks (every model trains in one harness, :class:`lopt.weightspace.
+WeightSpaceTrainer`, on the same splits and views, selected on the
+validation split):
+
+- ``inr_digits`` / ``inr_mnist1d``: classify the SIREN of a digit / an mnist1d
+  signal (accuracy). Ablation: 64 learned probes (``+probes``).
+- ``edit_digits``: edit a digit's SIREN into the SIREN of the dilated digit;
+  MSE of the edited SIREN's outputs against the dilated image on the 8x8
+  grid.
+- ``cnn_digits``: predict a CNN's held-out accuracy from its weights
+  (homogeneous zoo, Kendall's tau).
+- ``cnn_wild``: the same on the heterogeneous zoo, tested on architecture
+  families never seen in training. Ablation: no activation embedding
+  (``-act``).
+
+Zoos are built (or loaded when complete) under ``--zoo-dir`` (default
+``runs/weightspace_zoos/{quick,full}``, gitignored). Results: JSON, Markdown
+and a plot in ``benchmarks/results/weightspace`` (``.../quick`` with
+``--quick``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks import report
+from benchmarks.cli import RESULTS_DIR, print_saved
+from benchmarks.provenance import run_metadata
+from benchmarks.weightspace_report import (
+    LABELS,
+    acceptance,
+    markdown_report,
+    write_outputs,
+)
+
+__all__ = [
+    "Settings",
+    "QUICK",
+    "FULL",
+    "TASKS",
+    "run_benchmark",
+    "markdown_report",
+    "main",
+]
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What one benchmark run trains.
+
+    Attributes:
+        size: zoo size, ``"quick"`` or ``"full"``.
+        seeds: training seeds per model.
+        epochs: maximum epochs per fit.
+        patience: early-stopping patience (epochs).
+        batch_size: networks per step.
+        lr: AdamW learning rate of every gradient-trained model.
+        max_train: at most this many training networks per task (a fixed
+            subset, the same for every model and seed); ``None``: all.
+        max_eval: at most this many validation / test networks per task.
+        node_dim, edge_dim, layers: NG-GNN widths and depth.
+        ngt_dim, ngt_layers: NG-T node width and depth (edge width: edge_dim).
+        nfn_hidden: NFN channels.
+        mlp_hidden: width of the flat / StatNN / probe / image MLPs.
+        probes: probes of the ``+probes`` ablation.
+        tree_iters: boosting iterations of StatNN (GBT).
+        max_seconds: wall-time cap of one fit (after the epoch that passes
+            it); ``None``: none.
+    """
+
+    size: str = "full"
+    seeds: int = 3
+    epochs: int = 30
+    patience: int = 6
+    batch_size: int = 32
+    lr: float = 1e-3
+    max_train: int | None = 2000
+    max_eval: int | None = 500
+    node_dim: int = 32
+    edge_dim: int = 8
+    layers: int = 3
+    ngt_dim: int = 32
+    ngt_layers: int = 2
+    nfn_hidden: int = 16
+    mlp_hidden: int = 128
+    probes: int = 64
+    tree_iters: int = 200
+    max_seconds: float | None = 75.0
+
+
+QUICK = Settings(
+    size="quick",
+    epochs=8,
+    patience=4,
+    max_train=256,
+    max_eval=128,
+    node_dim=16,
+    edge_dim=8,
+    layers=2,
+    ngt_dim=16,
+    ngt_layers=1,
+    nfn_hidden=8,
+    mlp_hidden=64,
+    tree_iters=50,
+    max_seconds=6.0,
+)
+FULL = Settings()
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    zoo: str
+    kind: str  # classification | regression | editing
+    metric: str  # accuracy | mse | tau
+    higher: bool
+    title: str
+
+
+TASKS: dict[str, TaskSpec] = {
+    "inr_digits": TaskSpec(
+        "digits_inr", "classification", "accuracy", True, "INR classification, digits"
+    ),
+    "inr_mnist1d": TaskSpec(
+        "mnist1d_inr", "classification", "accuracy", True, "INR classification, mnist1d"
+    ),
+    "edit_digits": TaskSpec(
+        "digits_inr", "editing", "mse", False, "INR editing (dilation), digits"
+    ),
+    "cnn_digits": TaskSpec(
+        "cnn_digits", "regression", "tau", True, "CNN accuracy, homogeneous zoo"
+    ),
+    "cnn_wild": TaskSpec(
+        "cnn_wild",
+        "regression",
+        "tau",
+        True,
+        "CNN accuracy, heterogeneous zoo, unseen architectures",
+    ),
+}
+
+
+# ---------------------------------------------------------------------- zoos
+def ensure_zoo(name: str, zoo_dir: Path, size: str, progress: bool) -> Path:
+    """``zoo_dir/name``: loaded as is when complete, else built (resumed)."""
+    from lopt.weightspace.zoo_store import read_header
+    from lopt.weightspace.zoos import build_zoo
+
+    path = zoo_dir / name
+    if (path / "zoo.json").exists():
+        header = read_header(path)
+        if header.get("status") == "complete":
+            if header.get("name") != name or header.get("size") != size:
+                raise ValueError(
+                    f"{path} holds {header.get('name')} ({header.get('size')}), "
+                    f"not {name} ({size})"
+                )
+            return path
+    print(f"building zoo {name} ({size}) into {path}", flush=True)
+    return build_zoo(
+        name, path, size=size, progress=progress, threads=torch.get_num_threads()
+    )
+
+
+def _cap(index: list[int], limit: int | None, seed: int = 0) -> list[int]:
+    """A fixed random subset of at most ``limit`` (same for every model)."""
+    if limit is None or len(index) <= limit:
+        return index
+    rng = np.random.default_rng(seed)
+    return sorted(rng.choice(index, size=limit, replace=False).tolist())
+
+
+def task_data(zoo, task: str, settings: Settings):
+    """``(train, val, test)`` :class:`WeightSpaceData` of ``task``."""
+    from lopt.weightspace.inr import coordinates
+    from lopt.weightspace.training import WeightSpaceData
+    from lopt.weightspace.zoo_specs import build_module
+
+    spec = TASKS[task]
+    modules = {k: build_module(v) for k, v in zoo.specs.items()}
+    labels = zoo.labels
+    splits = {}
+    kernel = None
+    for split in ("train", "val", "test"):
+        index = [
+            i for i in zoo.split(split) if zoo.nets[i].get("target", "image") == "image"
+        ]
+        index = _cap(
+            index, settings.max_train if split == "train" else settings.max_eval
+        )
+        kwargs = {}
+        if spec.zoo.endswith("_inr"):
+            images = zoo.extras["target"]
+            kwargs["extras"] = {"image": images[index]}
+            if spec.kind == "editing":
+                pair = [zoo.nets[i]["pair"] for i in index]
+                kwargs["target"] = images[pair].reshape(len(index), -1)
+                kwargs["grid"] = coordinates(tuple(images.shape[1:]))
+        data = WeightSpaceData.from_modules(
+            [modules[zoo.nets[i]["spec"]] for i in index],
+            None if spec.kind == "editing" else labels[index],
+            state_dicts=[zoo.state_dict(i) for i in index],
+            kernel_size=kernel,
+            **kwargs,
+        )
+        kernel = data.kernel_size
+        splits[split] = data
+    return splits["train"], splits["val"], splits["test"]
+
+
+def no_edit_mse(data) -> float:
+    """MSE of the unedited networks' outputs on ``data.grid`` against
+    ``data.target``: what an editor that changes nothing scores."""
+    from torch.func import functional_call, vmap
+
+    params = data.stacked_state(list(range(len(data))))
+    module = data.modules[0]
+    with torch.no_grad():
+        out = vmap(lambda p: functional_call(module, p, (data.grid,)).reshape(-1))(
+            params
+        )
+    return float(((out - data.target) ** 2).mean())
+
+
+# -------------------------------------------------------------------- models
+def model_factories(task: str, settings: Settings, train) -> dict[str, Callable]:
+    """``{model key: () -> predictor}`` run on ``task``."""
+    from lopt.weightspace import (
+        NeuralGraphGNN,
+        NeuralGraphTransformer,
+        WeightSpaceConfig,
+    )
+    from lopt.weightspace import baselines as B
+
+    spec = TASKS[task]
+    out = 10 if spec.kind == "classification" else 1
+    edge = train.edge_features
+    s = settings
+    hidden = {"hidden": s.mlp_hidden}
+
+    def gnn(config=None):
+        return lambda: NeuralGraphGNN(
+            edge,
+            out,
+            node_dim=s.node_dim,
+            edge_dim=s.edge_dim,
+            num_layers=s.layers,
+            config=config,
+        )
+
+    def ngt():
+        heads = 4 if s.ngt_dim % 4 == 0 else 1
+        return lambda: NeuralGraphTransformer(
+            edge,
+            out,
+            node_dim=s.ngt_dim,
+            edge_dim=s.edge_dim,
+            num_layers=s.ngt_layers,
+            num_heads=heads,
+        )
+
+    models: dict[str, Callable] = {"ng_gnn": gnn(), "ng_t": ngt()}
+    fixed = spec.zoo != "cnn_wild"
+    if spec.kind == "classification":
+        coord_dim = 2 if spec.zoo == "digits_inr" else 1
+        models["ng_gnn_probes"] = gnn(
+            WeightSpaceConfig(probes=s.probes, probe_shape=(coord_dim,))
+        )
+    if fixed:
+        models["nfn"] = lambda: B.NFNPredictor(out, hidden=s.nfn_hidden, layers=2)
+        models["flat"] = lambda: B.FlatWeightsMLP(out, **hidden)
+        if spec.kind != "editing":
+            models["flat_aug"] = lambda: B.FlatWeightsMLP(out, augment=True, **hidden)
+    if spec.kind != "editing":
+        models["statnn"] = lambda: B.StatNN(out, **hidden)
+        models["statnn_gbt"] = lambda: B.StatNNTrees(out, max_iter=s.tree_iters)
+    if spec.kind == "classification":
+        coord_dim = 2 if spec.zoo == "digits_inr" else 1
+        models["probe"] = lambda: B.ProbePredictor(out, s.probes, coord_dim, **hidden)
+        models["image"] = lambda: B.ImagePredictor(out, **hidden)
+    if spec.zoo == "cnn_wild":
+        models["ng_gnn_noact"] = gnn(WeightSpaceConfig(activation_embedding=False))
+    return models
+
+
+# ----------------------------------------------------------------------- run
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    if not vals:
+        return None, None
+    return float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+
+
+def run_benchmark(
+    settings: Settings,
+    zoo_dir: Path,
+    tasks: Sequence[str] | None = None,
+    models: Sequence[str] | None = None,
+    progress: bool = True,
+) -> dict:
+    """Train every model of every task over the seeds; the results dict."""
+    from lopt.weightspace.training import WeightSpaceTrainer
+    from lopt.weightspace.zoo_store import load_zoo
+
+    t_start = time.perf_counter()
+    tasks = list(tasks or TASKS)
+    unknown = sorted(set(tasks) - set(TASKS))
+    if unknown:
+        raise ValueError(f"Invalid tasks: {unknown} (expected some of {list(TASKS)})")
+    results: dict = {"settings": asdict(settings), "tasks": {}, "zoos": {}}
+    zoos = {}
+    for task in tasks:
+        name = TASKS[task].zoo
+        if name not in zoos:
+            t0 = time.perf_counter()
+            path = ensure_zoo(name, zoo_dir, settings.size, progress)
+            zoos[name] = load_zoo(path)
+            results["zoos"][name] = {
+                "path": str(path),
+                "networks": len(zoos[name]),
+                "build_command": zoos[name].header.get("build_command"),
+                "load_or_build_s": round(time.perf_counter() - t0, 2),
+            }
+    for task in tasks:
+        spec = TASKS[task]
+        t0 = time.perf_counter()
+        train, val, test = task_data(zoos[spec.zoo], task, settings)
+        factories = model_factories(task, settings, train)
+        if models:
+            factories = {k: v for k, v in factories.items() if k in models}
+        entry = {
+            "title": spec.title,
+            "kind": spec.kind,
+            "metric": spec.metric,
+            "higher_is_better": spec.higher,
+            "sizes": {"train": len(train), "val": len(val), "test": len(test)},
+            "data_s": round(time.perf_counter() - t0, 2),
+            "models": {},
+        }
+        if spec.kind == "editing":
+            entry["no_edit_mse"] = no_edit_mse(test)
+        print(
+            f"{task}: {len(train)} train / {len(val)} val / {len(test)} test networks, "
+            f"{len(factories)} models x {settings.seeds} seeds",
+            flush=True,
+        )
+        for key, make in factories.items():
+            runs = []
+            for seed in range(settings.seeds):
+                _seed_all(seed)
+                trainer = WeightSpaceTrainer(
+                    make(),
+                    spec.kind,
+                    lr=settings.lr,
+                    epochs=settings.epochs,
+                    batch_size=settings.batch_size,
+                    patience=settings.patience,
+                    max_seconds=settings.max_seconds,
+                    seed=seed,
+                    progress=progress,
+                    desc=f"{task} {key} s{seed}",
+                )
+                fit = trainer.fit(train, val)
+                metrics = trainer.evaluate(test)
+                runs.append(
+                    {
+                        "seed": seed,
+                        "test": metrics,
+                        "val": fit.best_val,
+                        "best_epoch": fit.best_epoch,
+                        "epochs_run": len(fit.history),
+                        "stopped": fit.stopped,
+                        "train_s": round(fit.train_seconds, 2),
+                    }
+                )
+            mean, std = _mean_std([r["test"][spec.metric] for r in runs])
+            t_mean, t_std = _mean_std([r["train_s"] for r in runs])
+            entry["models"][key] = {
+                "label": LABELS[key],
+                "mean": mean,
+                "std": std,
+                "train_s_mean": t_mean,
+                "train_s_std": t_std,
+                "runs": runs,
+            }
+            print(
+                f"  {LABELS[key]:<24} {spec.metric} {report.format_mean_std(mean, std)}"
+                f"  ({t_mean:.1f} s/fit)",
+                flush=True,
+            )
+        results["tasks"][task] = entry
+    results["acceptance"] = acceptance(results)
+    results["wall_s"] = round(time.perf_counter() - t_start, 1)
+    return results
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.weightspace", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="quick zoos and short fits (about 5 min)"
+    )
+    parser.add_argument(
+        "--seeds", type=int, help="training seeds per model (default 3)"
+    )
+    parser.add_argument(
+        "--zoo-dir",
+        type=Path,
+        help="zoo directory (default runs/weightspace_zoos/SIZE)",
+    )
+    parser.add_argument("--out", type=Path, help="results directory")
+    parser.add_argument("--tasks", help=f"comma-separated, from {','.join(TASKS)}")
+    parser.add_argument("--models", help="comma-separated model keys (default: all)")
+    parser.add_argument(
+        "--max-train", type=int, help="cap on training networks per task"
+    )
+    parser.add_argument("--epochs", type=int, help="maximum epochs per fit")
+    parser.add_argument("--max-seconds", type=float, help="wall-time cap per fit")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse(argv)
+    torch.set_num_threads(args.threads)
+    settings = QUICK if args.quick else FULL
+    overrides = {
+        "seeds": args.seeds,
+        "max_train": args.max_train,
+        "epochs": args.epochs,
+        "max_seconds": args.max_seconds,
+    }
+    settings = replace(
+        settings, **{k: v for k, v in overrides.items() if v is not None}
+    )
+    if settings.seeds < 1:
+        print(f"error: Invalid seeds: {settings.seeds}", file=sys.stderr)
+        return 2
+    zoo_dir = args.zoo_dir or REPO / "runs" / "weightspace_zoos" / settings.size
+    out = args.out or RESULTS_DIR / "weightspace" / ("quick" if args.quick else "")
+    # Provenance before the run: the commit measured, not the one at the end.
+    meta = {k: v for k, v in run_metadata().items() if not k.startswith("rule")}
+    meta["command"] = "python -m benchmarks.weightspace " + " ".join(
+        sys.argv[1:] if argv is None else argv
+    )
+    try:
+        results = run_benchmark(
+            settings,
+            zoo_dir,
+            tasks=args.tasks.split(",") if args.tasks else None,
+            models=args.models.split(",") if args.models else None,
+            progress=not args.no_progress,
+        )
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    results["provenance"] = meta
+    paths = write_outputs(results, Path(out))
+    print()
+    print(markdown_report(results))
+    print_saved(paths)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""``python -m benchmarks.weightspace`` on a tiny zoo: table, JSON, plot and
+the acceptance block; plus its report on a hand-made result."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from benchmarks import weightspace as bench
+from lopt.weightspace.zoos import build_zoo
+
+TINY_CNN = {"runs": 12, "runs_per_chunk": 12, "checkpoints": [5, 40]}
+TINY = replace(
+    bench.QUICK,
+    seeds=2,
+    epochs=2,
+    patience=None,
+    max_train=None,
+    node_dim=8,
+    layers=1,
+    ngt_dim=8,
+    nfn_hidden=4,
+    mlp_hidden=8,
+    tree_iters=5,
+)
+
+
+@pytest.fixture(scope="module")
+def zoo_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("zoos")
+    build_zoo("cnn_digits", root / "cnn_digits", progress=False, config=TINY_CNN)
+    return root
+
+
+def test_benchmark_runs_every_model_and_writes_its_outputs(zoo_dir, tmp_path):
+    results = bench.run_benchmark(TINY, zoo_dir, tasks=["cnn_digits"], progress=False)
+    entry = results["tasks"]["cnn_digits"]
+    assert set(entry["models"]) == {
+        "ng_gnn",
+        "ng_t",
+        "nfn",
+        "flat",
+        "flat_aug",
+        "statnn",
+        "statnn_gbt",
+    }
+    for model in entry["models"].values():
+        assert len(model["runs"]) == 2
+        # tau is nan when a model predicts one value for every test network.
+        assert all(not (abs(r["test"]["tau"]) > 1) for r in model["runs"])
+        assert model["train_s_mean"] > 0
+    claims = [c["claim"] for c in results["acceptance"]]
+    assert "cnn_digits: NG-GNN tau >= StatNN + 0.015" in claims
+    results["provenance"] = {"command": "python -m benchmarks.weightspace --test"}
+    paths = bench.write_outputs(results, tmp_path)
+    saved = json.loads(paths["json"].read_text())
+    assert saved["tasks"]["cnn_digits"]["models"]["ng_gnn"]["label"] == "NG-GNN"
+    text = paths["markdown"].read_text()
+    assert "| cnn_digits | StatNN (GBT) | tau ↑ |" in text
+    assert "--test" in text
+    assert paths["plot"].stat().st_size > 1000
+
+
+def test_report_and_acceptance_on_a_hand_made_result():
+    def model(label, mean):
+        return {
+            "label": label,
+            "mean": mean,
+            "std": 0.01,
+            "train_s_mean": 1.0,
+            "train_s_std": 0.1,
+            "runs": [],
+        }
+
+    results = {
+        "settings": {**bench.asdict(TINY)},
+        "tasks": {
+            "cnn_wild": {
+                "title": "t",
+                "kind": "regression",
+                "metric": "tau",
+                "higher_is_better": True,
+                "sizes": {"train": 1, "val": 1, "test": 1},
+                "models": {
+                    "ng_gnn": model("NG-GNN", 0.80),
+                    "ng_t": model("NG-T", 0.70),
+                    "statnn": model("StatNN (MLP)", 0.60),
+                    "statnn_gbt": model("StatNN (GBT)", 0.65),
+                    "ng_gnn_noact": model("NG-GNN -act", 0.79),
+                },
+            }
+        },
+    }
+    checks = {c["claim"]: c for c in bench.acceptance(results)}
+    gnn = checks["cnn_wild: NG-GNN tau >= StatNN + 0.08 (unseen architectures)"]
+    assert gnn["holds"] and gnn["margin"] == pytest.approx(0.15)  # vs the better StatNN
+    ngt = checks["cnn_wild: NG-T tau >= StatNN + 0.08 (unseen architectures)"]
+    assert not ngt["holds"]
+    act = checks[
+        "cnn_wild: removing the activation embedding costs >= 0.02 tau (NG-GNN)"
+    ]
+    assert not act["holds"] and act["margin"] == pytest.approx(0.01)
+    results["acceptance"] = list(checks.values())
+    text = bench.markdown_report(results)
+    assert "| cnn_wild | NG-GNN | tau ↑ | 0.8 ± 0.01 |" in text
+    assert "fails" in text and "holds" in text
+
+
+def test_unknown_task_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="Invalid tasks"):
+        bench.run_benchmark(TINY, tmp_path, tasks=["nope"], progress=False)
+    assert (
+        bench.main(
+            ["--tasks", "nope", "--zoo-dir", str(tmp_path), "--out", str(tmp_path)]
+        )
+        == 2
+    )
