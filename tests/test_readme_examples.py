@@ -40,11 +40,15 @@ def readme_snippets() -> dict[str, str]:
     return dict(found)
 
 
+#: Self-contained snippets of other sections, run as written.
+OTHER_SNIPPETS = {"weightspace": "## Weight-space learning"}
+
+
 def test_every_snippet_is_tested():
     """The section has exactly the snippets this file runs, each once."""
     text = README.read_text(encoding="utf-8")
     names = re.findall(r"<!-- tested: (\w+) -->", text)
-    assert sorted(names) == sorted(SNIPPETS)
+    assert sorted(names) == sorted(SNIPPETS + tuple(OTHER_SNIPPETS))
     assert sorted(readme_snippets()) == sorted(SNIPPETS)
 
 
@@ -124,3 +128,18 @@ def test_torch_compile(problem):
 def test_amp_autocast_and_grad_scaler(problem):
     """bf16 autocast with ``torch.amp.GradScaler`` and ``scaler.step(opt)``."""
     run_snippet("amp", *problem)
+
+
+def test_weightspace_example():
+    """The weight-space example builds a dataset from its own networks,
+    trains NG-GNN and predicts; its trainer must beat chance clearly."""
+    text = README.read_text(encoding="utf-8")
+    start = text.index(OTHER_SNIPPETS["weightspace"])
+    code = re.search(
+        r"<!-- tested: weightspace -->\n```python\n(.*?)```", text[start:], re.S
+    ).group(1)
+    assert len(code.strip().splitlines()) <= 15
+    namespace: dict = {}
+    with torch.random.fork_rng():
+        exec(compile(code, "README.md:weightspace", "exec"), namespace)
+    assert namespace["trainer"].evaluate(namespace["test"])["accuracy"] >= 0.8
