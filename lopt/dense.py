@@ -20,9 +20,10 @@ rule's own modules. Its updates equal the reference path's to float32
 rounding (``tests/test_fused.py``). Meta-training differentiates through the
 reference path, which computes the same function.
 
-TorchInductor was tried first: ``torch.compile`` of the same computation ran
-at about 130 cycles per edge (it realises intermediates and loops over
-channels) and compiled for 80-170 s per model, so the kernel is hand-written.
+TorchInductor was tried first (in a throwaway experiment, not kept):
+``torch.compile`` of the same computation realised intermediates and looped
+over channels, was slower than this kernel and compiled for minutes per
+model, so the kernel is hand-written.
 """
 
 from __future__ import annotations
@@ -42,10 +43,9 @@ from lopt.features import (
     time_features,
 )
 from lopt.graph import NUM_SLOT_TYPES, NeuralGraph
+from lopt.nn.conv import _STD_EPS, mean_std_from_sums
 
 __all__ = ["DenseBlock", "DensePlan", "dense_layout", "fused_supported", "fused_step"]
-
-_STD_EPS = 1e-5  # as lopt.nn.conv
 
 
 class DenseBlock(NamedTuple):
@@ -259,8 +259,8 @@ def fused_step(
             _ptr(td), N, _ptr(fan_in), _ptr(fan_out),
         )  # fmt: skip
         degree = graph.degree
-        in_mean, in_std = _mean_std(fan_in, degree.fan_in, 4)
-        out_mean, out_std = _mean_std(fan_out, degree.fan_out, 4)
+        in_mean, in_std = mean_std_from_sums(fan_in, degree.fan_in, 4)
+        out_mean, out_std = mean_std_from_sums(fan_out, degree.fan_out, 4)
         h = h + layer.node_mlp(torch.cat([h, in_mean, in_std, out_mean, out_std], 1))
         es = layer.edge_src(h).T.contiguous()
         ed = layer.edge_dst(h).T.contiguous()
@@ -296,11 +296,3 @@ def _node_update_without_edges(layer, h: torch.Tensor) -> torch.Tensor:
     zeros = h.new_zeros(h.shape[0], layer.msg_dim)
     std = torch.full_like(zeros, _STD_EPS**0.5)
     return h + layer.node_mlp(torch.cat([h, zeros, std, zeros, std], 1))
-
-
-def _mean_std(sums: torch.Tensor, count: torch.Tensor, d: int):
-    """Mean and std ``(N, d)`` each from sums of values and of their squares
-    ``(2d, N)``, as :meth:`lopt.nn.NGConv._mean_std` computes them."""
-    mean, mean_sq = (sums / count.clamp(min=1)).T.split(d, dim=1)
-    std = torch.sqrt((mean_sq - mean * mean).clamp(min=0.0) + _STD_EPS)
-    return mean, std

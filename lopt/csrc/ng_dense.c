@@ -147,6 +147,19 @@ void ng_stats(const int64_t *restrict seg_off, int64_t nseg, int64_t P, const fl
     FTZ_END
 }
 
+/* A block's source-node table and encoder constants, expanded to the edges
+   of one output row, so that the row loops read them contiguously. */
+static void expand_row(const float *restrict table, int64_t N, int64_t src,
+                       const float *restrict kcb, int64_t kc_stride,
+                       int64_t inner, int64_t row, float *restrict xs,
+                       float *restrict xk) {
+    UNROLL for (int d = 0; d < D; ++d)
+        for (int64_t k = 0; k < row; ++k) {
+            xs[d * row + k] = table[d * N + src + k / inner];
+            xk[d * row + k] = kcb[d * kc_stride + k % inner];
+        }
+}
+
 /* Per-row scratch: node values expanded to the row's edges. */
 static float *scratch(int64_t n) {
     return (float *)malloc((size_t)(n > 0 ? n : 1) * sizeof(float));
@@ -168,11 +181,7 @@ void ng_messages(const int64_t *restrict blocks, int64_t nb, int64_t P, const fl
         /* src node table and encoder constant, expanded along a row */
         float *restrict xs = scratch(D * row), *xk = scratch(D * row);
         float *restrict fo = scratch(2 * D * row), *restrict msg = scratch(D * row);
-        UNROLL for (int d = 0; d < D; ++d)
-            for (int64_t k = 0; k < row; ++k) {
-                xs[d * row + k] = ts[d * N + src + k / inner];
-                xk[d * row + k] = kcb[d * kc_stride + k % inner];
-            }
+        expand_row(ts, N, src, kcb, kc_stride, inner, row, xs, xk);
         memset(fo, 0, sizeof(float) * 2 * D * row);
         for (int64_t o = 0; o < out; ++o) {
             const int64_t base = off + o * row;
@@ -256,11 +265,7 @@ void ng_update(const int64_t *restrict blocks, int64_t nb, int64_t P, const floa
            and runs several times slower). They stay in the L1/L2 cache. */
         float *restrict fr = scratch(F * row), *restrict er = scratch(D * row);
         float *restrict o0 = scratch(row), *restrict o1 = scratch(row);
-        UNROLL for (int d = 0; d < D; ++d)
-            for (int64_t k = 0; k < row; ++k) {
-                xs[d * row + k] = es[d * N + src + k / inner];
-                xk[d * row + k] = kcb[d * kc_stride + k % inner];
-            }
+        expand_row(es, N, src, kcb, kc_stride, inner, row, xs, xk);
         for (int64_t o = 0; o < out; ++o) {
             const int64_t base = off + o * row;
             float edo[D];

@@ -7,7 +7,7 @@ from torch import nn
 
 from lopt.graph import EdgeDegree, edge_degree
 
-__all__ = ["NGConv", "channel_linear"]
+__all__ = ["NGConv", "channel_linear", "mean_std_from_sums"]
 
 _STD_EPS = 1e-5
 
@@ -20,6 +20,16 @@ def channel_linear(
     if linear.bias is None:
         return torch.matmul(linear.weight, x, out=out)
     return torch.addmm(linear.bias[:, None], linear.weight, x, out=out)
+
+
+def mean_std_from_sums(
+    sums: torch.Tensor, count: torch.Tensor, d: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std ``(|V|, d)`` each from per-node sums of values and of
+    their squares ``(2d, |V|)`` over ``count`` edges (clamped to one)."""
+    mean, mean_sq = (sums / count.clamp(min=1)).T.split(d, dim=1)
+    std = torch.sqrt((mean_sq - mean * mean).clamp(min=0.0) + _STD_EPS)
+    return mean, std
 
 
 def _node_table(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -152,9 +162,7 @@ class NGConv(nn.Module):
             zeros = msg.new_zeros(self.msg_dim, num_nodes)
             parts = [zeros.index_add(1, index, m) for m in (msg, msg_sq)]
         sums = torch.cat(parts)
-        mean, mean_sq = (sums / count.clamp(min=1)).T.split(self.msg_dim, dim=1)
-        std = torch.sqrt((mean_sq - mean * mean).clamp(min=0.0) + _STD_EPS)
-        return mean, std
+        return mean_std_from_sums(sums, count, self.msg_dim)
 
     def forward(
         self,
