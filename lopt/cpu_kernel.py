@@ -48,14 +48,15 @@ _I = ctypes.c_int64
 _F = ctypes.c_float
 _SIGNATURES = {
     "ng_weight_count": ((), ctypes.c_int),
-    "ng_stats": ((_P, _I, _I, _P, _P, _P, _P, _P, _F, _P), None),
+    "ng_norms": ((_P, _I, _P, _P, _P), ctypes.c_int),
+    "ng_moments": ((_P, _I, _I, _P, _P, _P, _P, _F, _P), None),
     "ng_messages": (
         (_P, _I, _I, _P, _P, _P, _P, _P, _P, _F, _P, _P, _P, _I, _P, _P, _I, _P, _P),
         None,
     ),
     "ng_update": (
         (_P, _I, _I, _P, _P, _P, _P, _P, _P, _F, _P, _P, _P, _I, _P, _P, _I, _P, _P)
-        + (_F, _F, _F, _P),
+        + (_F, _F, _F),
         None,
     ),
 }

@@ -100,9 +100,11 @@ class _Builder:
     num_nodes: int = 0
     node_role: list[torch.Tensor] = field(default_factory=list)
     node_depth: list[torch.Tensor] = field(default_factory=list)
-    edge_src: list[torch.Tensor] = field(default_factory=list)
-    edge_dst: list[torch.Tensor] = field(default_factory=list)
-    edge_attr: list[torch.Tensor] = field(default_factory=list)
+    #: One ``(inputs, outputs, kernel)`` per edge tensor: its input and output
+    #: node ids and kernel shape; the edges are written out in ``_finish``.
+    edge_layers: list[tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]] = field(
+        default_factory=list
+    )
     edge_tensors: list[int] = field(default_factory=list)
     slot_tensors: list[int] = field(default_factory=list)
     slot_node: list[torch.Tensor] = field(default_factory=list)
@@ -131,6 +133,33 @@ def _kernel_attr(kernel: Sequence[int]) -> torch.Tensor:
         attr[:, j] = ((grid - (d - 1) / 2.0) / half).reshape(-1)
     attr[:, MAX_KERNEL_DIMS] = 1.0
     return attr
+
+
+def _write_edges(layers) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``edge_index`` and ``kernel_attr`` of the edge tensors ``layers``
+    (``(inputs, outputs, kernel)`` each), written in place into their final
+    tensors by broadcasting: building a graph needs no per-edge temporaries,
+    only the 16 bytes per edge it keeps (and ``kernel_attr``'s 16 where some
+    kernel has more than one tap)."""
+    sizes = [len(i) * len(o) * math.prod(k) for i, o, k in layers]
+    edge_index = torch.empty(2, sum(sizes), dtype=torch.long)
+    taps = any(math.prod(k) > 1 for _, _, k in layers)
+    kernel_attr = torch.zeros(EDGE_ATTR_DIM, sum(sizes)) if taps else None
+    offset = 0
+    for (inputs, outputs, kernel), size in zip(layers, sizes):
+        out, inn, k = len(outputs), len(inputs), math.prod(kernel)
+        # Weight (o, i, t) is edge offset + (o * inn + i) * k + t, from
+        # inputs[i] to outputs[o].
+        part = edge_index[:, offset : offset + size]
+        part[0].view(out, inn, k).copy_(inputs.view(1, inn, 1).expand(out, inn, k))
+        part[1].view(out, inn * k).copy_(outputs.view(out, 1).expand(out, inn * k))
+        if kernel_attr is not None and k > 1:
+            attr = _kernel_attr(kernel).T  # (EDGE_ATTR_DIM, k)
+            kernel_attr[:, offset : offset + size].view(-1, out * inn, k).copy_(
+                attr[:, None, :].expand(-1, out * inn, k)
+            )
+        offset += size
+    return edge_index, kernel_attr
 
 
 @dataclass(frozen=True)
@@ -179,7 +208,6 @@ class NeuralGraph:
             if len(shape) >= 2 and numel > 0:
                 out, inn = shape[0], shape[1]
                 kernel = tuple(shape[2:])
-                k = math.prod(kernel)
                 if prev is not None and inn == len(prev):
                     inputs = prev
                 elif prev is not None and inn % len(prev) == 0:
@@ -188,11 +216,8 @@ class NeuralGraph:
                     inputs = b.add_nodes(inn, NODE_ROLES.index("input"), depth)
                 depth += 1
                 outputs = b.add_nodes(out, NODE_ROLES.index("hidden"), depth)
-                # Weight (o, i, t) -> edge (src=inputs[i], dst=outputs[o]).
-                b.edge_src.append(inputs.repeat_interleave(k).repeat(out))
-                b.edge_dst.append(outputs.repeat_interleave(inn * k))
+                b.edge_layers.append((inputs, outputs, kernel))
                 b.edge_tensors.append(index)
-                b.edge_attr.append(_kernel_attr(kernel).repeat(out * inn, 1))
                 prev = outputs
                 slots_used = 0
             elif len(shape) == 1 and prev is not None and shape[0] == len(prev):
@@ -236,10 +261,7 @@ class NeuralGraph:
         tensor_id = torch.repeat_interleave(
             torch.tensor(order, dtype=torch.int32), numels
         )
-        edge_index = torch.stack([cat(b.edge_src), cat(b.edge_dst)])
-        kernel_attr = cat(b.edge_attr, torch.float32, EDGE_ATTR_DIM).T.contiguous()
-        if not bool(kernel_attr.any()):
-            kernel_attr = None
+        edge_index, kernel_attr = _write_edges(b.edge_layers)
         return cls(
             shapes=shapes,
             num_nodes=b.num_nodes,

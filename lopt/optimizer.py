@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+from torch.autograd.graph import increment_version
 from torch.optim import Optimizer
 
 from lopt import cpu_kernel
@@ -252,22 +253,12 @@ class NGOptimizer(Optimizer):
         if self._sharded:  # DTensor (FSDP2): the step runs on full tensors
             values, grads = full_tensors(params), full_tensors(grads)
         graph, flat = self._graph, self._flat
+        lr, weight_decay = self._group_values(graph)
+        if self._plan is not None and all(g is not None for g in grads):
+            self._fused_step(params, values, grads, lr, weight_decay)
+            return loss
         flat_grad, mask = flat_gradients(graph, values, grads)
         if not gradient_is_finite(self, flat_grad):
-            return loss
-        lr, weight_decay = self._group_values(graph)
-        if self._plan is not None and mask is None:
-            new_params = fused_step(
-                cpu_kernel.load(),
-                self._plan,
-                self.rule,
-                graph.flatten(values),
-                flat_grad,
-                flat,
-                lr,
-                weight_decay,
-            )  # updates ``flat`` in place
-            self._write_back(params, values, graph.unflatten(new_params))
             return loss
         new_params, new_state = ng_step(
             self.rule,
@@ -284,6 +275,49 @@ class NGOptimizer(Optimizer):
         flat.momenta.copy_(new_state.momenta)
         flat.second_moment.copy_(new_state.second_moment)
         return loss
+
+    def _fused_step(self, params, values, grads, lr, weight_decay) -> None:
+        """The step through the fused CPU kernel (every gradient present).
+
+        Float32 contiguous parameters and gradients are read where they are
+        and the parameters updated in place: no flat copies. Anything else
+        (other dtypes, strides, DTensors) goes through flat float32 copies
+        that the kernel updates, written back as on the reference path.
+        """
+        graph, order = self._graph, self._graph.tensor_order
+        ps = [values[i] for i in order]
+        gs = [grads[i] for i in order]
+        direct = not self._sharded and all(
+            p.dtype == torch.float32
+            and g.dtype == torch.float32
+            and p.is_contiguous()
+            and g.is_contiguous()
+            for p, g in zip(ps, gs)
+        )
+        lib = cpu_kernel.load()
+        if direct:
+            if fused_step(lib, self._plan, self.rule, ps, gs, self._flat, lr, weight_decay):
+                increment_version(ps)  # in-place writes autograd did not see
+            else:
+                _skip_nonfinite_step(self)
+            return
+        flat_params = graph.flatten(values)
+        work = graph.unflatten(flat_params)
+        work_grads = graph.unflatten(graph.flatten(grads))
+        stepped = fused_step(
+            lib,
+            self._plan,
+            self.rule,
+            [work[i] for i in order],
+            [work_grads[i] for i in order],
+            self._flat,
+            lr,
+            weight_decay,
+        )
+        if stepped:
+            self._write_back(params, values, work)
+        else:
+            _skip_nonfinite_step(self)
 
     def _write_back(
         self,
@@ -345,10 +379,16 @@ def gradient_is_finite(owner: Any, flat_grad: torch.Tensor) -> bool:
     """
     if bool(torch.isfinite(flat_grad.detach()).all()):
         return True
+    _skip_nonfinite_step(owner)
+    return False
+
+
+def _skip_nonfinite_step(owner: Any) -> None:
+    """A gradient was not finite: raise, or count the skipped step, as
+    ``owner.nonfinite`` says."""
     if owner.nonfinite == "raise":
         raise FloatingPointError("NGOptimizer: non-finite gradient")
     owner.skipped_steps += 1
-    return False
 
 
 def _check_no_momentum(param_groups: list[dict[str, Any]]) -> None:

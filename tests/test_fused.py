@@ -108,6 +108,79 @@ def test_fused_updates_equal_the_reference(name):
             assert float(s1["step"]) == float(s2["step"])
 
 
+def _snapshot(model, opt):
+    return [p.detach().clone() for p in model.parameters()], copy.deepcopy(
+        opt.state_dict()
+    )
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_nonfinite_gradient_changes_nothing(bad):
+    model, shape = _models()["cnn"]
+    opt = NGOptimizer(model.parameters(), fused=True)
+    model(torch.randn(shape)).square().mean().backward()
+    opt.step()  # state exists
+    params, state = _snapshot(model, opt)
+    model[3].weight.grad[1, 2, 0, 0] = bad  # an edge tensor, not the first
+    opt.step()
+    assert opt.skipped_steps == 1
+    after_params, after_state = _snapshot(model, opt)
+    for p0, p1 in zip(params, after_params):
+        assert torch.equal(p0, p1)
+    for key, s0 in state["state"].items():
+        for name, value in s0.items():
+            assert torch.equal(value, after_state["state"][key][name]), name
+    strict = NGOptimizer(model.parameters(), fused=True, nonfinite="raise")
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        strict.step()
+
+
+def _strided_mlp():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    # a weight stored transposed: same values, not contiguous
+    w = model[0].weight.detach()
+    model[0].weight = nn.Parameter(w.T.contiguous().T)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["float64", "non-contiguous"])
+def test_parameters_the_kernel_cannot_read_in_place(kind):
+    """Other dtypes and strides go through flat float32 copies; the result is
+    the reference path's, and the parameters keep their dtype and strides."""
+    model = _strided_mlp()
+    if kind == "float64":
+        model = model.double()
+    else:
+        assert not model[0].weight.is_contiguous()
+    (m1, fused), (m2, ref) = _pair(model)
+    x = torch.randn(4, 6, dtype=next(model.parameters()).dtype)
+    for m, o in ((m1, fused), (m2, ref)):
+        for _ in range(3):
+            o.zero_grad()
+            m(x).square().mean().backward()
+            o.step()
+    assert fused._plan is not None
+    for p1, p2 in zip(m1.parameters(), m2.parameters()):
+        assert p1.dtype == p2.dtype and p1.stride() == p2.stride()
+        torch.testing.assert_close(p1, p2, atol=1e-6, rtol=1e-4)
+
+
+def test_in_place_step_is_seen_by_autograd():
+    """The kernel writes the parameters through raw pointers; their version
+    counters still move, so a backward through a graph that saved the old
+    values fails loudly instead of using the new ones."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    opt = NGOptimizer(model.parameters(), fused=True)
+    loss = model(torch.randn(3, 4)).square().sum()
+    loss.backward(retain_graph=True)
+    versions = [p._version for p in model.parameters()]
+    opt.step()
+    assert all(p._version > v for p, v in zip(model.parameters(), versions))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
 def test_fused_path_is_the_default_and_is_taken():
     model = _models()["mlp"][0]
     opt = NGOptimizer(model.parameters())

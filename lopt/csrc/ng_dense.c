@@ -2,13 +2,21 @@
  * The learned step's per-edge pipeline on dense blocks, for the CPU.
  *
  * lopt/dense.py describes the layout and the maths; this file is its fused
- * form, three passes over memory per step:
+ * form, four passes over memory per step:
  *
- *   ng_stats     momenta and second moment updated in place, sums of squares
- *                of (param, grad, momenta) per tensor;
+ *   ng_norms     sums of squares of params and grads per tensor, and whether
+ *                every gradient is finite (read-only: a step that is skipped
+ *                leaves everything as it was);
+ *   ng_moments   momenta and second moment updated in place, sums of squares
+ *                of the momenta per tensor;
  *   ng_messages  features, edge encoder, FiLM messages, and each node's sums
  *                of messages and squared messages over its fan-in and fan-out;
- *   ng_update    features, edge encoder, edge update, edge head, the update.
+ *   ng_update    features, edge encoder, edge update, edge head, the update,
+ *                written into the parameters in place.
+ *
+ * Parameters and gradients are read (and parameters written) where they are,
+ * through a table of tensor addresses in graph order; the momenta and second
+ * moment are the optimizer's flat (channel, P) buffers.
  *
  * Everything per edge stays in registers. The innermost loops run over the
  * contiguous edges of one output row and are written so that the compiler
@@ -43,7 +51,7 @@
 #define D 4  /* edge and message width */
 #define H 8  /* head hidden width */
 #define F 10 /* features per scalar */
-#define NM 4 /* momenta (ng_stats writes out all four) */
+#define NM 4 /* momenta */
 
 /* Packed rule weights (row-major), in this order; lopt/dense.py packs them. */
 enum {
@@ -102,23 +110,63 @@ static inline float lerp(float a, float b, float w) {
     return w < 0.5f ? a + w * (b - a) : b - (b - a) * (1.0f - w);
 }
 
-void ng_stats(const int64_t *restrict seg_off, int64_t nseg, int64_t P, const float *restrict p,
-              const float *restrict g, float *restrict m, float *restrict v, const float *restrict betas,
-              float beta2, double *restrict sums) {
+/* The float32 tensor at address addr[i] (a table of tensor addresses, one
+   per tensor in graph order: parameters and gradients are read, and new
+   parameters written, where they are, with no flat copies). */
+#define AT(addr, i) ((float *)(intptr_t)(addr)[i])
+
+/* Pass 1 (read-only): per tensor, the sums of squares of params and grads.
+   Returns 1, having written nothing else, when a gradient is not finite
+   (inf or nan), so the caller can skip the step before any state moves. */
+int ng_norms(const int64_t *restrict seg_off, int64_t nseg, const int64_t *restrict pa,
+             const int64_t *restrict ga, double *restrict sums) {
+    FTZ_BEGIN
+    float bad = 0.0f;
+    for (int64_t s = 0; s < nseg; ++s) {
+        const float *restrict p = AT(pa, s), *restrict g = AT(ga, s);
+        const int64_t n = seg_off[s + 1] - seg_off[s];
+        double acc0 = 0.0, acc1 = 0.0;
+        /* float partial sums over chunks (vectorised), added up in double */
+        for (int64_t lo = 0; lo < n; lo += 4096) {
+            const int64_t hi = lo + 4096 < n ? lo + 4096 : n;
+            float a0 = 0.0f, a1 = 0.0f, z = 0.0f;
+#pragma omp simd reduction(+ : a0, a1, z)
+            for (int64_t k = lo; k < hi; ++k) {
+                a0 += p[k] * p[k];
+                a1 += g[k] * g[k];
+                z += g[k] * 0.0f; /* nan once some g[k] is inf or nan */
+            }
+            acc0 += a0;
+            acc1 += a1;
+            bad += z;
+        }
+        sums[s * (2 + NM)] = acc0;
+        sums[s * (2 + NM) + 1] = acc1;
+    }
+    FTZ_END
+    return bad != bad;
+}
+
+/* Pass 2: momenta and second moment updated in place, and per tensor the
+   sums of squares of the new momenta. m and v are flat (P per channel). */
+void ng_moments(const int64_t *restrict seg_off, int64_t nseg, int64_t P,
+                const int64_t *restrict ga, float *restrict m, float *restrict v,
+                const float *restrict betas, float beta2, double *restrict sums) {
     FTZ_BEGIN
     const float big = 3.40282346638528859812e+38f;
     float w[NM];
     UNROLL for (int i = 0; i < NM; ++i) w[i] = 1.0f - betas[i];
     const float w2 = 1.0f - beta2;
     for (int64_t s = 0; s < nseg; ++s) {
-        double acc[2 + NM] = {0};
-        /* float partial sums over chunks (vectorised), added up in double */
+        const float *restrict g = AT(ga, s);
+        const int64_t o0 = seg_off[s]; /* g[k - o0] is the gradient of m[k] */
+        double acc[NM] = {0};
         for (int64_t lo = seg_off[s]; lo < seg_off[s + 1]; lo += 4096) {
             const int64_t hi = lo + 4096 < seg_off[s + 1] ? lo + 4096 : seg_off[s + 1];
-            float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f, a4 = 0.0f, a5 = 0.0f;
-#pragma omp simd reduction(+ : a0, a1, a2, a3, a4, a5)
+            float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
             for (int64_t k = lo; k < hi; ++k) {
-                const float gk = g[k], sq = gk * gk;
+                const float gk = g[k - o0], sq = gk * gk;
                 const float m0 = lerp(m[k], gk, w[0]);
                 const float m1 = lerp(m[P + k], gk, w[1]);
                 const float m2 = lerp(m[2 * P + k], gk, w[2]);
@@ -128,21 +176,17 @@ void ng_stats(const int64_t *restrict seg_off, int64_t nseg, int64_t P, const fl
                 m[2 * P + k] = m2;
                 m[3 * P + k] = m3;
                 v[k] = lerp(v[k], sq > big ? big : sq, w2);
-                a0 += p[k] * p[k];
-                a1 += sq;
-                a2 += m0 * m0;
-                a3 += m1 * m1;
-                a4 += m2 * m2;
-                a5 += m3 * m3;
+                a0 += m0 * m0;
+                a1 += m1 * m1;
+                a2 += m2 * m2;
+                a3 += m3 * m3;
             }
             acc[0] += a0;
             acc[1] += a1;
             acc[2] += a2;
             acc[3] += a3;
-            acc[4] += a4;
-            acc[5] += a5;
         }
-        UNROLL for (int i = 0; i < 2 + NM; ++i) sums[s * (2 + NM) + i] = acc[i];
+        UNROLL for (int i = 0; i < NM; ++i) sums[s * (2 + NM) + 2 + i] = acc[i];
     }
     FTZ_END
 }
@@ -165,8 +209,8 @@ static float *scratch(int64_t n) {
     return (float *)malloc((size_t)(n > 0 ? n : 1) * sizeof(float));
 }
 
-void ng_messages(const int64_t *restrict blocks, int64_t nb, int64_t P, const float *restrict p,
-                 const float *restrict g, const float *restrict m, const float *restrict v,
+void ng_messages(const int64_t *restrict blocks, int64_t nb, int64_t P, const int64_t *restrict pa,
+                 const int64_t *restrict ga, const float *restrict m, const float *restrict v,
                  const float *restrict inv_all, const float *restrict mcorr, float vcorr,
                  const float *restrict W, const float *restrict kc_all, const int64_t *restrict kc_off, int64_t kc_stride,
                  const float *restrict ts, const float *restrict td, int64_t N, float *restrict fan_in,
@@ -187,7 +231,7 @@ void ng_messages(const int64_t *restrict blocks, int64_t nb, int64_t P, const fl
             const int64_t base = off + o * row;
             float tdo[D];
             UNROLL for (int d = 0; d < D; ++d) tdo[d] = td[d * N + dst + o];
-            const float *restrict pr = p + base, *restrict gr = g + base;
+            const float *restrict pr = AT(pa, b) + o * row, *restrict gr = AT(ga, b) + o * row;
             const float *restrict vr = v + base, *restrict mr = m + base;
 #pragma omp simd
             for (int64_t k = 0; k < row; ++k) {
@@ -244,13 +288,13 @@ void ng_messages(const int64_t *restrict blocks, int64_t nb, int64_t P, const fl
     FTZ_END
 }
 
-void ng_update(const int64_t *restrict blocks, int64_t nb, int64_t P, const float *restrict p,
-               const float *restrict g, const float *restrict m, const float *restrict v,
+void ng_update(const int64_t *restrict blocks, int64_t nb, int64_t P, const int64_t *restrict pa,
+               const int64_t *restrict ga, const float *restrict m, const float *restrict v,
                const float *restrict inv_all, const float *restrict mcorr, float vcorr,
                const float *restrict W, const float *restrict kc_all, const int64_t *restrict kc_off, int64_t kc_stride,
                const float *restrict es, const float *restrict ed, int64_t N, const float *restrict lr,
                const float *restrict wd, float step_scale, float magnitude_scale,
-               float clip, float *restrict new_p) {
+               float clip) {
     FTZ_BEGIN
     for (int64_t b = 0; b < nb; ++b) {
         const int64_t *restrict blk = blocks + b * BLK;
@@ -270,10 +314,11 @@ void ng_update(const int64_t *restrict blocks, int64_t nb, int64_t P, const floa
             const int64_t base = off + o * row;
             float edo[D];
             UNROLL for (int d = 0; d < D; ++d) edo[d] = ed[d * N + dst + o] + W[B_EL + d];
-            const float *restrict pr = p + base, *restrict gr = g + base;
+            /* the parameters are updated in place */
+            float *restrict pr = AT(pa, b) + o * row;
+            const float *restrict gr = AT(ga, b) + o * row;
             const float *restrict vr = v + base;
             const float *restrict mr = m + base;
-            float *restrict np = new_p + base;
             /* phase 1: features, encoder, edge update, head skip path; each
                feature is used as soon as it is made */
 #pragma omp simd
@@ -327,7 +372,7 @@ void ng_update(const int64_t *restrict blocks, int64_t nb, int64_t P, const floa
                 }
                 const float log_scale = clip * fast_tanh(magnitude_scale * s1 / clip);
                 const float upd = -step_scale * s0 * fast_exp(log_scale);
-                np[k] = pr[k] + lrb * (upd - decay * pr[k]);
+                pr[k] += lrb * (upd - decay * pr[k]);
             }
         }
         free(xs);
