@@ -59,6 +59,7 @@ _SIGNATURES = {
         + (_F, _F, _F),
         None,
     ),
+    "ng_lean_weight_count": ((), ctypes.c_int),
 }
 
 
@@ -146,6 +147,7 @@ def load() -> ctypes.CDLL | None:
     for name, (args, result) in _SIGNATURES.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = list(args), result
+    lib.ng_update_lean.argtypes = lib.ng_update.argtypes
     return lib
 
 

@@ -127,6 +127,12 @@ def fused_supported(rule, graph: NeuralGraph, device: torch.device) -> str | Non
             "rule widths other than num_layers=1, edge_dim=4, head_hidden=8 "
             f"(got {c.num_layers}, {c.edge_dim}, {c.head_hidden})"
         )
+    if (c.edge_mlp, c.edge_hidden) not in ((True, 8), (False, 0)):
+        return (
+            "an edge pipeline other than edge_mlp=True with an edge head of width "
+            "8, or edge_mlp=False with a linear edge head (got edge_mlp="
+            f"{c.edge_mlp}, edge head hidden {c.edge_hidden})"
+        )
     if rule.backbone.layers[0].msg_dim != 4:
         return "message width other than 4"
     if graph.num_edges and dense_layout(graph) is None:
@@ -181,6 +187,17 @@ def pack_weights(rule) -> torch.Tensor:
     bb, head = rule.backbone, rule.edge_head
     layer = bb.layers[0]
     nf = NUM_FEATURES
+    if not rule.config.edge_mlp:  # the lean rule
+        parts = [
+            bb.edge_encoder.weight[:, :nf],
+            bb.edge_encoder.bias,
+            layer.film.weight,
+            layer.film.bias,
+            head.out.weight,
+            head.out.bias,
+            head.skip.weight,
+        ]
+        return torch.cat([p.detach().reshape(-1).float() for p in parts]).contiguous()
     parts = [
         bb.edge_encoder.weight[:, :nf],
         bb.edge_encoder.bias,
@@ -303,7 +320,8 @@ def fused_step(
         es = layer.edge_src(h).T.contiguous()
         ed = layer.edge_dst(h).T.contiguous()
         lr_b, wd_b = _per_block(lr, plan), _per_block(weight_decay, plan)
-        lib.ng_update(
+        update_edges = lib.ng_update if c.edge_mlp else lib.ng_update_lean
+        update_edges(
             _ptr(plan.table), nb, P, _ptr(pa), _ptr(ga),
             _ptr(momenta), _ptr(second), _ptr(inv_blocks), _ptr(mcorr), vcorr,
             _ptr(weights), _ptr(kc), _ptr(plan.kc_off), kc.shape[1], _ptr(es),

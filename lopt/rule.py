@@ -78,6 +78,17 @@ class RuleConfig:
     # Give nodes log(1 + fan-in) and log(1 + fan-out) (scaled by 1/10): mean
     # aggregation hides how many edges a node has, and with it the layer width.
     degree_features: bool = False
+    # Per-edge work, the cost of a step (see lopt/dense.py): edge updates
+    # through a per-edge MLP or by adding node projections only, and the edge
+    # head's hidden width (None: head_hidden; 0: a linear head on the edge
+    # embedding, plus the skip path from the features).
+    edge_mlp: bool = True
+    edge_head_hidden: int | None = None
+
+    @property
+    def edge_hidden(self) -> int:
+        """Hidden width of the per-edge head."""
+        return self.head_hidden if self.edge_head_hidden is None else self.edge_head_hidden
 
     @property
     def node_in_dim(self) -> int:
@@ -89,8 +100,14 @@ class RuleConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < (0 if name == "num_layers" else 1):
                 raise ValueError(f"Invalid {name}: {value}")
-        if not isinstance(self.degree_features, bool):
-            raise ValueError(f"Invalid degree_features: {self.degree_features!r}")
+        for name in ("degree_features", "edge_mlp"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"Invalid {name}: {getattr(self, name)!r}")
+        hidden = self.edge_head_hidden
+        if hidden is not None and (
+            isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 0
+        ):
+            raise ValueError(f"Invalid edge_head_hidden: {hidden!r}")
         for name in ("step_scale", "magnitude_scale", "magnitude_clip"):
             value = getattr(self, name)
             if not (
@@ -101,19 +118,23 @@ class RuleConfig:
 
 class _Head(nn.Module):
     """MLP on ``[embedding, own features]`` plus a linear skip from the features,
-    outputting ``(direction, log-magnitude)``. Channel-major: ``(C, n)``."""
+    outputting ``(direction, log-magnitude)``. Channel-major: ``(C, n)``.
+    ``hidden=0``: a linear map of the embedding instead of the MLP."""
 
     def __init__(self, embed_dim: int, hidden: int):
         super().__init__()
-        self.embed_in = nn.Linear(embed_dim, hidden)
-        self.feat_in = nn.Linear(NUM_FEATURES, hidden, bias=False)
-        self.out = nn.Linear(hidden, 2)
+        self.hidden = hidden
+        if hidden:
+            self.embed_in = nn.Linear(embed_dim, hidden)
+            self.feat_in = nn.Linear(NUM_FEATURES, hidden, bias=False)
+        self.out = nn.Linear(hidden or embed_dim, 2)
         self.skip = nn.Linear(NUM_FEATURES, 2, bias=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        self.embed_in.reset_parameters()
-        self.feat_in.reset_parameters()
+        if self.hidden:
+            self.embed_in.reset_parameters()
+            self.feat_in.reset_parameters()
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
         with torch.no_grad():
@@ -121,6 +142,8 @@ class _Head(nn.Module):
             self.skip.weight[0, ADAM_RATIO_FEATURE] = 1.0
 
     def forward(self, embed: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+        if not self.hidden:
+            return channel_linear(self.out, embed).addmm_(self.skip.weight, feats)
         # The feature parts accumulate into the products' fresh outputs
         # (addmm_ does not need its output for backward): no temporaries.
         hidden = channel_linear(self.embed_in, embed).addmm_(self.feat_in.weight, feats)
@@ -146,9 +169,9 @@ class UpdateRule(nn.Module):
         self.config = config or RuleConfig()
         c = self.config
         self.backbone = GraphBackbone(
-            c.node_in_dim, EDGE_IN_DIM, c.node_dim, c.edge_dim, c.num_layers
+            c.node_in_dim, EDGE_IN_DIM, c.node_dim, c.edge_dim, c.num_layers, c.edge_mlp
         )
-        self.edge_head = _Head(c.edge_dim, c.head_hidden)
+        self.edge_head = _Head(c.edge_dim, c.edge_hidden)
         self.slot_head = _Head(c.node_dim + NUM_SLOT_TYPES, c.head_hidden)
         self.metadata: dict[str, Any] = {}
 

@@ -81,10 +81,27 @@ def _pair(model, **kwargs):
     )
 
 
+def _lean_rule() -> UpdateRule:
+    """The lean rule (``edge_mlp=False``, linear edge head) with every weight
+    moved off its initial value: untrained, its head output is zero and the
+    edge embedding would not reach the update at all."""
+    torch.manual_seed(5)
+    rule = UpdateRule(
+        RuleConfig(edge_mlp=False, edge_head_hidden=0, degree_features=True)
+    )
+    with torch.no_grad():
+        for p in rule.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return rule
+
+
+@pytest.mark.parametrize("rule", ["default", "lean"])
 @pytest.mark.parametrize("name", ["mlp", "cnn", "transformer", "lstm"])
-def test_fused_updates_equal_the_reference(name):
+def test_fused_updates_equal_the_reference(name, rule):
     model, shape = _models()[name]
-    (m1, fused), (m2, ref) = _pair(model)
+    (m1, fused), (m2, ref) = _pair(
+        model, rule=_lean_rule() if rule == "lean" else "default"
+    )
     gen = torch.Generator().manual_seed(1)
     for _ in range(5):
         x = torch.randn(shape, generator=gen)

@@ -126,8 +126,9 @@ def test_isolated_nodes_and_no_edges_stay_finite():
     [
         lambda: NGConv(node_dim=5, edge_dim=3),
         lambda: GraphBackbone(5, 3, node_dim=6, edge_dim=4, num_layers=2),
+        lambda: NGConv(node_dim=5, edge_dim=3, edge_mlp=False),
     ],
-    ids=["ngconv", "backbone"],
+    ids=["ngconv", "backbone", "ngconv-lean"],
 )
 def test_relabelling_nodes_permutes_node_outputs_only(make):
     module = randomise(make(), seed=3, std=0.3)
@@ -151,3 +152,14 @@ def test_reset_parameters_restores_initial_state():
     assert conv.film.bias.tolist() == [1.0] * 4 + [0.0] * 4
     assert not conv.edge_out.bias.any()
     assert float(conv.edge_out.weight.detach().std()) < 0.05
+
+
+def test_lean_conv_updates_edges_by_node_terms_only():
+    """``edge_mlp=False``: e' = e + W_s h'[src] + W_t h'[dst], no edge MLP."""
+    conv = randomise(NGConv(node_dim=5, edge_dim=3, edge_mlp=False), seed=4)
+    assert not hasattr(conv, "edge_lin") and "edge_mlp=False" in repr(conv)
+    x, edge_index, edge_attr = _graph()
+    h, e = conv(x, edge_index, edge_attr)
+    src, dst = edge_index
+    want = edge_attr + conv.edge_src(h)[src].T + conv.edge_dst(h)[dst].T
+    torch.testing.assert_close(e, want)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import pickle
@@ -50,6 +51,9 @@ def test_output_shape_and_repr():
         ({"edge_dim": 2.5}, "Invalid edge_dim: 2.5"),
         ({"step_scale": 0.0}, "Invalid step_scale: 0.0"),
         ({"magnitude_clip": float("inf")}, "Invalid magnitude_clip: inf"),
+        ({"edge_mlp": 0}, "Invalid edge_mlp: 0"),
+        ({"edge_head_hidden": -1}, "Invalid edge_head_hidden: -1"),
+        ({"edge_head_hidden": 2.0}, "Invalid edge_head_hidden: 2.0"),
     ],
 )
 def test_invalid_config(kwargs, message):
@@ -316,7 +320,6 @@ def test_default_rule_trains_a_small_cnn():
 
 
 def test_dense_graph_leaves_out_zero_kernel_attributes_without_changing_updates():
-    import dataclasses
 
     from lopt.features import NUM_FEATURES, NUM_TIME_FEATURES
 
@@ -375,3 +378,32 @@ def test_untrained_degree_rule_is_still_adam():
         UpdateRule(DEGREE_CONFIG)(graph, feats, time),
         UpdateRule(TINY_CONFIG)(graph, feats, time),
     )
+
+
+# ------------------------------------------------------------------ lean rule
+LEAN_CONFIG = dataclasses.replace(DEGREE_CONFIG, edge_mlp=False, edge_head_hidden=0)
+
+
+def test_untrained_lean_rule_is_still_adam():
+    graph, feats, time = _inputs()
+    torch.testing.assert_close(
+        UpdateRule(LEAN_CONFIG)(graph, feats, time),
+        UpdateRule(TINY_CONFIG)(graph, feats, time),
+    )
+
+
+def test_lean_rule_round_trip_and_edge_embedding_reaches_the_update(tmp_path):
+    rule = random_rule(seed=6, config=LEAN_CONFIG)
+    assert rule.config.edge_hidden == 0 and not hasattr(rule.edge_head, "embed_in")
+    assert rule.slot_head.hidden == LEAN_CONFIG.head_hidden  # slots keep their MLP
+    save_rule(rule, tmp_path / "lean")
+    loaded = load_rule(tmp_path / "lean")
+    graph, feats, time = _inputs()
+    out = rule(graph, feats, time)
+    assert torch.equal(loaded(graph, feats, time), out)
+    with torch.no_grad():
+        rule.edge_head.out.weight.zero_()
+    changed = rule(graph, feats, time)
+    edges = graph.num_edges
+    assert not torch.allclose(changed[:edges], out[:edges])
+    assert torch.equal(changed[edges:], out[edges:])

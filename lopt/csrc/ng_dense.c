@@ -12,7 +12,8 @@
  *   ng_messages  features, edge encoder, FiLM messages, and each node's sums
  *                of messages and squared messages over its fan-in and fan-out;
  *   ng_update    features, edge encoder, edge update, edge head, the update,
- *                written into the parameters in place.
+ *                written into the parameters in place (ng_update_lean: the
+ *                same for the lean rule, without the edge MLP and head MLP).
  *
  * Parameters and gradients are read (and parameters written) where they are,
  * through a table of tensor addresses in graph order; the momenta and second
@@ -72,7 +73,17 @@ enum {
     W_SIZE = W_HS + 2 * F
 };
 
+/* The lean rule (edge_mlp=False, a linear edge head) shares the encoder and
+   FiLM weights, and so ng_messages; its update reads these instead. */
+enum {
+    L_HO = B_FILM + 2 * D, /* 2 x D   head output, from the edge embedding */
+    L_BO = L_HO + 2 * D,   /* 2 */
+    L_HS = L_BO + 2,       /* 2 x F   head skip */
+    L_SIZE = L_HS + 2 * F
+};
+
 int ng_weight_count(void) { return W_SIZE; }
+int ng_lean_weight_count(void) { return L_SIZE; }
 
 /* Block descriptor: offset, out, sources, inner, dst, src (int64 each). */
 #define BLK 6
@@ -381,6 +392,69 @@ void ng_update(const int64_t *restrict blocks, int64_t nb, int64_t P, const int6
         free(er);
         free(o0);
         free(o1);
+    }
+    FTZ_END
+}
+
+/* ng_update for the lean rule: e' = e + (src and dst node terms), and
+   (direction, log-magnitude) = W e' + b + skip(features). One loop per row,
+   about a third of ng_update's arithmetic. Same arguments as ng_update. */
+void ng_update_lean(const int64_t *restrict blocks, int64_t nb, int64_t P, const int64_t *restrict pa,
+                    const int64_t *restrict ga, const float *restrict m, const float *restrict v,
+                    const float *restrict inv_all, const float *restrict mcorr, float vcorr,
+                    const float *restrict W, const float *restrict kc_all, const int64_t *restrict kc_off,
+                    int64_t kc_stride, const float *restrict es, const float *restrict ed, int64_t N,
+                    const float *restrict lr, const float *restrict wd, float step_scale,
+                    float magnitude_scale, float clip) {
+    FTZ_BEGIN
+    for (int64_t b = 0; b < nb; ++b) {
+        const int64_t *restrict blk = blocks + b * BLK;
+        const int64_t off = blk[0], out = blk[1], S = blk[2], inner = blk[3];
+        const int64_t dst = blk[4], src = blk[5], row = S * inner;
+        const float *restrict inv = inv_all + b * (2 + NM);
+        const float *restrict kcb = kc_all + kc_off[b];
+        const float lrb = lr[b], decay = step_scale * wd[b];
+        float *restrict xs = scratch(D * row), *restrict xk = scratch(D * row);
+        expand_row(es, N, src, kcb, kc_stride, inner, row, xs, xk);
+        for (int64_t o = 0; o < out; ++o) {
+            const int64_t base = off + o * row;
+            /* the row's constant part of the head: its dst node term */
+            float c0 = W[L_BO], c1 = W[L_BO + 1];
+            UNROLL for (int d = 0; d < D; ++d) {
+                const float t = ed[d * N + dst + o] + W[B_ENC + d];
+                c0 += W[L_HO + d] * t;
+                c1 += W[L_HO + D + d] * t;
+            }
+            float *restrict pr = AT(pa, b) + o * row; /* updated in place */
+            const float *restrict gr = AT(ga, b) + o * row;
+            const float *restrict vr = v + base;
+            const float *restrict mr = m + base;
+#pragma omp simd
+            for (int64_t k = 0; k < row; ++k) {
+                const float rv = 1.0f / sqrtf(vr[k] * vcorr + 1e-16f);
+                float e[D], s0 = c0, s1 = c1;
+                UNROLL for (int d = 0; d < D; ++d) e[d] = xk[d * row + k] + xs[d * row + k];
+                UNROLL for (int c = 0; c < F; ++c) {
+                    float fc;
+                    if (c == 0) fc = pr[k] * inv[0];
+                    else if (c == 1) fc = gr[k] * inv[1];
+                    else if (c < 2 + NM) fc = mr[(c - 2) * P + k] * inv[c];
+                    else fc = mr[(c - 2 - NM) * P + k] * mcorr[c - 2 - NM] * rv;
+                    UNROLL for (int d = 0; d < D; ++d) e[d] += W[W_ENC + d * F + c] * fc;
+                    s0 += W[L_HS + c] * fc;
+                    s1 += W[L_HS + F + c] * fc;
+                }
+                UNROLL for (int d = 0; d < D; ++d) {
+                    s0 += W[L_HO + d] * e[d];
+                    s1 += W[L_HO + D + d] * e[d];
+                }
+                const float log_scale = clip * fast_tanh(magnitude_scale * s1 / clip);
+                const float upd = -step_scale * s0 * fast_exp(log_scale);
+                pr[k] += lrb * (upd - decay * pr[k]);
+            }
+        }
+        free(xs);
+        free(xk);
     }
     FTZ_END
 }

@@ -25,6 +25,8 @@ class GraphBackbone(nn.Module):
         edge_dim (int, optional): width of edge embeddings. (default: ``8``)
         num_layers (int, optional): number of message-passing layers.
             (default: ``2``)
+        edge_mlp (bool, optional): edge updates through a per-edge MLP (see
+            :class:`NGConv`). (default: ``True``)
 
     Shapes:
         - **input:** node inputs :math:`(|V|, F_{v,in})`, edge indices
@@ -41,6 +43,7 @@ class GraphBackbone(nn.Module):
         node_dim: int = 32,
         edge_dim: int = 8,
         num_layers: int = 2,
+        edge_mlp: bool = True,
     ):
         super().__init__()
         self.node_in, self.edge_in = node_in, edge_in
@@ -51,7 +54,7 @@ class GraphBackbone(nn.Module):
         # Edges are as many as weights: their encoder is one linear map.
         self.edge_encoder = nn.Linear(edge_in, edge_dim)
         self.layers = nn.ModuleList(
-            NGConv(node_dim, edge_dim) for _ in range(num_layers)
+            NGConv(node_dim, edge_dim, edge_mlp=edge_mlp) for _ in range(num_layers)
         )
 
     def reset_parameters(self) -> None:

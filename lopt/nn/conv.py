@@ -68,6 +68,9 @@ class NGConv(nn.Module):
 
         e_{ij}' = e_{ij} + W_2\, \sigma(W_e e_{ij} + W_s h_i' + W_t h_j')
 
+    or, with ``edge_mlp=False``, the cheaper :math:`e_{ij}' = e_{ij} + W_s h_i'
+    + W_t h_j'` (no per-edge matrix products or activation).
+
     Every operation is per node, per edge, or a symmetric aggregation, so the
     layer is equivariant to any relabelling of the nodes.
 
@@ -87,6 +90,8 @@ class NGConv(nn.Module):
         node_dim (int): width of node embeddings.
         edge_dim (int): width of edge embeddings.
         msg_dim (int, optional): width of messages. (default: ``edge_dim``)
+        edge_mlp (bool, optional): update edges through a per-edge MLP, or
+            only add their two nodes' projections. (default: ``True``)
 
     Shapes:
         - **input:** node features :math:`(|V|, F_v)`, edge indices
@@ -95,8 +100,15 @@ class NGConv(nn.Module):
           :math:`(F_e, |E|)`
     """
 
-    def __init__(self, node_dim: int, edge_dim: int, msg_dim: int | None = None):
+    def __init__(
+        self,
+        node_dim: int,
+        edge_dim: int,
+        msg_dim: int | None = None,
+        edge_mlp: bool = True,
+    ):
         super().__init__()
+        self.edge_mlp = edge_mlp
         self.node_dim_ = node_dim
         self.edge_dim = edge_dim
         self.msg_dim = msg_dim or edge_dim
@@ -108,20 +120,16 @@ class NGConv(nn.Module):
             nn.SiLU(),
             nn.Linear(node_dim, node_dim),
         )
-        self.edge_lin = nn.Linear(edge_dim, edge_dim)
+        if edge_mlp:
+            self.edge_lin = nn.Linear(edge_dim, edge_dim)
+            self.edge_out = nn.Linear(edge_dim, edge_dim)
         self.edge_src = nn.Linear(node_dim, edge_dim, bias=False)
         self.edge_dst = nn.Linear(node_dim, edge_dim, bias=False)
-        self.edge_out = nn.Linear(edge_dim, edge_dim)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        for lin in (
-            self.lin_src,
-            self.lin_dst,
-            self.edge_lin,
-            self.edge_src,
-            self.edge_dst,
-        ):
+        edge_lin = (self.edge_lin,) if self.edge_mlp else ()
+        for lin in (self.lin_src, self.lin_dst, *edge_lin, self.edge_src, self.edge_dst):
             lin.reset_parameters()
         # FiLM starts as the identity modulation: gamma = 1, beta = 0.
         nn.init.zeros_(self.film.weight)
@@ -132,9 +140,12 @@ class NGConv(nn.Module):
             if isinstance(layer, nn.Linear):
                 layer.reset_parameters()
         # Residual branches start small so that a deep stack starts near identity.
-        for lin in (self.node_mlp[-1], self.edge_out):
+        for lin in (self.node_mlp[-1], *((self.edge_out,) if self.edge_mlp else ())):
             nn.init.normal_(lin.weight, std=0.01)
             nn.init.zeros_(lin.bias)
+        if not self.edge_mlp:  # the node terms are the whole residual branch: start small too
+            for lin in (self.edge_src, self.edge_dst):
+                nn.init.normal_(lin.weight, std=0.01)
 
     def _mean_std(
         self,
@@ -192,6 +203,10 @@ class NGConv(nn.Module):
         )
         out_mean, out_std = self._mean_std(msg, msg_sq, src, degree.fan_out, num_nodes)
         x = x + self.node_mlp(torch.cat([x, in_mean, in_std, out_mean, out_std], 1))
+        if not self.edge_mlp:
+            node_terms = _node_table(self.edge_src, x).index_select(1, src)
+            node_terms += _node_table(self.edge_dst, x).index_select(1, dst)
+            return x, edge_attr + node_terms
         hidden = channel_linear(
             self.edge_lin, edge_attr, out=_spare(film, self.edge_dim)
         )
@@ -206,7 +221,8 @@ class NGConv(nn.Module):
         return x, edge_attr
 
     def __repr__(self) -> str:
+        extra = "" if self.edge_mlp else ", edge_mlp=False"
         return (
             f"{self.__class__.__name__}(node_dim={self.node_dim_}, "
-            f"edge_dim={self.edge_dim}, msg_dim={self.msg_dim})"
+            f"edge_dim={self.edge_dim}, msg_dim={self.msg_dim}{extra})"
         )
