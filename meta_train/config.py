@@ -38,6 +38,10 @@ class MetaTrainConfig:
     threads: int = 0  # torch threads; 0 leaves torch's default
     rule: dict = field(default_factory=dict)  # overrides of lopt.RuleConfig
     init_rule: str = ""  # rule directory to start from (fine-tuning); "" = Adam init
+    # With init_rule and rule overrides of another architecture: copy the
+    # init rule's parameters whose names and shapes match, keep the rest at
+    # their (Adam-equivalent) initialisation.
+    init_partial: bool = False
     family: dict = field(default_factory=dict)  # overrides of MLPFamily
     # Meta-train only the rule parameters whose names start with one of these
     # (e.g. the heads' output layers, for a low-variance PES fine-tune); () = all.

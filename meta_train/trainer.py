@@ -116,6 +116,38 @@ def _trainable_names(rule: UpdateRule, prefixes: tuple[str, ...]) -> list[str]:
     return [n for n in names if n.startswith(tuple(prefixes))]
 
 
+def transplant(source: UpdateRule, config: RuleConfig) -> UpdateRule:
+    """A new rule of ``config`` holding ``source``'s parameters wherever a
+    name and shape match and the parameter plays the same role (the edge
+    head's output layer reads another input when the edge head's width
+    differs, and the edge node projections do when ``edge_mlp`` differs);
+    the others keep their initialisation. Output biases are constants of the
+    update whatever feeds the layer, so they always carry over. Its metadata
+    names what was copied and what was not."""
+    rule = UpdateRule(config)
+    theirs = source.state_dict()
+    ours = rule.state_dict()
+    other_role = []
+    if source.config.edge_hidden != config.edge_hidden:
+        other_role.append("edge_head.out.weight")
+    if source.config.edge_mlp != config.edge_mlp:
+        other_role += [".edge_src.", ".edge_dst."]
+    copied = sorted(
+        k
+        for k, v in ours.items()
+        if k in theirs
+        and theirs[k].shape == v.shape
+        and not any(part in k for part in other_role)
+    )
+    rule.load_state_dict({**ours, **{k: theirs[k] for k in copied}})
+    rule.metadata = {
+        "transplanted_from": dict(source.metadata),
+        "transplanted": copied,
+        "initialised": sorted(set(ours) - set(copied)),
+    }
+    return rule
+
+
 def _family_overrides(overrides: dict) -> dict:
     """JSON lists become tuples (the family's fields are tuples)."""
     return {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
@@ -150,7 +182,9 @@ class MetaTrainer:
         if config.threads:
             torch.set_num_threads(config.threads)
         torch.manual_seed(config.seed)
-        if config.init_rule:
+        if config.init_rule and config.init_partial:
+            self.rule = transplant(load_rule(config.init_rule), RuleConfig(**config.rule))
+        elif config.init_rule:
             self.rule = load_rule(config.init_rule)
             if config.rule and RuleConfig(**config.rule) != self.rule.config:
                 raise ValueError(

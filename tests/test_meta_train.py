@@ -298,3 +298,33 @@ def test_warm_finetune_preset_starts_from_stage_one(tmp_path):
         parameters_to_vector(stage2.rule.parameters()),
         parameters_to_vector(load_rule(tmp_path / "a" / "best_rule").parameters()),
     )
+
+
+def test_transplant_copies_matching_parameters_and_initialises_the_rest():
+    from lopt.rule import RuleConfig, UpdateRule
+    from meta_train.trainer import transplant
+
+    torch.manual_seed(0)
+    source = UpdateRule(RuleConfig(node_dim=8, edge_dim=4, head_hidden=4))
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(torch.randn_like(p))
+    lean = RuleConfig(node_dim=8, edge_dim=4, head_hidden=4, edge_mlp=False, edge_head_hidden=0)
+    rule = transplant(source, lean)
+    theirs, ours = source.state_dict(), rule.state_dict()
+    assert "backbone.edge_encoder.weight" in rule.metadata["transplanted"]
+    # same shapes here, other roles: the head reads the edge embedding, the
+    # node projections add to it directly
+    for name in ("edge_head.out.weight", "backbone.layers.0.edge_src.weight"):
+        assert name in rule.metadata["initialised"]
+    for name in rule.metadata["transplanted"]:
+        assert torch.equal(ours[name], theirs[name])
+    assert not ours["edge_head.out.weight"].any()  # fresh: zero, as an untrained head
+    # other widths: only the width-free skip paths and output biases carry over
+    narrow = transplant(source, RuleConfig(node_dim=3, edge_dim=2, head_hidden=2))
+    assert narrow.metadata["transplanted"] == [
+        "edge_head.out.bias",
+        "edge_head.skip.weight",
+        "slot_head.out.bias",
+        "slot_head.skip.weight",
+    ]
