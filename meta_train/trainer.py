@@ -183,7 +183,9 @@ class MetaTrainer:
             torch.set_num_threads(config.threads)
         torch.manual_seed(config.seed)
         if config.init_rule and config.init_partial:
-            self.rule = transplant(load_rule(config.init_rule), RuleConfig(**config.rule))
+            self.rule = transplant(
+                load_rule(config.init_rule), RuleConfig(**config.rule)
+            )
         elif config.init_rule:
             self.rule = load_rule(config.init_rule)
             if config.rule and RuleConfig(**config.rule) != self.rule.config:

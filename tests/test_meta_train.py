@@ -309,7 +309,9 @@ def test_transplant_copies_matching_parameters_and_initialises_the_rest():
     with torch.no_grad():
         for p in source.parameters():
             p.add_(torch.randn_like(p))
-    lean = RuleConfig(node_dim=8, edge_dim=4, head_hidden=4, edge_mlp=False, edge_head_hidden=0)
+    lean = RuleConfig(
+        node_dim=8, edge_dim=4, head_hidden=4, edge_mlp=False, edge_head_hidden=0
+    )
     rule = transplant(source, lean)
     theirs, ours = source.state_dict(), rule.state_dict()
     assert "backbone.edge_encoder.weight" in rule.metadata["transplanted"]
