@@ -373,6 +373,18 @@ class MetaTrainer:
             if log_file.tell() == 0:
                 log.writerow(list(_Record.__dataclass_fields__))
             end = self.config.iterations if stop_after is None else stop_after
+            if self.iteration == 0 and self.config.init_rule and main:
+                # A fine-tune's starting point is a candidate too: logged as
+                # iteration 0, and kept as the best rule unless a later one
+                # validates better (short-horizon bias can make them worse).
+                start = time.perf_counter()
+                score = self.validate_and_select()
+                record = _Record(
+                    0, math.nan, math.nan, 0, math.nan, score,
+                    time.perf_counter() - start,
+                )  # fmt: skip
+                log.writerow([getattr(record, k) for k in _Record.__dataclass_fields__])
+                log_file.flush()
             while self.iteration < min(end, self.config.iterations):
                 record = self.meta_step()
                 log.writerow([getattr(record, k) for k in _Record.__dataclass_fields__])

@@ -117,6 +117,28 @@ def test_init_rule_starts_from_saved_weights(tmp_path):
     assert "command" in start.rule.metadata["fine_tuned_from"]
 
 
+def test_fine_tune_validates_its_starting_rule_first(tmp_path):
+    from meta_train.trainer import validate
+
+    first = MetaTrainer(preset("smoke"), tmp_path / "a")
+    first.train(progress=False)
+    config = preset("smoke", init_rule=str(tmp_path / "a" / "last_rule"))
+    tuner = MetaTrainer(config, tmp_path / "b")
+    expected = validate(
+        load_rule(tmp_path / "a" / "last_rule"),
+        tuner.val_configs,
+        config.val_steps,
+        config.val_metric,
+    )
+    tuner.train(progress=False)
+    rows = (tmp_path / "b" / "log.csv").read_text().splitlines()
+    assert len(rows) == 2 + config.iterations
+    iteration, *_, val_score, _ = rows[1].split(",")
+    assert iteration == "0" and float(val_score) == pytest.approx(expected)
+    best = load_rule(tmp_path / "b" / "best_rule")
+    assert best.metadata["validation_score"] <= expected
+
+
 def test_torchrun_two_workers_all_reduce_meta_gradients(tmp_path):
     """2 processes (gloo): each unrolls its own tasks, the all-reduced
     meta-gradients keep their rules identical, and differ from one worker alone."""
