@@ -18,9 +18,10 @@ in ``lopt/csrc/ng_dense.c`` in four passes over memory, everything per edge
 in registers, reading the parameters and gradients where they are and
 writing the parameters in place (no flat copies: the step adds about one
 byte per parameter to peak memory); node-level work (few rows) stays in
-PyTorch and reuses the rule's own modules. Its updates equal the reference path's to float32
-rounding (``tests/test_fused.py``). Meta-training differentiates through the
-reference path, which computes the same function.
+PyTorch and reuses the rule's own modules. Its updates equal the
+reference path's to float32 rounding (``tests/test_fused.py``).
+Meta-training differentiates through the reference path, which computes
+the same function.
 
 TorchInductor was tried first (in a throwaway experiment, not kept):
 ``torch.compile`` of the same computation realised intermediates and looped

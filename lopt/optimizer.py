@@ -296,7 +296,10 @@ class NGOptimizer(Optimizer):
         )
         lib = cpu_kernel.load()
         if direct:
-            if fused_step(lib, self._plan, self.rule, ps, gs, self._flat, lr, weight_decay):
+            stepped = fused_step(
+                lib, self._plan, self.rule, ps, gs, self._flat, lr, weight_decay
+            )
+            if stepped:
                 increment_version(ps)  # in-place writes autograd did not see
             else:
                 _skip_nonfinite_step(self)

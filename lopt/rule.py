@@ -88,7 +88,9 @@ class RuleConfig:
     @property
     def edge_hidden(self) -> int:
         """Hidden width of the per-edge head."""
-        return self.head_hidden if self.edge_head_hidden is None else self.edge_head_hidden
+        if self.edge_head_hidden is None:
+            return self.head_hidden
+        return self.edge_head_hidden
 
     @property
     def node_in_dim(self) -> int:

@@ -129,7 +129,8 @@ class NGConv(nn.Module):
 
     def reset_parameters(self) -> None:
         edge_lin = (self.edge_lin,) if self.edge_mlp else ()
-        for lin in (self.lin_src, self.lin_dst, *edge_lin, self.edge_src, self.edge_dst):
+        node_terms = (self.edge_src, self.edge_dst)
+        for lin in (self.lin_src, self.lin_dst, *edge_lin, *node_terms):
             lin.reset_parameters()
         # FiLM starts as the identity modulation: gamma = 1, beta = 0.
         nn.init.zeros_(self.film.weight)
@@ -143,7 +144,9 @@ class NGConv(nn.Module):
         for lin in (self.node_mlp[-1], *((self.edge_out,) if self.edge_mlp else ())):
             nn.init.normal_(lin.weight, std=0.01)
             nn.init.zeros_(lin.bias)
-        if not self.edge_mlp:  # the node terms are the whole residual branch: start small too
+        # Without the edge MLP the node terms are the whole residual branch:
+        # they start small too.
+        if not self.edge_mlp:
             for lin in (self.edge_src, self.edge_dst):
                 nn.init.normal_(lin.weight, std=0.01)
 
