@@ -244,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         progress=progress,
     )
     out = Path(args.out)
+    words = argv if argv is not None else sys.argv[1:]
     out.mkdir(parents=True, exist_ok=True)
     (out / "log.json").write_text(json.dumps(log, indent=1))
     best = min(log, key=lambda row: row["val_error"])
@@ -251,8 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         student,
         out / "best_rule",
         {
-            "command": "python -m meta_train.distill "
-            + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
+            "command": "python -m meta_train.distill " + shlex.join(words),
             "distilled_from": dict(teacher.metadata),
             "teacher_path": str(args.teacher),
             "distillation": {
@@ -265,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         },
     )
     print(
-        f"relative update error on held-out snapshots: start {log[0]['val_error']:.3e}, "
+        "relative update error on held-out snapshots: "
+        f"start {log[0]['val_error']:.3e}, "
         f"best {best['val_error']:.3e} (iteration {best['iteration']}); "
         f"saved {out / 'best_rule'}"
     )

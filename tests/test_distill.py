@@ -35,7 +35,8 @@ def test_snapshots_hold_the_teachers_updates():
     assert len(snaps) >= 4
     for snap in snaps:
         assert snap.target.shape == snap.params.shape and snap.target.abs().sum() > 0
-        assert relative_update_error(teacher, snap).item() == pytest.approx(0, abs=1e-10)
+        error = relative_update_error(teacher, snap).item()
+        assert error == pytest.approx(0, abs=1e-10)
 
 
 def test_distillation_lowers_the_held_out_error_of_a_lean_student():
