@@ -73,9 +73,7 @@ def collect_snapshots(
     """Train each task with ``teacher`` for its horizon; keep ``per_task``
     log-spaced snapshots (a run whose loss turns non-finite stops early)."""
     snapshots = []
-    bar = tqdm(
-        list(zip(configs, horizons)), desc="teacher runs", disable=not progress
-    )
+    bar = tqdm(list(zip(configs, horizons)), desc="teacher runs", disable=not progress)
     for config, horizon in bar:
         task = make_task(config)
         gen = torch.Generator().manual_seed(config.seed)
