@@ -76,3 +76,48 @@ def test_cli_rejects_bad_rule_overrides(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path), "--rule", "[1, 2]"])
     assert "--rule must be a JSON object" in capsys.readouterr().err
+
+
+def test_student_driven_snapshots_are_labelled_by_the_teacher():
+    teacher = _teacher()
+    student = transplant(teacher, RuleConfig(node_dim=8, head_hidden=8, **LEAN))
+    gen = torch.Generator().manual_seed(0)
+    family = MLPFamily(widths=(8,), max_depth=1, batch_sizes=(16,))
+    config = family.sample(gen)
+    own = collect_snapshots(teacher, [config], [12], per_task=4, progress=False)
+    driven = collect_snapshots(
+        teacher, [config], [12], per_task=4, progress=False, driver=student
+    )
+    assert len(own) == len(driven)
+    # the first snapshot is the same state; later ones follow the student
+    assert torch.equal(own[0].params, driven[0].params)
+    assert not torch.equal(own[-1].params, driven[-1].params)
+    for snap in driven:  # targets are the teacher's, not the driver's
+        assert relative_update_error(teacher, snap).item() == pytest.approx(
+            0, abs=1e-10
+        )
+        assert relative_update_error(student, snap).item() > 1e-6
+
+
+def test_cli_dagger_rounds_start_from_a_saved_student(tmp_path):
+    teacher_dir = save_rule(_teacher(), tmp_path / "teacher")
+    common = [
+        "--teacher", str(teacher_dir), "--rule", json.dumps(LEAN), "--tasks", "1",
+        "--val-tasks", "1", "--per-task", "3", "--horizon", "8,12", "--widths", "8",
+        "--iterations", "3", "--no-progress",
+    ]  # fmt: skip
+    assert main([*common, "--out", str(tmp_path / "a")]) == 0
+    first = str(tmp_path / "a" / "best_rule")
+    assert (
+        main(
+            [*common, "--out", str(tmp_path / "b"), "--student", first, "--rounds", "2"]
+        )
+        == 0
+    )
+    log = json.loads((tmp_path / "b" / "log.json").read_text())
+    assert {row["round"] for row in log} == {0, 1}
+    assert (
+        load_rule(tmp_path / "b" / "best_rule").metadata["distillation"]["rounds"] == 2
+    )
+    with pytest.raises(SystemExit):  # a student of another architecture
+        main([*common, "--out", str(tmp_path / "c"), "--student", str(teacher_dir)])
