@@ -8,7 +8,7 @@ from lopt.features import FeatureState
 from lopt.functional import init_state, ng_step
 from lopt.graph import NeuralGraph
 from lopt.higher import DifferentiableNGOptimizer  # registers NGOptimizer with higher
-from lopt.optimizer import NGOptimizer, default_rule_path
+from lopt.optimizer import SHIPPED_RULES, NGOptimizer, default_rule_path
 from lopt.rule import RuleConfig, UpdateRule, load_rule, save_rule
 
 __version__ = "0.1.0"
@@ -25,5 +25,6 @@ __all__ = [
     "save_rule",
     "load_rule",
     "default_rule_path",
+    "SHIPPED_RULES",
     "__version__",
 ]

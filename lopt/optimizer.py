@@ -19,24 +19,36 @@ from lopt.functional import flat_gradients, init_state, ng_step
 from lopt.graph import NeuralGraph
 from lopt.rule import UpdateRule, load_rule
 
-__all__ = ["NGOptimizer", "default_rule_path", "resolve_rule"]
+__all__ = ["NGOptimizer", "SHIPPED_RULES", "default_rule_path", "resolve_rule"]
+
+#: Rules inside the package, by name: ``"default"``, the lean rule (cheap
+#: step), and ``"full"``, the previous default it was distilled from (an edge
+#: MLP and a hidden layer in the edge head: about 1.8x the step's arithmetic).
+SHIPPED_RULES = ("default", "full")
 
 _NONFINITE_MODES = ("skip", "raise")
 
 
-def default_rule_path() -> str:
-    """Directory of the rule that ships inside the package."""
-    return os.path.join(os.path.dirname(__file__), "rules", "default")
+def default_rule_path(name: str = "default") -> str:
+    """Directory of a rule that ships inside the package (see
+    :data:`SHIPPED_RULES`)."""
+    if name not in SHIPPED_RULES:
+        raise ValueError(f"Invalid rule: {name!r} (shipped: {SHIPPED_RULES})")
+    return os.path.join(os.path.dirname(__file__), "rules", name)
 
 
 def resolve_rule(rule: str | os.PathLike | UpdateRule) -> UpdateRule:
-    """``"default"``, a rule directory, or an :class:`UpdateRule` -> a rule."""
+    """A shipped rule's name (:data:`SHIPPED_RULES`), a rule directory, or an
+    :class:`UpdateRule` -> a rule."""
     if isinstance(rule, UpdateRule):
         return rule
     if isinstance(rule, (str, os.PathLike)):
-        return load_rule(default_rule_path() if rule == "default" else rule)
+        if isinstance(rule, str) and rule in SHIPPED_RULES:
+            return load_rule(default_rule_path(rule))
+        return load_rule(rule)
     raise ValueError(
-        f"Invalid rule: {rule!r} (expected 'default', a path or an UpdateRule)"
+        f"Invalid rule: {rule!r} (expected one of {SHIPPED_RULES}, a path or an "
+        "UpdateRule)"
     )
 
 
@@ -59,8 +71,9 @@ class NGOptimizer(Optimizer):
             ``p -= lr * rule.config.step_scale * weight_decay * p``.
             (default: ``0.0``)
         rule (str, path or UpdateRule, optional): ``"default"`` for the rule
-            shipped with lopt, a directory saved by :func:`lopt.save_rule`, or
-            a rule object. (default: ``"default"``)
+            shipped with lopt (the lean rule), ``"full"`` for the larger rule
+            it was distilled from, a directory saved by
+            :func:`lopt.save_rule`, or a rule object. (default: ``"default"``)
         nonfinite (str, optional): what to do when a gradient holds NaN or
             inf: ``"skip"`` the step (parameters and state untouched, counted
             in :attr:`skipped_steps`) or ``"raise"`` ``FloatingPointError``.

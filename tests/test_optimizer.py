@@ -279,7 +279,11 @@ def test_nonfinite_gradient_raises_when_asked():
             {"nonfinite": "ignore"},
             "Invalid nonfinite: 'ignore' (expected one of ('skip', 'raise'))",
         ),
-        ({"rule": 3}, "Invalid rule: 3 (expected 'default', a path or an UpdateRule)"),
+        (
+            {"rule": 3},
+            "Invalid rule: 3 (expected one of ('default', 'full'), a path or an "
+            "UpdateRule)",
+        ),
     ],
 )
 def test_bad_arguments(kwargs, message):
@@ -324,3 +328,17 @@ def test_only_empty_parameters_step_without_error():
     opt.step()
     assert empty.shape == (0, 3)
     assert int(opt.state[empty]["step"]) == 2
+
+
+def test_shipped_rules_load_by_name():
+    import lopt
+
+    default = NGOptimizer(mlp().parameters()).rule
+    full = NGOptimizer(mlp().parameters(), rule="full").rule
+    # the default is the lean rule, distilled from the full one
+    assert not default.config.edge_mlp and default.config.edge_hidden == 0
+    assert full.config.edge_mlp and full.config.edge_hidden == 8
+    assert "lopt/rules/full" in default.metadata["teacher_path"]
+    assert lopt.default_rule_path("full").endswith("full")
+    with pytest.raises(ValueError, match=r"^Invalid rule: 'fast' \(shipped: "):
+        lopt.default_rule_path("fast")
