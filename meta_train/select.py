@@ -12,6 +12,7 @@ missed rules that blow up late on wider networks; this is the longer check.
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
 import torch
 
@@ -38,13 +39,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--seed", type=int, default=30_000)
     parser.add_argument("--max-width", type=int, default=256)
+    parser.add_argument(
+        "--task-seeds",
+        type=int,
+        default=1,
+        help="run each task from this many seeds (its own, then +1000, +2000, ...): "
+        "a late stall on one seed of one task can flip between two close rules",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     widths = tuple(w for w in (16, 32, 64, 128, 256, 512) if w <= args.max_width)
     gen = torch.Generator().manual_seed(args.seed)
-    configs = [MLPFamily(widths=widths).sample(gen) for _ in range(args.tasks)]
+    if args.task_seeds < 1:
+        parser.error(f"invalid --task-seeds {args.task_seeds}: need at least 1")
+    sampled = [MLPFamily(widths=widths).sample(gen) for _ in range(args.tasks)]
+    configs = [
+        replace(c, seed=c.seed + 1000 * k)
+        for c in sampled
+        for k in range(args.task_seeds)
+    ]
     for c in configs:
-        print(f"task: {c.kind} {c.dataset} {c.hidden} {c.activation} bs={c.batch_size}")
+        print(
+            f"task: {c.kind} {c.dataset} {c.hidden} {c.activation} "
+            f"bs={c.batch_size} seed={c.seed}"
+        )
     rows = []
     for name in ["adam(1e-3)", *args.rules]:
         rule = None if name == "adam(1e-3)" else load_rule(name)

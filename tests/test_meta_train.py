@@ -193,6 +193,13 @@ def test_select_flags_a_diverging_rule_and_ranks(tmp_path, capsys):
     assert select_main([*argv, "--steps", "30", "--max-width", "16"]) == 0
     ranking = capsys.readouterr().out.split("ranking")[1].splitlines()
     assert "huge" in ranking[-1] and "1 diverged" in ranking[-1]
+    # --task-seeds: each task from several seeds, each one counted
+    argv += ["--steps", "30", "--max-width", "16", "--task-seeds", "2"]
+    assert select_main(argv) == 0
+    out = capsys.readouterr().out
+    seeds = [line.rsplit("seed=", 1)[1] for line in out.splitlines() if "task:" in line]
+    assert len(seeds) == 2 and int(seeds[1]) == int(seeds[0]) + 1000
+    assert "diverged 2/2" in out.split("ranking")[0]
 
 
 def test_final_validation_metric_and_val_family(tmp_path):
