@@ -1,6 +1,6 @@
 """Distil a rule into another rule architecture (usually a cheaper one).
 
-``python -m meta_train.distill --teacher lopt/rules/default --out runs/lean
+``python -m meta_train.distill --teacher full --out runs/lean
 --set 'rule={"edge_mlp": false, "edge_head_hidden": 0, "degree_features": true}'``
 
 Meta-training a rule from scratch by unrolls is slow and suffers from
@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 from lopt.features import FeatureState
 from lopt.functional import init_state, ng_step
 from lopt.graph import NeuralGraph
+from lopt.optimizer import resolve_rule
 from lopt.rule import RuleConfig, UpdateRule, load_rule, save_rule
 from meta_train.tasks import MLPFamily, TaskConfig, make_task
 from meta_train.trainer import transplant
@@ -210,7 +211,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m meta_train.distill", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("--teacher", default="lopt/rules/default")
+    parser.add_argument(
+        "--teacher",
+        default="full",
+        help="a shipped rule's name (lopt.SHIPPED_RULES) or a rule directory",
+    )
     parser.add_argument("--out", required=True)
     parser.add_argument(
         "--rule", default="{}", help="RuleConfig overrides of the student (JSON)"
@@ -249,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"invalid --horizon {args.horizon}: need 1 <= LOW <= HIGH")
     if args.rounds < 1 or args.iterations < 1:
         parser.error("--rounds and --iterations must be at least 1")
-    teacher = load_rule(args.teacher)
+    teacher = resolve_rule(args.teacher)
     config = replace(teacher.config, **overrides)
     if not isinstance(config, RuleConfig):  # pragma: no cover - replace keeps type
         raise TypeError(config)
