@@ -1,7 +1,7 @@
 """Distil a rule into another rule architecture (usually a cheaper one).
 
 ``python -m meta_train.distill --teacher full --out runs/lean
---set 'rule={"edge_mlp": false, "edge_head_hidden": 0, "degree_features": true}'``
+--rule '{"edge_mlp": false, "edge_head_hidden": 0}'``
 
 Meta-training a rule from scratch by unrolls is slow and suffers from
 short-horizon bias; a cheaper architecture that should *behave like* a rule we
@@ -41,11 +41,12 @@ import torch
 from tqdm.auto import tqdm
 
 from lopt.features import FeatureState
-from lopt.functional import init_state, ng_step
+from lopt.functional import ng_step
 from lopt.graph import NeuralGraph
 from lopt.optimizer import resolve_rule
-from lopt.rule import RuleConfig, UpdateRule, load_rule, save_rule
-from meta_train.tasks import MLPFamily, TaskConfig, make_task
+from lopt.rule import UpdateRule, load_rule, save_rule
+from meta_train.evaluate import rule_trajectory
+from meta_train.tasks import MLPFamily, TaskConfig
 from meta_train.trainer import transplant
 
 __all__ = ["Snapshot", "collect_snapshots", "relative_update_error", "distil", "main"]
@@ -91,34 +92,24 @@ def collect_snapshots(
     snapshots = []
     bar = tqdm(list(zip(configs, horizons)), desc="teacher runs", disable=not progress)
     for config, horizon in bar:
-        task = make_task(config)
-        gen = torch.Generator().manual_seed(config.seed)
-        params = [p.clone() for p in task.init_params]
-        graph = NeuralGraph.from_shapes([p.shape for p in params])
-        segments = torch.repeat_interleave(
-            torch.arange(len(graph.numels)), graph.segment_lengths
-        )
-        flat, state = graph.flatten(params), init_state(graph)
         keep = _snapshot_steps(horizon, per_task)
-        for step in range(horizon):
-            x, y = task.batch(gen)
-            with torch.enable_grad():
-                current = [
-                    p.requires_grad_(True) for p in graph.unflatten(flat.clone())
-                ]
-                loss = task.loss(current, x, y)
-                grads = graph.flatten(torch.autograd.grad(loss, current))
-            if not (math.isfinite(float(loss)) and torch.isfinite(grads).all()):
+        segments = None
+        for step, run in enumerate(rule_trajectory(driver, config, horizon)):
+            if not (math.isfinite(run.loss) and torch.isfinite(run.grads).all()):
                 break
-            new, new_state = ng_step(driver, graph, flat, grads, state)
-            if step in keep:
-                target = (
-                    new
-                    if driver is teacher
-                    else ng_step(teacher, graph, flat, grads, state)[0]
-                ) - flat
-                snapshots.append(Snapshot(graph, flat, grads, state, target, segments))
-            flat, state = new, new_state
+            if step not in keep:
+                continue
+            if segments is None:
+                segments = torch.repeat_interleave(
+                    torch.arange(len(run.graph.numels)), run.graph.segment_lengths
+                )
+            new, _ = ng_step(teacher, run.graph, run.params, run.grads, run.state)
+            snapshots.append(
+                Snapshot(
+                    run.graph, run.params, run.grads, run.state, new - run.params,
+                    segments,
+                )
+            )  # fmt: skip
     return snapshots
 
 
@@ -143,7 +134,6 @@ def _mean_error(rule: UpdateRule, snapshots: list[Snapshot]) -> float:
 
 
 def distil(
-    teacher: UpdateRule,
     student: UpdateRule,
     train: list[Snapshot],
     val: list[Snapshot],
@@ -154,13 +144,13 @@ def distil(
     seed: int = 0,
     progress: bool = True,
 ) -> tuple[UpdateRule, list[dict]]:
-    """Fit ``student`` to ``teacher``'s updates on ``train`` snapshots.
+    """Fit ``student`` to the teacher's updates held by the ``train``
+    snapshots.
 
     Returns the student with the lowest held-out error (the starting one
     included) and the log: one row per validation, ``{"iteration",
     "train_error", "val_error"}``.
     """
-    del teacher  # the targets are in the snapshots; kept for the signature's sake
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(student.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, iterations, lr / 10)
@@ -256,13 +246,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--rounds and --iterations must be at least 1")
     teacher = resolve_rule(args.teacher)
     config = replace(teacher.config, **overrides)
-    if not isinstance(config, RuleConfig):  # pragma: no cover - replace keeps type
-        raise TypeError(config)
-    student = transplant(teacher, config)
-    family = MLPFamily(widths=widths)
-    progress = not args.no_progress
-    train_cfg, train_h = _tasks(family, args.tasks, args.seed, (low, high))
-    val_cfg, val_h = _tasks(family, args.val_tasks, args.seed + 10_000, (low, high))
     if args.student:
         student = load_rule(args.student)
         if student.config != config:
@@ -270,6 +253,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"--student {args.student} has config {student.config}, "
                 f"not the requested {config}"
             )
+    else:
+        student = transplant(teacher, config)
+    family = MLPFamily(widths=widths)
+    progress = not args.no_progress
     train: list[Snapshot] = []
     log: list[dict] = []
     for round_ in range(args.rounds):
@@ -282,7 +269,6 @@ def main(argv: list[str] | None = None) -> int:
         cfg, hor = _tasks(family, args.val_tasks, seed + 10_000, (low, high))
         val = collect_snapshots(teacher, cfg, hor, args.per_task, progress, driver)
         student, rows = distil(
-            teacher,
             student,
             train,
             val,

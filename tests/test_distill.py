@@ -46,7 +46,7 @@ def test_distillation_lowers_the_held_out_error_of_a_lean_student():
     start = sum(relative_update_error(student, s).item() for s in val) / len(val)
     assert start > 1e-3  # the lean student does not match by construction
     student, log = distil(
-        teacher, student, train, val, iterations=100, lr=1e-2, val_every=20,
+        student, train, val, iterations=100, lr=1e-2, val_every=20,
         progress=False,
     )  # fmt: skip
     assert log[0]["val_error"] == pytest.approx(start)
