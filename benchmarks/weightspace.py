@@ -80,6 +80,10 @@ class Settings:
         nfn_hidden: NFN channels.
         mlp_hidden: width of the flat / StatNN / probe / image MLPs.
         probes: probes of the ``+probes`` ablation.
+        fourier: random Fourier features per weight of NG-GNN and NG-T
+            (:attr:`lopt.weightspace.WeightSpaceConfig.fourier_features`).
+        pooling: graph-level readout aggregations of NG-GNN and NG-T,
+            comma-separated (see :data:`lopt.weightspace.readout.POOLINGS`).
         tree_iters: boosting iterations of StatNN (GBT).
         max_seconds: wall-time cap of one fit (after the epoch that passes
             it); ``None``: none.
@@ -101,6 +105,8 @@ class Settings:
     nfn_hidden: int = 16
     mlp_hidden: int = 128
     probes: int = 64
+    fourier: int = 0
+    pooling: str = "mean"
     tree_iters: int = 200
     max_seconds: float | None = 75.0
 
@@ -254,7 +260,9 @@ def model_factories(task: str, settings: Settings, train) -> dict[str, Callable]
     s = settings
     hidden = {"hidden": s.mlp_hidden}
 
-    def gnn(config=None):
+    base = WeightSpaceConfig(fourier_features=s.fourier)
+
+    def gnn(config=base):
         return lambda: NeuralGraphGNN(
             edge,
             out,
@@ -262,6 +270,7 @@ def model_factories(task: str, settings: Settings, train) -> dict[str, Callable]
             edge_dim=s.edge_dim,
             num_layers=s.layers,
             config=config,
+            pooling=s.pooling.split(","),
         )
 
     def ngt():
@@ -273,6 +282,8 @@ def model_factories(task: str, settings: Settings, train) -> dict[str, Callable]
             edge_dim=s.edge_dim,
             num_layers=s.ngt_layers,
             num_heads=heads,
+            config=base,
+            pooling=s.pooling.split(","),
         )
 
     models: dict[str, Callable] = {"ng_gnn": gnn(), "ng_t": ngt()}
@@ -280,7 +291,7 @@ def model_factories(task: str, settings: Settings, train) -> dict[str, Callable]
     if spec.kind == "classification":
         coord_dim = 2 if spec.zoo == "digits_inr" else 1
         models["ng_gnn_probes"] = gnn(
-            WeightSpaceConfig(probes=s.probes, probe_shape=(coord_dim,))
+            replace(base, probes=s.probes, probe_shape=(coord_dim,))
         )
     if fixed:
         models["nfn"] = lambda: B.NFNPredictor(out, hidden=s.nfn_hidden, layers=2)
@@ -295,7 +306,7 @@ def model_factories(task: str, settings: Settings, train) -> dict[str, Callable]
         models["probe"] = lambda: B.ProbePredictor(out, s.probes, coord_dim, **hidden)
         models["image"] = lambda: B.ImagePredictor(out, **hidden)
     if spec.zoo == "cnn_wild":
-        models["ng_gnn_noact"] = gnn(WeightSpaceConfig(activation_embedding=False))
+        models["ng_gnn_noact"] = gnn(replace(base, activation_embedding=False))
     return models
 
 

@@ -47,10 +47,24 @@ def _config(flags: str, probe_shape=()) -> WeightSpaceConfig:
     )
 
 
-def _model(kind: str, edge_features: int, config: WeightSpaceConfig, seed=0):
+ALL_POOLINGS = ("mean", "std", "max")
+
+
+def _model(
+    kind: str,
+    edge_features: int,
+    config: WeightSpaceConfig,
+    seed=0,
+    pooling=("mean",),
+):
     torch.manual_seed(seed)
     model = MODELS[kind](
-        edge_features, graph_out=2, node_dim=8, edge_dim=4, config=config
+        edge_features,
+        graph_out=2,
+        node_dim=8,
+        edge_dim=4,
+        config=config,
+        pooling=pooling,
     )
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():  # far from the initialisation (LayerNorms included)
@@ -64,7 +78,9 @@ def _model(kind: str, edge_features: int, config: WeightSpaceConfig, seed=0):
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_models_are_invariant_and_equivariant_to_hidden_permutations(name, kind, flags):
     model, permuted, x, old, new, relabel = permuted_graphs(name, CASES)
-    net = _model(kind, old.edge_attr.shape[1], _config(flags, x.shape[1:]))
+    # Every feature on also pools the readout every way (std and max too).
+    pooling = ALL_POOLINGS if flags == "on" else ("mean",)
+    net = _model(kind, old.edge_attr.shape[1], _config(flags, x.shape[1:]), 0, pooling)
     with torch.no_grad():
         out_old, out_new = net(old, model), net(new, permuted)
     torch.testing.assert_close(out_new.graph, out_old.graph, atol=ATOL, rtol=0)
@@ -190,7 +206,7 @@ def test_a_batch_gives_each_graph_its_own_outputs(kind):
     nets = [mlp(widths=(3, 7, 2)), cnn(), symmetric_cases()["residual_cnn"][0]]
     graphs = [to_graph(m, kernel_size=(3, 3)) for m in nets]
     config = WeightSpaceConfig(fourier_features=2)
-    model = _model(kind, 9, config)
+    model = _model(kind, 9, config, pooling=ALL_POOLINGS)
     batch = Batch.from_data_list(graphs)
     with torch.no_grad():
         together = model(batch)
@@ -271,6 +287,9 @@ def test_bad_arguments_raise():
         NeuralGraphTransformer(0)
     with pytest.raises(ValueError, match="Invalid graph_out: 0"):
         NeuralGraphGNN(1, graph_out=0)
+    for pooling in ((), ("mean", "median"), ("max", "max")):
+        with pytest.raises(ValueError, match="Invalid pooling"):
+            NeuralGraphGNN(1, pooling=pooling)
     with pytest.raises(ValueError, match="graphs have 1 edge features, the model"):
         NeuralGraphTransformer(9)(to_graph(mlp()))
 

@@ -35,6 +35,9 @@ class NeuralGraphGNN(nn.Module):
         config (WeightSpaceConfig, optional): input features (positional,
             type and activation embeddings, Fourier features, probes).
             (default: ``WeightSpaceConfig()``)
+        pooling (sequence of str, optional): graph-level aggregations of the
+            readout, from :data:`~lopt.weightspace.readout.POOLINGS`.
+            (default: ``("mean",)``)
 
     Shapes:
         - **input:** a :class:`~lopt.weightspace.NeuralGraphData` or a batch
@@ -53,6 +56,7 @@ class NeuralGraphGNN(nn.Module):
         edge_dim: int = 8,
         num_layers: int = 2,
         config: WeightSpaceConfig | None = None,
+        pooling: Sequence[str] = ("mean",),
     ):
         super().__init__()
         if edge_features < 1:
@@ -66,7 +70,9 @@ class NeuralGraphGNN(nn.Module):
             edge_dim=edge_dim,
             num_layers=num_layers,
         )
-        self.readout = WeightSpaceReadout(node_dim, edge_dim, edge_features, graph_out)
+        self.readout = WeightSpaceReadout(
+            node_dim, edge_dim, edge_features, graph_out, pooling
+        )
         self.reset_parameters()
 
     @property

@@ -3,6 +3,7 @@ per-node and per-edge (equivariant, shaped like the graph's features)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -10,7 +11,11 @@ from torch import nn
 
 from lopt.weightspace.data import NODE_FEATURES
 
-__all__ = ["WeightSpaceOutput", "WeightSpaceReadout", "mean_pool"]
+__all__ = ["POOLINGS", "WeightSpaceOutput", "WeightSpaceReadout", "mean_pool", "pool"]
+
+#: Graph-level aggregations a readout may combine; each is symmetric in the
+#: rows it pools, so the graph output stays invariant to relabelling nodes.
+POOLINGS = ("mean", "std", "max")
 
 
 class WeightSpaceOutput(NamedTuple):
@@ -27,6 +32,26 @@ def mean_pool(values: torch.Tensor, index: torch.Tensor, size: int) -> torch.Ten
     return total / count[:, None].to(values.dtype)
 
 
+def pool(
+    values: torch.Tensor, index: torch.Tensor, size: int, how: str
+) -> torch.Tensor:
+    """``(size, F)``: one of :data:`POOLINGS` of the rows of ``values (n, F)``
+    per group ``index (n,)``; an empty group gives zeros."""
+    if how == "mean":
+        return mean_pool(values, index, size)
+    if how == "std":
+        mean = mean_pool(values, index, size)
+        var = mean_pool(values * values, index, size) - mean * mean
+        return torch.sqrt(var.clamp(min=0.0) + 1e-6)
+    if how == "max":
+        out = values.new_full((size, values.shape[1]), -torch.inf)
+        out = out.scatter_reduce(
+            0, index[:, None].expand_as(values), values, "amax", include_self=True
+        )
+        return torch.where(torch.isinf(out), torch.zeros_like(out), out)
+    raise ValueError(f"Invalid pooling: {how!r} (expected one of {POOLINGS})")
+
+
 def graph_batch(data, num_nodes: int) -> tuple[torch.Tensor, int]:
     """``data.batch`` and the number of graphs; a single graph is graph 0."""
     batch = getattr(data, "batch", None)
@@ -38,9 +63,11 @@ def graph_batch(data, num_nodes: int) -> tuple[torch.Tensor, int]:
 class WeightSpaceReadout(nn.Module):
     r"""Graph, node and edge outputs from node and edge embeddings.
 
-    The graph output is an MLP of the mean node embedding and mean edge
-    embedding of each graph, :math:`\mathrm{MLP}([\bar h, \bar e])`: means are
-    symmetric, so it is invariant to any relabelling of the nodes. Node and
+    The graph output is an MLP of pooled node and edge embeddings of each
+    graph, :math:`\mathrm{MLP}([\mathrm{pool}(h), \mathrm{pool}(e)])`, where
+    ``pooling`` names the aggregations concatenated (mean alone, or with the
+    standard deviation and maximum, as in PNA): each is symmetric, so the
+    output is invariant to any relabelling of the nodes. Node and
     edge outputs are linear maps of each embedding, so they permute with the
     nodes and edges, and have the widths of ``x`` and ``edge_attr`` so that
     :func:`~lopt.weightspace.from_graph_outputs` maps them back to a
@@ -51,6 +78,8 @@ class WeightSpaceReadout(nn.Module):
         edge_dim (int): width of edge embeddings.
         edge_features (int): ``F_edge`` of the graphs.
         graph_out (int): width of the graph-level output.
+        pooling (sequence of str, optional): aggregations from
+            :data:`POOLINGS`. (default: ``("mean",)``)
 
     Shapes:
         - **input:** node embeddings ``(N, node_dim)``, edge embeddings
@@ -60,13 +89,26 @@ class WeightSpaceReadout(nn.Module):
     """
 
     def __init__(
-        self, node_dim: int, edge_dim: int, edge_features: int, graph_out: int
+        self,
+        node_dim: int,
+        edge_dim: int,
+        edge_features: int,
+        graph_out: int,
+        pooling: Sequence[str] = ("mean",),
     ):
         super().__init__()
         if graph_out < 1:
             raise ValueError(f"Invalid graph_out: {graph_out}")
+        pooling = tuple(pooling)
+        bad = [p for p in pooling if p not in POOLINGS]
+        if not pooling or bad or len(set(pooling)) != len(pooling):
+            raise ValueError(
+                f"Invalid pooling: {list(pooling)} (distinct names from {POOLINGS})"
+            )
+        self.pooling = pooling
+        width = len(pooling) * (node_dim + edge_dim)
         self.graph_head = nn.Sequential(
-            nn.Linear(node_dim + edge_dim, node_dim),
+            nn.Linear(width, node_dim),
             nn.SiLU(),
             nn.Linear(node_dim, graph_out),
         )
@@ -83,11 +125,10 @@ class WeightSpaceReadout(nn.Module):
         self, h: torch.Tensor, e: torch.Tensor, edge_index: torch.Tensor, data
     ) -> WeightSpaceOutput:
         batch, num_graphs = graph_batch(data, h.shape[0])
+        edge_batch = batch[edge_index[0]]
         pooled = torch.cat(
-            [
-                mean_pool(h, batch, num_graphs),
-                mean_pool(e, batch[edge_index[0]], num_graphs),
-            ],
+            [pool(h, batch, num_graphs, how) for how in self.pooling]
+            + [pool(e, edge_batch, num_graphs, how) for how in self.pooling],
             dim=1,
         )
         return WeightSpaceOutput(

@@ -171,6 +171,9 @@ class NeuralGraphTransformer(nn.Module):
         num_heads (int, optional): attention heads. (default: ``4``)
         config (WeightSpaceConfig, optional): input features.
             (default: ``WeightSpaceConfig()``)
+        pooling (sequence of str, optional): graph-level aggregations of the
+            readout, from :data:`~lopt.weightspace.readout.POOLINGS`.
+            (default: ``("mean",)``)
 
     Shapes:
         - **input:** a :class:`~lopt.weightspace.NeuralGraphData` or a batch;
@@ -188,6 +191,7 @@ class NeuralGraphTransformer(nn.Module):
         num_layers: int = 2,
         num_heads: int = 4,
         config: WeightSpaceConfig | None = None,
+        pooling: Sequence[str] = ("mean",),
     ):
         super().__init__()
         if edge_features < 1:
@@ -207,7 +211,9 @@ class NeuralGraphTransformer(nn.Module):
             for _ in range(num_layers)
         )
         self.node_norm = nn.LayerNorm(node_dim)
-        self.readout = WeightSpaceReadout(node_dim, edge_dim, edge_features, graph_out)
+        self.readout = WeightSpaceReadout(
+            node_dim, edge_dim, edge_features, graph_out, pooling
+        )
         self.reset_parameters()
 
     @property
