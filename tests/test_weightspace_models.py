@@ -278,6 +278,7 @@ def test_bad_arguments_raise():
         (dict(fourier_scale=0.0), "Invalid fourier_scale: 0.0"),
         (dict(probes=-2), "Invalid probes: -2"),
         (dict(probes=2), "probes need probe_shape"),
+        (dict(input_clip=0.0), "Invalid input_clip: 0.0"),
     ):
         with pytest.raises(ValueError, match=message):
             WeightSpaceConfig(**kwargs)
@@ -315,3 +316,34 @@ def test_reprs():
         "WeightSpaceConfig(positional=False"
     )
     assert isinstance(NeuralGraphGNN(1).readout, WeightSpaceReadout)
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_a_diverged_network_gets_finite_outputs_and_leaves_the_others_alone(kind):
+    # A zoo can hold a run that diverged (weights of 1e10, as in cnn_wild's
+    # test split): unclamped, it overflows float32 inside the model.
+    torch.manual_seed(0)
+    nets = [mlp(widths=(3, 6, 6, 2)) for _ in range(5)]
+    broken = copy.deepcopy(nets[0])
+    with torch.no_grad():
+        for p in broken.parameters():
+            p.mul_(1e10)
+    graphs = [to_graph(m) for m in nets]
+    outs = {}
+    for clip in (100.0, None):
+        model = _model(kind, 1, WeightSpaceConfig(input_clip=clip))
+        model.features.fit_input_scales(Batch.from_data_list(graphs))
+        with torch.no_grad():
+            typical = model(Batch.from_data_list(graphs)).graph
+            mixed = model(Batch.from_data_list([to_graph(broken), *graphs])).graph
+        outs[clip] = typical, mixed
+    typical, mixed = outs[100.0]
+    assert torch.isfinite(mixed).all()
+    torch.testing.assert_close(mixed[1:], typical)
+    # Typical networks are untouched by the clamp ...
+    torch.testing.assert_close(outs[None][0], typical)
+    # ... and it is what keeps the diverged one in range: unclamped it is
+    # non-finite (NG-GNN) or astronomically large (NG-T's LayerNorms).
+    assert mixed[0].abs().max() < 1e5
+    unclamped = outs[None][1][0]
+    assert not torch.isfinite(unclamped).all() or unclamped.abs().max() > 1e6

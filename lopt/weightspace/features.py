@@ -64,6 +64,13 @@ class WeightSpaceConfig:
         probes: number of learned probe inputs; ``0`` turns probes off.
         probe_shape: the shape of one network input, e.g. ``(2,)`` for an INR
             of 2-D coordinates or ``(1, 8, 8)`` for a small CNN.
+        input_clip: once input scales are fitted
+            (:meth:`NeuralGraphFeaturizer.fit_input_scales`), scaled node and
+            edge inputs are clamped to ``[-input_clip, input_clip]`` standard
+            deviations; ``None``: never. A diverged network in a zoo (weights
+            of 1e10) otherwise overflows float32 inside the model and every
+            prediction of its batch becomes NaN; no typical weight is 100
+            standard deviations out, so typical networks are unchanged.
     """
 
     positional: bool = True
@@ -76,6 +83,7 @@ class WeightSpaceConfig:
     fourier_seed: int = 0
     probes: int = 0
     probe_shape: tuple[int, ...] = ()
+    input_clip: float | None = 100.0
 
     def __post_init__(self):
         if self.max_positions < 1:
@@ -88,6 +96,8 @@ class WeightSpaceConfig:
             raise ValueError(f"Invalid fourier_scale: {self.fourier_scale}")
         if self.probes < 0:
             raise ValueError(f"Invalid probes: {self.probes}")
+        if self.input_clip is not None and not self.input_clip > 0:
+            raise ValueError(f"Invalid input_clip: {self.input_clip}")
         object.__setattr__(self, "probe_shape", tuple(self.probe_shape))
         if self.probes and not self.probe_shape:
             raise ValueError("probes need probe_shape, the shape of one input")
@@ -235,7 +245,12 @@ class NeuralGraphFeaturizer(nn.Module):
         node_depth = data.node_layer
         node_row = torch.where(node_depth < known, node_depth + 1, 0)
         edge_row = node_row[data.edge_index[1]]
-        return x / self.node_scale[node_row], edge_attr / self.edge_scale[edge_row]
+        x = x / self.node_scale[node_row]
+        edge_attr = edge_attr / self.edge_scale[edge_row]
+        clip = self.config.input_clip
+        if clip is not None:
+            x, edge_attr = x.clamp(-clip, clip), edge_attr.clamp(-clip, clip)
+        return x, edge_attr
 
     def reset_parameters(self) -> None:
         for module in self.children():
