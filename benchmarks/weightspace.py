@@ -455,6 +455,14 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--epochs", type=int, help="maximum epochs per fit")
     parser.add_argument("--max-seconds", type=float, help="wall-time cap per fit")
+    parser.add_argument(
+        "--fourier",
+        type=int,
+        help="random Fourier features per scalar weight of NG-GNN/NG-T (default 16)",
+    )
+    parser.add_argument(
+        "--pooling", help="NG readout aggregations, e.g. mean,std,max (default mean)"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--no-progress", action="store_true")
     return parser.parse_args(argv)
@@ -469,12 +477,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         "max_train": args.max_train,
         "epochs": args.epochs,
         "max_seconds": args.max_seconds,
+        "fourier": args.fourier,
+        "pooling": args.pooling,
     }
     settings = replace(
         settings, **{k: v for k, v in overrides.items() if v is not None}
     )
     if settings.seeds < 1:
         print(f"error: Invalid seeds: {settings.seeds}", file=sys.stderr)
+        return 2
+    from lopt.weightspace.readout import POOLINGS
+
+    if settings.fourier < 0 or not set(settings.pooling.split(",")) <= set(POOLINGS):
+        print(
+            f"error: Invalid --fourier {settings.fourier} or --pooling "
+            f"{settings.pooling!r} (aggregations from {', '.join(POOLINGS)})",
+            file=sys.stderr,
+        )
         return 2
     zoo_dir = args.zoo_dir or REPO / "runs" / "weightspace_zoos" / settings.size
     out = args.out or RESULTS_DIR / "weightspace" / ("quick" if args.quick else "")

@@ -117,3 +117,23 @@ def test_unknown_task_is_a_clear_error(tmp_path):
         )
         == 2
     )
+
+
+def test_settings_reach_the_graph_models():
+    from types import SimpleNamespace
+
+    settings = replace(TINY, fourier=3, pooling="mean,max")
+    for edge, fourier in ((1, 3), (9, 0)):  # RFF on scalar weights only
+        train = SimpleNamespace(edge_features=edge)
+        made = bench.model_factories("cnn_digits", settings, train)
+        for key in ("ng_gnn", "ng_t"):
+            model = made[key]()
+            assert model.config.fourier_features == fourier
+            assert model.readout.pooling == ("mean", "max")
+
+
+def test_bad_fourier_or_pooling_is_a_clear_error(tmp_path, capsys):
+    for flags in (["--pooling", "mean,median"], ["--fourier", "-1"]):
+        args = [*flags, "--zoo-dir", str(tmp_path), "--out", str(tmp_path)]
+        assert bench.main(args) == 2
+        assert "Invalid --fourier" in capsys.readouterr().err
