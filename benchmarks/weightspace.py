@@ -409,6 +409,11 @@ def run_benchmark(
                         "epochs_run": len(fit.history),
                         "stopped": fit.stopped,
                         "train_s": round(fit.train_seconds, 2),
+                        # Learning curve: (training loss, validation metric).
+                        "history": [
+                            [h["train_loss"], h.get("val", {}).get(spec.metric)]
+                            for h in fit.history
+                        ],
                     }
                 )
             mean, std = _mean_std([r["test"][spec.metric] for r in runs])

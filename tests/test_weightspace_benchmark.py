@@ -51,6 +51,7 @@ def test_benchmark_runs_every_model_and_writes_its_outputs(zoo_dir, tmp_path):
         # tau is nan when a model predicts one value for every test network.
         assert all(not (abs(r["test"]["tau"]) > 1) for r in model["runs"])
         assert model["train_s_mean"] > 0
+        assert all(len(r["history"]) == r["epochs_run"] for r in model["runs"])
     claims = [c["claim"] for c in results["acceptance"]]
     assert "cnn_digits: NG-GNN tau >= StatNN + 0.015" in claims
     results["provenance"] = {"command": "python -m benchmarks.weightspace --test"}
