@@ -347,3 +347,53 @@ def test_a_diverged_network_gets_finite_outputs_and_leaves_the_others_alone(kind
     assert mixed[0].abs().max() < 1e5
     unclamped = outs[None][1][0]
     assert not torch.isfinite(unclamped).all() or unclamped.abs().max() > 1e6
+
+
+def _dense_relational_attention(layer, h, e, edge_index):
+    """The formula of :class:`RelationalAttentionLayer` for one graph, with
+    the dense (M, M, 2F + 2) pair tensor written out."""
+    m, d = len(h), layer.edge_dim
+    heads, width = layer.num_heads, layer.node_dim // layer.num_heads
+    pairs = torch.zeros(m, m, 2 * d + 2)
+    for (i, j), emb in zip(edge_index.T.tolist(), e):
+        pairs[j, i, :d] += emb  # fan-in of j
+        pairs[j, i, 2 * d] += 1
+        pairs[i, j, d : 2 * d] += emb  # fan-out of i
+        pairs[i, j, 2 * d + 1] += 1
+    q, k, v = layer.qkv(layer.node_norm(h)).view(m, 3, heads, width).unbind(1)
+    pk = layer.pair_key(pairs).view(m, m, heads, width)
+    pv = layer.pair_value(pairs).view(m, m, heads, width)
+    logits = (q[:, None] * (k[None] + pk)).sum(-1) / width**0.5  # (j, i, h)
+    attn = logits.softmax(dim=1)
+    mixed = (attn[..., None] * (v[None] + pv)).sum(1).reshape(m, -1)
+    h = h + layer.out(mixed)
+    h = h + layer.mlp(layer.mlp_norm(h))
+    src, dst = edge_index
+    update = layer.edge_self(layer.edge_norm(e)) + layer.edge_src(h)[src]
+    return h, e + layer.edge_out(nn.functional.silu(update + layer.edge_dst(h)[dst]))
+
+
+def test_relational_attention_equals_its_dense_formula_per_graph():
+    torch.manual_seed(0)
+    graphs = [to_graph(mlp(widths=(3, 7, 2))), to_graph(mlp(widths=(3, 5, 5, 2)))]
+    # A parallel edge (two weights between one pair) is summed in the pair.
+    graphs[1].edge_index = torch.cat(
+        [graphs[1].edge_index, graphs[1].edge_index[:, :2]], 1
+    )
+    layer = RelationalAttentionLayer(8, 4, 2)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    hs = [torch.randn(g.num_nodes, 8) for g in graphs]
+    es = [torch.randn(g.edge_index.shape[1], 4) for g in graphs]
+    offsets = [0, graphs[0].num_nodes]
+    edge_index = torch.cat([g.edge_index + o for g, o in zip(graphs, offsets)], 1)
+    batch = torch.cat([torch.full((g.num_nodes,), i) for i, g in enumerate(graphs)])
+    with torch.no_grad():
+        h, e = layer(torch.cat(hs), torch.cat(es), edge_index, batch, 2)
+        ref = [
+            _dense_relational_attention(layer, *a)
+            for a in zip(hs, es, [g.edge_index for g in graphs])
+        ]
+    torch.testing.assert_close(h, torch.cat([r[0] for r in ref]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(e, torch.cat([r[1] for r in ref]), atol=1e-5, rtol=0)

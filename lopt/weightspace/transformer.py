@@ -29,37 +29,20 @@ from lopt.weightspace.readout import WeightSpaceOutput, WeightSpaceReadout, grap
 __all__ = ["RelationalAttentionLayer", "NeuralGraphTransformer"]
 
 
-def pair_edges(
-    e: torch.Tensor,
-    edge_index: torch.Tensor,
-    batch: torch.Tensor,
-    num_graphs: int,
-    size: int,
-) -> torch.Tensor:
-    """``(B, M, M, 2 F + 2)``: for query neuron ``j`` and key neuron ``i`` of
-    one graph (local ids), the embedding of edge ``i -> j`` (``j``'s fan-in),
-    of edge ``j -> i`` (its fan-out), and two indicators of which exist; zero
-    for pairs without an edge. Parallel edges between one pair are summed."""
+def local_ids(batch: torch.Tensor, num_graphs: int) -> torch.Tensor:
+    """Each node's index within its own graph."""
     count = torch.bincount(batch, minlength=num_graphs)
     start = torch.cumsum(count, 0) - count
-    local = torch.arange(len(batch), device=batch.device) - start[batch]
-    src, dst = edge_index
-    g, ls, ld = batch[src], local[src], local[dst]
-    width = e.shape[1]
-    ones = e.new_ones(len(src), 1)
-    pairs = e.new_zeros(num_graphs, size, size, 2 * width + 2)
-    fan_in = torch.cat([e, e.new_zeros(len(src), width), ones, 0 * ones], 1)
-    fan_out = torch.cat([e.new_zeros(len(src), width), e, 0 * ones, ones], 1)
-    pairs = pairs.index_put((g, ld, ls), fan_in, accumulate=True)
-    return pairs.index_put((g, ls, ld), fan_out, accumulate=True)
+    return torch.arange(len(batch), device=batch.device) - start[batch]
 
 
 class RelationalAttentionLayer(nn.Module):
     r"""One NG-T layer: relational self-attention, a node MLP, an edge update.
 
     For query neuron :math:`j`, key neuron :math:`i` of the same graph and
-    their pair features :math:`r_{ji}` (:func:`pair_edges`: the embeddings of
-    edges :math:`i \to j` and :math:`j \to i`, zero where absent), per head:
+    their pair features :math:`r_{ji}` (the embeddings of edges
+    :math:`i \to j` and :math:`j \to i` with an indicator of each, zero where
+    absent; parallel edges summed), per head:
 
     .. math::
         \alpha_{ji} = \mathrm{softmax}_i\!\left(
@@ -71,6 +54,12 @@ class RelationalAttentionLayer(nn.Module):
     :math:`e_{ij} \leftarrow e_{ij} + W_2\,\sigma(W_e \mathrm{LN}(e_{ij}) +
     W_s h_i + W_t h_j)`. Queries, keys and values read
     :math:`\mathrm{LN}(h)` (pre-norm).
+
+    :math:`K_r r_{ji}` and :math:`V_r r_{ji}` are linear in the pair
+    features, so they are computed per edge and added where an edge is: the
+    cost is :math:`O(M^2 d + |E| d)` per graph of :math:`M` neurons rather
+    than :math:`O(M^2 d)` with a dense :math:`(M, M, d)` pair tensor (about
+    10x the work and memory on cnn_wild's networks).
 
     Args:
         node_dim (int): width of node embeddings (a multiple of
@@ -132,19 +121,42 @@ class RelationalAttentionLayer(nn.Module):
             t.reshape(num_graphs, size, heads, width)
             for t in self.qkv(dense).chunk(3, dim=-1)
         )
-        pairs = pair_edges(e, edge_index, batch, num_graphs, size)  # (B, Mq, Mk, P)
-        pk = self.pair_key(pairs).reshape(num_graphs, size, size, heads, width)
-        pv = self.pair_value(pairs).reshape(num_graphs, size, size, heads, width)
-        logits = torch.einsum("bjhd,bihd->bhji", q, k)
-        logits = logits + torch.einsum("bjhd,bjihd->bhji", q, pk)
+        # Pair terms per edge i -> j: as j's fan-in (query j, key i) and as
+        # i's fan-out (query i, key j); pair_key/pair_value act on
+        # [e_in, e_out, is_in, is_out], here split into its blocks.
+        src, dst = edge_index
+        local = local_ids(batch, num_graphs)
+        g, ls, ld = batch[src], local[src], local[dst]
+        d = self.edge_dim
+        terms = []
+        for lin in (self.pair_key, self.pair_value):
+            w = lin.weight
+            fan_in = F.linear(e, w[:, :d]) + w[:, 2 * d]
+            fan_out = F.linear(e, w[:, d : 2 * d]) + w[:, 2 * d + 1]
+            terms.append(
+                (fan_in.view(-1, heads, width), fan_out.view(-1, heads, width))
+            )
+        (k_in, k_out), (v_in, v_out) = terms
+        # logits (B, Mq, Mk, H)
+        logits = torch.einsum("bjhd,bihd->bjih", q, k)
+        logits = logits.index_put(
+            (g, ld, ls), (q[g, ld] * k_in).sum(-1), accumulate=True
+        )
+        logits = logits.index_put(
+            (g, ls, ld), (q[g, ls] * k_out).sum(-1), accumulate=True
+        )
         logits = logits / math.sqrt(width)
-        logits = logits.masked_fill(~mask[:, None, None, :], float("-inf"))
-        attn = logits.softmax(dim=-1)
-        mixed = torch.einsum("bhji,bihd->bjhd", attn, v)
-        mixed = mixed + torch.einsum("bhji,bjihd->bjhd", attn, pv)
+        logits = logits.masked_fill(~mask[:, None, :, None], float("-inf"))
+        attn = logits.softmax(dim=2)
+        mixed = torch.einsum("bjih,bihd->bjhd", attn, v)
+        mixed = mixed.index_put(
+            (g, ld), attn[g, ld, ls][..., None] * v_in, accumulate=True
+        )
+        mixed = mixed.index_put(
+            (g, ls), attn[g, ls, ld][..., None] * v_out, accumulate=True
+        )
         h = h + self.out(mixed.reshape(num_graphs, size, self.node_dim)[mask])
         h = h + self.mlp(self.mlp_norm(h))
-        src, dst = edge_index
         update = self.edge_self(self.edge_norm(e)) + self.edge_src(h)[src]
         e = e + self.edge_out(F.silu(update + self.edge_dst(h)[dst]))
         return h, e
