@@ -214,6 +214,10 @@ def pivot_table(results: dict) -> str:
     return report.markdown_table(headers, rows)
 
 
+def _cap(limit) -> str:
+    return "all" if limit is None else f"at most {limit}"
+
+
 def markdown_report(results: dict) -> str:
     meta = results.get("provenance", {})
     s = results["settings"]
@@ -225,11 +229,17 @@ def markdown_report(results: dict) -> str:
         f"x{meta.get('cpu_count')} CPUs, {meta.get('torch_threads')} torch thread(s), "
         f"torch {meta.get('torch_version')}; wall time {results.get('wall_s')} s.",
         "",
-        f"{s['seeds']} seeds; zoo size {s['size']}; at most {s['max_train']} "
-        f"training and {s['max_eval']} validation / test networks per task; up to "
-        f"{s['epochs']} epochs (patience {s['patience']}, at most "
-        f"{s['max_seconds']} s per fit), AdamW lr {s['lr']}, batch "
-        f"{s['batch_size']}; best validation epoch kept.",
+        f"{s['seeds']} seeds; zoo size {s['size']}; {_cap(s['max_train'])} "
+        f"training and {_cap(s['max_eval'])} validation / test networks per task; "
+        f"up to {s['epochs']} epochs (patience {s['patience']}, "
+        + (
+            f"at most {s['max_seconds']} s per fit"
+            if s["max_seconds"] is not None
+            else "no time cap"
+        )
+        + f"), AdamW lr {s['lr']}, batch {s['batch_size']}; best validation epoch "
+        f"kept. NG models: {s.get('fourier', 0)} random Fourier features per "
+        f"scalar weight, readout pooling {s.get('pooling', 'mean')}.",
         "",
         "Zoos: "
         + "; ".join(
