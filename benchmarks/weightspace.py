@@ -82,11 +82,10 @@ class Settings:
         probes: probes of the ``+probes`` ablation.
         fourier: random Fourier features per weight of NG-GNN and NG-T
             (:attr:`lopt.weightspace.WeightSpaceConfig.fourier_features`) on
-            graphs of scalar weights (INRs). Without them NG-GNN sat at
-            chance on digit INRs for 14 epochs (training loss ln 10); with 16
-            it starts learning after ~16. Conv kernels are left raw: there
-            the 33-fold wider edge input made an epoch ~10x slower on
-            cnn_wild for a lower tau.
+            graphs of scalar weights (INRs), where without them NG-GNN's
+            training loss sat at ln 10 (see
+            ``benchmarks/results/weightspace/EXPERIMENTS.md``, W2). Conv
+            kernels are left raw: their edge input would grow 33-fold.
         pooling: graph-level readout aggregations of NG-GNN and NG-T,
             comma-separated (see :data:`lopt.weightspace.readout.POOLINGS`).
         tree_iters: boosting iterations of StatNN (GBT).

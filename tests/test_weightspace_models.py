@@ -397,3 +397,23 @@ def test_relational_attention_equals_its_dense_formula_per_graph():
         ]
     torch.testing.assert_close(h, torch.cat([r[0] for r in ref]), atol=1e-5, rtol=0)
     torch.testing.assert_close(e, torch.cat([r[1] for r in ref]), atol=1e-5, rtol=0)
+
+
+def test_pool_gives_each_group_its_mean_std_and_max():
+    from lopt.weightspace.readout import pool
+
+    values = torch.randn(7, 3)
+    index = torch.tensor([0, 2, 0, 2, 2, 0, 0])  # group 1 is empty
+    for how, ref in (
+        ("mean", lambda v: v.mean(0)),
+        ("std", lambda v: v.std(0, unbiased=False)),
+        ("max", lambda v: v.amax(0)),
+    ):
+        out = pool(values, index, 3, how)
+        for g in (0, 2):
+            torch.testing.assert_close(
+                out[g], ref(values[index == g]), atol=1e-3, rtol=0
+            )
+        assert out[1].abs().max() < 1e-2  # empty: zeros (std: sqrt of its eps)
+    with pytest.raises(ValueError, match="Invalid pooling: 'median'"):
+        pool(values, index, 3, "median")

@@ -9,6 +9,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from lopt.nn.conv import mean_std_from_sums
 from lopt.weightspace.data import NODE_FEATURES
 
 __all__ = ["POOLINGS", "WeightSpaceOutput", "WeightSpaceReadout", "mean_pool", "pool"]
@@ -40,9 +41,13 @@ def pool(
     if how == "mean":
         return mean_pool(values, index, size)
     if how == "std":
-        mean = mean_pool(values, index, size)
-        var = mean_pool(values * values, index, size) - mean * mean
-        return torch.sqrt(var.clamp(min=0.0) + 1e-6)
+        # The backbone's aggregation: mean and std from sums of values and squares.
+        width = values.shape[1]
+        sums = values.new_zeros(size, 2 * width).index_add_(
+            0, index, torch.cat([values, values * values], dim=1)
+        )
+        count = torch.bincount(index, minlength=size).to(values.dtype)
+        return mean_std_from_sums(sums.T, count, width)[1]
     if how == "max":
         out = values.new_full((size, values.shape[1]), -torch.inf)
         out = out.scatter_reduce(
