@@ -49,6 +49,7 @@ _F = ctypes.c_float
 _SIGNATURES = {
     "ng_weight_count": ((), ctypes.c_int),
     "ng_norms": ((_P, _I, _P, _P, _P), ctypes.c_int),
+    "ng_trace": ((_P, _I, _P, _P, _P, _F, _P), None),
     "ng_moments": ((_P, _I, _I, _P, _P, _P, _P, _F, _P), None),
     "ng_messages": (
         (_P, _I, _I, _P, _P, _P, _P, _P, _P, _F, _P, _P, _P, _I, _P, _P, _I, _P, _P),

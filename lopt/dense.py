@@ -272,6 +272,9 @@ def fused_step(
     state.step.add_(1)
     if P == 0:  # only empty tensors: nothing to update (as ng_step)
         return True
+    nb = len(plan.blocks)
+    if c.adapts_steps:
+        lr_blocks, lr_slots = _adapt_step_sizes(lib, plan, c, pa, ga, state, sums)
     t = state.step
     betas = torch.tensor(MOMENTUM_DECAYS, dtype=torch.float32)
     lib.ng_moments(
@@ -283,7 +286,6 @@ def fused_step(
     vcorr = float(1.0 / (1.0 - SECOND_MOMENT_DECAY ** t.double()))
     mcorr = mcorr.float()
     # Slot features (few): the reference formulas on the slot scalars.
-    nb = len(plan.blocks)
     slot_params = params[nb:]
     p_slots, g_slots = _flat(slot_params), _flat(grads[nb:])
     raw = torch.cat([p_slots[None], g_slots[None], momenta[:, E:]])
@@ -321,6 +323,8 @@ def fused_step(
         es = layer.edge_src(h).T.contiguous()
         ed = layer.edge_dst(h).T.contiguous()
         lr_b, wd_b = _per_block(lr, plan), _per_block(weight_decay, plan)
+        if c.adapts_steps:
+            lr_b = lr_b * lr_blocks
         update_edges = lib.ng_update if c.edge_mlp else lib.ng_update_lean
         update_edges(
             _ptr(plan.table), nb, P, _ptr(pa), _ptr(ga),
@@ -338,11 +342,41 @@ def fused_step(
         update = rule._to_update(out[0], out[1])
         if isinstance(weight_decay, torch.Tensor) or weight_decay != 0.0:
             update = update - c.step_scale * _slots(weight_decay, E) * p_slots
-        new = p_slots + _slots(lr, E) * update
+        lr_s = _slots(lr, E)
+        if c.adapts_steps:
+            lr_s = lr_s * lr_slots
+        new = p_slots + lr_s * update
         torch._foreach_copy_(
             [t.view(-1) for t in slot_params], list(new.split(plan.slot_sizes))
         )
     return True
+
+
+def _adapt_step_sizes(lib, plan: DensePlan, config, pa, ga, state, sums):
+    """:func:`lopt.functional.adapt_step_sizes` on the fused path: the dots
+    per tensor from the kernel (which also moves the trace in place), the
+    new log steps written into ``state.log_step``. Returns the step
+    multipliers of the dense blocks ``(num blocks,)`` and of the slot scalars
+    ``(P - E,)``."""
+    nseg = len(plan.numels)
+    if state.trace.numel() != plan.graph.num_scalars or state.log_step.numel() != nseg:
+        raise ValueError("the step-size adaptation's state is missing")
+    dots = torch.zeros(nseg, 2, dtype=torch.float64)
+    lib.ng_trace(
+        _ptr(plan.segments), nseg, _ptr(pa), _ptr(ga), _ptr(state.trace),
+        1.0 - config.step_adapt_decay, _ptr(dots),
+    )  # fmt: skip
+    cos = -dots[:, 0] / (sums[:, 1].sqrt() * dots[:, 1].sqrt() + 1e-30)
+    log_step = torch.clamp(
+        state.log_step + config.step_adapt_rate * cos.float(),
+        config.step_adapt_min,
+        config.step_adapt_max,
+    )
+    state.log_step.copy_(log_step)
+    multiplier = torch.exp(log_step)
+    nb = len(plan.blocks)
+    sizes = torch.tensor(plan.slot_sizes, dtype=torch.int64)
+    return multiplier[:nb], torch.repeat_interleave(multiplier[nb:], sizes)
 
 
 def _slots(value, start: int):

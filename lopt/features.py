@@ -61,12 +61,32 @@ ADAM_RATIO_FEATURE = FEATURE_NAMES.index("adam_ratio_0.9")
 _NUM_NORMALISED = 2 + len(MOMENTUM_DECAYS)
 
 
+#: Stands for the step-size adaptation's state where there is none yet.
+_EMPTY = torch.zeros(0)
+
+
 class FeatureState(NamedTuple):
-    """Optimizer state over the flat parameter vector (all float32)."""
+    """Optimizer state over the flat parameter vector (all float32).
+
+    ``trace`` and ``log_step`` belong to the per-tensor step-size adaptation
+    of rules that have it (:attr:`lopt.rule.RuleConfig.step_adapt_rate`, see
+    :func:`lopt.functional.adapt_step_sizes`); they are empty (``(0,)``) for
+    rules without it and before the first step of rules with it.
+    """
 
     step: torch.Tensor  # () number of updates applied so far
     momenta: torch.Tensor  # (len(MOMENTUM_DECAYS), P) gradient EMAs
     second_moment: torch.Tensor  # (P,) EMA of squared gradients
+    trace: torch.Tensor = _EMPTY  # (P,) EMA of past parameter values
+    log_step: torch.Tensor = _EMPTY  # (num tensors,) log step multipliers
+
+    def map(self, fn) -> FeatureState:
+        """The state with ``fn`` applied to each tensor."""
+        return FeatureState(*(fn(t) for t in self))
+
+    def detach(self) -> FeatureState:
+        """The state with every tensor detached from autograd."""
+        return self.map(torch.Tensor.detach)
 
 
 def init_feature_state(
@@ -77,6 +97,8 @@ def init_feature_state(
         step=torch.zeros((), device=device),
         momenta=torch.zeros(len(MOMENTUM_DECAYS), num_scalars, device=device),
         second_moment=torch.zeros(num_scalars, device=device),
+        trace=torch.zeros(0, device=device),
+        log_step=torch.zeros(0, device=device),
     )
 
 
@@ -96,7 +118,7 @@ def update_feature_state(state: FeatureState, grad: torch.Tensor) -> FeatureStat
     momenta = torch.lerp(state.momenta, grad.expand_as(state.momenta), 1.0 - betas)
     square = torch.clamp(grad * grad, max=torch.finfo(grad.dtype).max)
     second = torch.lerp(state.second_moment, square, 1.0 - SECOND_MOMENT_DECAY)
-    return FeatureState(state.step + 1, momenta, second)
+    return state._replace(step=state.step + 1, momenta=momenta, second_moment=second)
 
 
 def _inverse_rms(graph: NeuralGraph, squares: torch.Tensor) -> torch.Tensor:

@@ -20,9 +20,15 @@ from lopt.features import (
     update_feature_state,
 )
 from lopt.graph import NeuralGraph
-from lopt.rule import UpdateRule
+from lopt.rule import RuleConfig, UpdateRule
 
-__all__ = ["ng_step", "init_state", "flat_gradients", "FeatureState"]
+__all__ = [
+    "ng_step",
+    "init_state",
+    "flat_gradients",
+    "adapt_step_sizes",
+    "FeatureState",
+]
 
 
 def init_state(
@@ -48,6 +54,69 @@ def flat_gradients(
         return graph.flatten(grads), None
     filled = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
     return graph.flatten(filled), graph.per_scalar(has_grad, torch.bool)
+
+
+def adapt_step_sizes(
+    config: RuleConfig,
+    graph: NeuralGraph,
+    params: torch.Tensor,
+    grads: torch.Tensor,
+    state: FeatureState,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The per-tensor step-size adaptation of a rule with
+    ``config.step_adapt_rate > 0``: a hypergradient step on each tensor's log
+    step multiplier ``s``.
+
+    Moving the last steps' updates by a factor ``exp(ds)`` changes the loss by
+    about ``ds * g . (p - trace)``, where ``p - trace`` is the tensor's recent
+    path (the parameters minus an EMA of their past values: an EMA of the
+    past updates). So ``s`` grows while the gradient keeps pointing along the
+    path (steps too short) and shrinks when it points back (overshooting)::
+
+        cos = -<g, p - trace> / (|g| |p - trace|)       per tensor
+        s  <- clip(s + step_adapt_rate * cos, step_adapt_min, step_adapt_max)
+        trace <- lerp(trace, p, 1 - step_adapt_decay)
+
+    The cosine makes the rate free of the scales of gradients and weights.
+    Before the first step (``state.trace`` empty) the trace starts at the
+    parameters and ``s`` at zero, so the first step is the rule's own.
+
+    Args:
+        config: the rule's configuration.
+        graph: the neural graph (``P`` scalars).
+        params, grads: ``(P,)`` flat float32 vectors in graph order.
+        state: the optimizer state before this step.
+
+    Returns:
+        ``(multiplier, trace, log_step)``: the ``(P,)`` factor ``exp(s)`` of
+        each scalar's update, and the new ``trace`` and ``log_step``.
+    """
+    if not _adaptation_started(graph, state):
+        log_step = params.new_zeros(len(graph.numels))
+        return params.new_ones(params.shape), params, log_step
+    path = params - state.trace
+    lengths = graph.segment_lengths.to(params.device)
+    sums = torch.segment_reduce(
+        torch.stack([grads * path, grads * grads, path * path]),
+        "sum",
+        lengths=lengths.expand(3, -1),
+        axis=1,
+    ).double()
+    cos = -sums[0] / (sums[1].sqrt() * sums[2].sqrt() + 1e-30)
+    log_step = torch.clamp(
+        state.log_step + config.step_adapt_rate * cos.to(params.dtype),
+        config.step_adapt_min,
+        config.step_adapt_max,
+    )
+    trace = torch.lerp(state.trace, params, 1.0 - config.step_adapt_decay)
+    by_tensor = torch.exp(log_step)[graph.tensor_position.to(params.device)]
+    return by_tensor[graph.tensor_id.to(params.device)], trace, log_step
+
+
+def _adaptation_started(graph: NeuralGraph, state: FeatureState) -> bool:
+    return state.trace.numel() == graph.num_scalars and state.log_step.numel() == len(
+        graph.numels
+    )
 
 
 def ng_step(
@@ -80,13 +149,22 @@ def ng_step(
     """
     new_state = update_feature_state(state, grads)
     if update_mask is not None:
-        new_state = FeatureState(
-            new_state.step,
-            torch.where(update_mask, new_state.momenta, state.momenta),
-            torch.where(update_mask, new_state.second_moment, state.second_moment),
+        new_state = new_state._replace(
+            momenta=torch.where(update_mask, new_state.momenta, state.momenta),
+            second_moment=torch.where(
+                update_mask, new_state.second_moment, state.second_moment
+            ),
         )
     if params.numel() == 0:  # only empty tensors: nothing to update
         return params.clone(), new_state
+    if rule.config.adapts_steps:
+        multiplier, trace, log_step = adapt_step_sizes(
+            rule.config, graph, params, grads, state
+        )
+        if update_mask is not None and _adaptation_started(graph, state):
+            trace = torch.where(update_mask, trace, state.trace)
+        new_state = new_state._replace(trace=trace, log_step=log_step)
+        lr = lr * multiplier
     feats = scalar_features(graph, params, grads, new_state)
     update = rule(graph, feats, time_features(new_state.step))
     # ``params + lr * (update - decay)``; without autograd in place in the

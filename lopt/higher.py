@@ -141,7 +141,7 @@ class DifferentiableNGOptimizer(DifferentiableOptimizer):
             mask,
         )
         if not self._track_higher_grads:
-            state = FeatureState(*(t.detach() for t in state))
+            state = state.detach()
         self.ng_state = state
         new_list = graph.unflatten(new_params)
         momenta = graph.unflatten(state.momenta)
@@ -192,7 +192,7 @@ def _initial_state(
     flat = getattr(other, "_flat", None)
     layout = tuple(id(p) for p in params)
     if flat is not None and other._graph is not None and other._layout == layout:
-        return FeatureState(*(t.detach().clone().to(device) for t in flat))
+        return flat.map(lambda t: t.detach().clone().to(device))
     # The flat buffers are missing or stale (e.g. after add_param_group): gather
     # what per-parameter state there is; parameters without state start at zero.
     state = init_state(graph, device)

@@ -199,6 +199,8 @@ class NGOptimizer(Optimizer):
                 m.copy_(saved["momenta"].reshape(m.shape))
                 v.copy_(saved["second_moment"].reshape(v.shape))
             self.state[p] = {"step": flat.step, "momenta": m, "second_moment": v}
+        if self.rule.config.adapts_steps:
+            flat = self._adaptation_state(graph, flat, source, params)
         self._graph, self._flat = graph, flat
         self._layout = tuple(id(p) for p in params)
         # Checked once per layout, so the step pays nothing for these cases
@@ -207,6 +209,31 @@ class NGOptimizer(Optimizer):
         self._float64 = [i for i, p in enumerate(params) if p.dtype == torch.float64]
         self.rule.to(device)
         self._plan = self._fused_plan(graph, torch.device(device))
+
+    def _adaptation_state(
+        self,
+        graph: NeuralGraph,
+        flat: FeatureState,
+        source: dict[torch.Tensor, dict],
+        params: list[torch.Tensor],
+    ) -> FeatureState:
+        """``flat`` with the step-size adaptation's buffers (see
+        :func:`lopt.functional.adapt_step_sizes`), filled from ``source``;
+        a parameter without saved ones starts afresh: its trace at its
+        current value, its log step at zero. Adds per-parameter views
+        ``trace`` and ``log_step`` to :attr:`state`."""
+        values = full_tensors(params) if any(is_dtensor(p) for p in params) else params
+        trace = graph.flatten([v.detach() for v in values]).to(flat.step.device)
+        log_step = torch.zeros(len(params), device=flat.step.device)
+        position = graph.tensor_position.tolist()
+        for p, t, pos in zip(params, graph.unflatten(trace), position):
+            saved = source.get(p, {})
+            if "trace" in saved and "log_step" in saved:
+                t.copy_(saved["trace"].reshape(t.shape))
+                log_step[pos] = float(saved["log_step"])
+            self.state[p]["trace"] = t
+            self.state[p]["log_step"] = log_step[pos]
+        return flat._replace(trace=trace, log_step=log_step)
 
     def _fused_plan(self, graph: NeuralGraph, device: torch.device):
         """The dense plan of ``graph`` when this optimizer fuses its steps,
@@ -284,9 +311,8 @@ class NGOptimizer(Optimizer):
             mask,
         )
         self._write_back(params, values, graph.unflatten(new_params))
-        flat.step.copy_(new_state.step)
-        flat.momenta.copy_(new_state.momenta)
-        flat.second_moment.copy_(new_state.second_moment)
+        for old, new in zip(flat, new_state):
+            old.copy_(new)
         return loss
 
     def _fused_step(self, params, values, grads, lr, weight_decay) -> None:

@@ -84,6 +84,21 @@ class RuleConfig:
     # embedding, plus the skip path from the features).
     edge_mlp: bool = True
     edge_head_hidden: int | None = None
+    # Per-tensor step-size adaptation (0: off; see
+    # lopt.functional.adapt_step_sizes). Each tensor's update is multiplied by
+    # exp(s), and every step s moves by step_adapt_rate times the cosine
+    # between the negative gradient and the tensor's recent path (its value
+    # minus an EMA of its past values with decay step_adapt_decay), within
+    # [step_adapt_min, step_adapt_max]: a hypergradient on the log step.
+    step_adapt_rate: float = 0.0
+    step_adapt_decay: float = 0.99
+    step_adapt_min: float = -2.0
+    step_adapt_max: float = 8.0
+
+    @property
+    def adapts_steps(self) -> bool:
+        """Whether the rule adapts a step size per tensor."""
+        return self.step_adapt_rate > 0
 
     @property
     def edge_hidden(self) -> int:
@@ -110,6 +125,31 @@ class RuleConfig:
             isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 0
         ):
             raise ValueError(f"Invalid edge_head_hidden: {hidden!r}")
+        for name in (
+            "step_adapt_rate",
+            "step_adapt_decay",
+            "step_adapt_min",
+            "step_adapt_max",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not (
+                isinstance(value, (int, float)) and math.isfinite(value)
+            ):
+                raise ValueError(f"Invalid {name}: {value!r}")
+        if self.step_adapt_rate < 0:
+            raise ValueError(
+                f"Invalid step_adapt_rate: {self.step_adapt_rate} (need >= 0)"
+            )
+        if not 0.0 < self.step_adapt_decay < 1.0:
+            raise ValueError(
+                f"Invalid step_adapt_decay: {self.step_adapt_decay} "
+                "(need 0 < decay < 1)"
+            )
+        if not self.step_adapt_min <= 0.0 <= self.step_adapt_max:
+            raise ValueError(
+                f"Invalid step_adapt_min/step_adapt_max: {self.step_adapt_min}, "
+                f"{self.step_adapt_max} (need min <= 0 <= max)"
+            )
         for name in ("step_scale", "magnitude_scale", "magnitude_clip"):
             value = getattr(self, name)
             if not (

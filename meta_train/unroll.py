@@ -98,7 +98,7 @@ def _moved(
     return replace(
         inner,
         params=params.detach(),
-        opt_state=FeatureState(*(s.detach() for s in opt_state)),
+        opt_state=opt_state.detach(),
         step=inner.step + steps,
         horizon=inner.horizon + steps if extend_horizon else inner.horizon,
     )
@@ -174,7 +174,7 @@ def truncated_unroll(
         params, opt_state = ng_step(rule, inner.graph, params, grad, opt_state)
         if not differentiable:
             params = params.detach().requires_grad_(True)
-            opt_state = FeatureState(*(s.detach() for s in opt_state))
+            opt_state = opt_state.detach()
     if not terms:
         return torch.zeros(()), inner, True
     meta_loss = torch.stack(terms).mean()

@@ -7,6 +7,8 @@
  *   ng_norms     sums of squares of params and grads per tensor, and whether
  *                every gradient is finite (read-only: a step that is skipped
  *                leaves everything as it was);
+ *   (ng_trace    with step-size adaptation only: per tensor, the dot of the
+ *                gradient with the recent path, and the trace updated);
  *   ng_moments   momenta and second moment updated in place, sums of squares
  *                of the momenta per tensor;
  *   ng_messages  features, edge encoder, FiLM messages, and each node's sums
@@ -156,6 +158,38 @@ int ng_norms(const int64_t *restrict seg_off, int64_t nseg, const int64_t *restr
     }
     FTZ_END
     return bad != bad;
+}
+
+/* Step-size adaptation (rules with step_adapt_rate > 0), after ng_norms:
+   per tensor, <g, p - trace> and |p - trace|^2 with the trace before this
+   step, then the trace moved towards the parameters in place:
+   trace = lerp(trace, p, w). trace is flat in graph order. */
+void ng_trace(const int64_t *restrict seg_off, int64_t nseg, const int64_t *restrict pa,
+              const int64_t *restrict ga, float *restrict trace, float w,
+              double *restrict out) {
+    FTZ_BEGIN
+    for (int64_t s = 0; s < nseg; ++s) {
+        const float *restrict p = AT(pa, s), *restrict g = AT(ga, s);
+        float *restrict tr = trace + seg_off[s];
+        const int64_t n = seg_off[s + 1] - seg_off[s];
+        double acc0 = 0.0, acc1 = 0.0;
+        for (int64_t lo = 0; lo < n; lo += 4096) {
+            const int64_t hi = lo + 4096 < n ? lo + 4096 : n;
+            float a0 = 0.0f, a1 = 0.0f;
+#pragma omp simd reduction(+ : a0, a1)
+            for (int64_t k = lo; k < hi; ++k) {
+                const float d = p[k] - tr[k];
+                a0 += g[k] * d;
+                a1 += d * d;
+                tr[k] = lerp(tr[k], p[k], w);
+            }
+            acc0 += a0;
+            acc1 += a1;
+        }
+        out[2 * s] = acc0;
+        out[2 * s + 1] = acc1;
+    }
+    FTZ_END
 }
 
 /* Pass 2: momenta and second moment updated in place, and per tensor the
