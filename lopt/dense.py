@@ -56,6 +56,7 @@ from lopt.features import (
 )
 from lopt.graph import EDGE_ATTR_DIM, NUM_SLOT_TYPES, NeuralGraph
 from lopt.nn.conv import _STD_EPS, mean_std_from_sums
+from lopt.functional import path_cosine
 
 __all__ = ["DenseBlock", "DensePlan", "dense_layout", "fused_supported", "fused_step"]
 
@@ -366,7 +367,7 @@ def _adapt_step_sizes(lib, plan: DensePlan, config, pa, ga, state, sums):
         _ptr(plan.segments), nseg, _ptr(pa), _ptr(ga), _ptr(state.trace),
         1.0 - config.step_adapt_decay, _ptr(dots),
     )  # fmt: skip
-    cos = -dots[:, 0] / (sums[:, 1].sqrt() * dots[:, 1].sqrt() + 1e-30)
+    cos = path_cosine(dots[:, 0], sums[:, 1], dots[:, 1])
     log_step = torch.clamp(
         state.log_step + config.step_adapt_rate * cos.float(),
         config.step_adapt_min,

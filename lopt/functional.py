@@ -27,6 +27,7 @@ __all__ = [
     "init_state",
     "flat_gradients",
     "adapt_step_sizes",
+    "path_cosine",
     "FeatureState",
 ]
 
@@ -102,7 +103,7 @@ def adapt_step_sizes(
         lengths=lengths.expand(3, -1),
         axis=1,
     ).double()
-    cos = -sums[0] / (sums[1].sqrt() * sums[2].sqrt() + 1e-30)
+    cos = path_cosine(sums[0], sums[1], sums[2])
     log_step = torch.clamp(
         state.log_step + config.step_adapt_rate * cos.to(params.dtype),
         config.step_adapt_min,
@@ -111,6 +112,23 @@ def adapt_step_sizes(
     trace = torch.lerp(state.trace, params, 1.0 - config.step_adapt_decay)
     by_tensor = torch.exp(log_step)[graph.tensor_position.to(params.device)]
     return by_tensor[graph.tensor_id.to(params.device)], trace, log_step
+
+
+#: Below this sum of squares (float32 squares of entries under about 1e-19
+#: flush to zero) a tensor's gradient or path is treated as zero: its dot
+#: product survives where its squares do not, and their ratio is garbage.
+NEGLIGIBLE_SQUARES = 1e-30
+
+
+def path_cosine(
+    dot: torch.Tensor, grad_sq: torch.Tensor, path_sq: torch.Tensor
+) -> torch.Tensor:
+    """``-dot / (|g| |path|)`` per tensor (float64), within [-1, 1], and 0
+    where the gradient or the path is negligible (:data:`NEGLIGIBLE_SQUARES`)
+    so that vanishing gradients leave the step sizes alone."""
+    cos = torch.clamp(-dot / (grad_sq.sqrt() * path_sq.sqrt() + 1e-300), -1.0, 1.0)
+    live = (grad_sq > NEGLIGIBLE_SQUARES) & (path_sq > NEGLIGIBLE_SQUARES)
+    return torch.where(live, cos, torch.zeros_like(cos))
 
 
 def _adaptation_started(graph: NeuralGraph, state: FeatureState) -> bool:

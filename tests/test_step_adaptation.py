@@ -20,6 +20,10 @@ from lopt.rule import RuleConfig, UpdateRule
 
 RATE = 0.5  # large, so that a few steps move the log steps far
 
+needs_kernel = pytest.mark.skipif(
+    not cpu_kernel.available(), reason="no C compiler: the fused kernel is unavailable"
+)
+
 
 def _rule(rate: float = RATE, **kwargs) -> UpdateRule:
     torch.manual_seed(3)
@@ -147,6 +151,42 @@ def test_steps_shrink_when_they_overshoot():
     assert float(opt.state[w]["log_step"]) < -0.5
 
 
+def test_vanishing_gradients_leave_the_steps_alone():
+    """Near a loss of zero the gradient's float32 squares flush to zero while
+    its dot product with the path does not: the cosine must not blow up
+    (before the guard it read as +1e10 and threw the log step to its max)."""
+    rule = _rule()
+    graph = NeuralGraph.from_shapes([torch.Size([6, 5]), torch.Size([6])])
+    gen = torch.Generator().manual_seed(0)
+    P = graph.num_scalars
+    params = torch.randn(P, generator=gen)
+    trace = params - 1e-3 * torch.randn(P, generator=gen)
+    grads = 1e-21 * torch.randn(P, generator=gen)
+    state = init_feature_state(P)._replace(trace=trace, log_step=torch.zeros(2))
+    with torch.no_grad():
+        _, new_state = ng_step(rule, graph, params, grads, state)
+    assert torch.equal(new_state.log_step, torch.zeros(2))
+
+
+@needs_kernel
+def test_vanishing_gradients_on_the_fused_path():
+    w = nn.Parameter(torch.randn(8, 4))
+    opt = NGOptimizer([w], rule=_rule(), fused=True)
+
+    def steps(scale):
+        for _ in range(2):
+            opt.zero_grad()
+            (scale * w.sum()).backward()
+            opt.step()
+
+    steps(1.0)
+    before = float(opt.state[w]["log_step"])
+    assert before > 0.1  # real gradients moved it
+    steps(1e-21)
+    assert opt._plan is not None
+    assert float(opt.state[w]["log_step"]) == before
+
+
 def test_the_clip_bounds_the_log_step():
     w = nn.Parameter(torch.zeros(4))
     opt = NGOptimizer([w], rule=_rule(1.0, step_adapt_max=2.0), fused=False)
@@ -168,11 +208,6 @@ def test_log_steps_do_not_depend_on_the_loss_scale():
     torch.testing.assert_close(
         _log_steps(opt_a, a), _log_steps(opt_b, b), atol=1e-4, rtol=0
     )
-
-
-needs_kernel = pytest.mark.skipif(
-    not cpu_kernel.available(), reason="no C compiler: the fused kernel is unavailable"
-)
 
 
 @needs_kernel
