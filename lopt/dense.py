@@ -54,9 +54,9 @@ from lopt.features import (
     FeatureState,
     time_features,
 )
+from lopt.functional import path_cosine
 from lopt.graph import EDGE_ATTR_DIM, NUM_SLOT_TYPES, NeuralGraph
 from lopt.nn.conv import _STD_EPS, mean_std_from_sums
-from lopt.functional import path_cosine
 
 __all__ = ["DenseBlock", "DensePlan", "dense_layout", "fused_supported", "fused_step"]
 
