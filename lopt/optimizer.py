@@ -93,7 +93,11 @@ class NGOptimizer(Optimizer):
     flat buffers shared by all parameters):
         - ``step``: number of steps applied (shared by all parameters);
         - ``momenta``: ``(len(MOMENTUM_DECAYS), *shape)`` gradient EMAs;
-        - ``second_moment``: ``shape`` EMA of squared gradients.
+        - ``second_moment``: ``shape`` EMA of squared gradients;
+        - ``trace`` (``shape``) and ``log_step`` (a scalar), for rules that
+          adapt a step size per tensor (``rule.config.step_adapt_rate > 0``):
+          an EMA of the parameter's past values and the log of its step
+          multiplier (see :func:`lopt.functional.adapt_step_sizes`).
 
     Example:
         >>> opt = NGOptimizer(model.parameters())

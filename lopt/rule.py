@@ -12,6 +12,13 @@ learned path starts at zero, so an untrained rule *is* Adam with learning rate
 ``step_scale``. Meta-training learns corrections from there; this keeps early
 meta-training stable and gives every rule a sane floor.
 
+A rule may also adapt a step size per tensor (``step_adapt_rate > 0``, see
+:func:`lopt.functional.adapt_step_sizes`): each tensor's update is then
+multiplied by ``exp(s)``, where ``s`` follows a hypergradient of the loss
+through the tensor's recent steps. The untrained rule is then Adam with a
+per-tensor learning rate that tunes itself, and the learned corrections
+multiply a base that is already near the right scale.
+
 Rules are saved as a directory with ``weights.safetensors`` and
 ``config.json`` (format version, feature set, widths, provenance). Loading
 never executes code from the files.
