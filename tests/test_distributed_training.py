@@ -44,6 +44,9 @@ def _entry(rank: int, worker, init_file: str, out: str, args: tuple) -> None:
         dist.gather_object(result, gathered, dst=0)
         if rank == 0:
             torch.save(gathered, out)
+        # No rank tears its connections down while another still uses them
+        # (a suspect for the rare SIGABRT of a worker seen in full runs).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
