@@ -20,7 +20,13 @@ from lopt.rule import load_rule
 from meta_train.evaluate import final_log_ratio, loss_curve
 from meta_train.tasks import MLPFamily, TaskConfig
 
-__all__ = ["run_task", "main"]
+__all__ = ["run_task", "main", "FAMILIES"]
+
+#: Task families of ``--family``, as overrides of :class:`MLPFamily`.
+FAMILIES = {
+    "mlp": {},
+    "broad": {"min_depth": 0, "recurrent_prob": 0.3, "unscaled_prob": 0.25},
+}
 
 
 def run_task(rule, config: TaskConfig, steps: int) -> tuple[bool, float]:
@@ -46,22 +52,32 @@ def main(argv: list[str] | None = None) -> int:
         help="run each task from this many seeds (its own, then +1000, +2000, ...): "
         "a late stall on one seed of one task can flip between two close rules",
     )
+    parser.add_argument(
+        "--family",
+        choices=sorted(FAMILIES),
+        default="mlp",
+        help="task family: 'mlp' (MLPs and 1-D CNNs, the meta-training family "
+        "widened) or 'broad' (also linear models, GRUs and LSTMs, and unscaled "
+        "inputs: what the rule is worst at, none of them the benchmark suite's)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     widths = tuple(w for w in (16, 32, 64, 128, 256, 512) if w <= args.max_width)
     gen = torch.Generator().manual_seed(args.seed)
     if args.task_seeds < 1:
         parser.error(f"invalid --task-seeds {args.task_seeds}: need at least 1")
-    sampled = [MLPFamily(widths=widths).sample(gen) for _ in range(args.tasks)]
+    family = MLPFamily(widths=widths, **FAMILIES[args.family])
+    sampled = [family.sample(gen) for _ in range(args.tasks)]
     configs = [
         replace(c, seed=c.seed + 1000 * k)
         for c in sampled
         for k in range(args.task_seeds)
     ]
     for c in configs:
+        spread = f" inputs 10^+-{c.input_spread:g}" if c.input_spread else ""
         print(
             f"task: {c.kind} {c.dataset} {c.hidden} {c.activation} "
-            f"bs={c.batch_size} seed={c.seed}"
+            f"bs={c.batch_size} seed={c.seed}{spread}"
         )
     rows = []
     for name in ["adam(1e-3)", *args.rules]:

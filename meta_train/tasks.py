@@ -10,7 +10,7 @@ of the benchmark suite, so the benchmarks measure generalisation.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
@@ -35,7 +35,12 @@ class TaskConfig:
     seed: int  # initial weights
     reparam: tuple[float, ...] = ()  # per-tensor weight re-parametrisation (or empty)
     grad_noise: float = 0.0  # std of gradient noise relative to gradient RMS
-    kind: str = "mlp"  # "mlp" or "conv1d" (1-D CNN with pooling over the sequence)
+    kind: str = (
+        "mlp"  # "mlp", "conv1d" (1-D CNN pooled over the sequence), "gru", "lstm"
+    )
+    # Features multiplied by fixed per-feature factors 10^u, u uniform in
+    # [-input_spread, input_spread] (drawn from the seed): unscaled inputs.
+    input_spread: float = 0.0
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -59,6 +64,7 @@ class Task:
             config, self.data.num_features, self.data.num_classes
         )
         self.names = [n for n, _ in self.module.named_parameters()]
+        self.input_scales = _input_scales(config, self.data.num_features)
         scale = torch.tensor(config.reparam) if config.reparam else None
         # With re-parametrisation the network uses w_eff = c * w: the optimizer
         # sees w = w_eff / c, i.e. the same function at another scale.
@@ -74,14 +80,46 @@ class Task:
         out = functional_call(self.module, dict(zip(self.names, params)), (x,))
         return nn.functional.cross_entropy(out, y)
 
+    def _inputs(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.input_scales is None else x * self.input_scales
+
     def batch(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.randint(
             len(self.data.x), (self.config.batch_size,), generator=generator
         )
-        return self.data.x[idx], self.data.y[idx]
+        return self._inputs(self.data.x[idx]), self.data.y[idx]
 
     def validation_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.data.x_val, self.data.y_val
+        return self._inputs(self.data.x_val), self.data.y_val
+
+
+def _input_scales(config: TaskConfig, num_features: int) -> torch.Tensor | None:
+    """Per-feature input factors of ``config.input_spread`` (``None``: none)."""
+    if not config.input_spread:
+        return None
+    gen = torch.Generator().manual_seed(config.seed + 1)
+    u = 2.0 * torch.rand(num_features, generator=gen) - 1.0
+    return 10.0 ** (config.input_spread * u)
+
+
+#: Sequence lengths of the recurrent tasks, per dataset (features = steps x inputs).
+SEQUENCE_STEPS = {"mnist1d": 8, "digits": 8}
+
+
+class _Recurrent(nn.Module):
+    """A GRU or LSTM reading the features as a sequence (``steps`` x inputs),
+    classifying from its last hidden state."""
+
+    def __init__(self, cell: str, num_features: int, hidden: int, classes: int, steps):
+        super().__init__()
+        self.steps = steps
+        rnn = nn.GRU if cell == "gru" else nn.LSTM
+        self.rnn = rnn(num_features // steps, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        seq = x.reshape(x.shape[0], self.steps, -1)
+        return self.head(self.rnn(seq)[0][:, -1])
 
 
 def _build_module(config: TaskConfig, num_features: int, num_classes: int) -> nn.Module:
@@ -104,6 +142,21 @@ def _build_module(config: TaskConfig, num_features: int, num_classes: int) -> nn
             nn.Flatten(),
             nn.Linear(channels, num_classes),
         ]
+    elif config.kind in ("gru", "lstm"):
+        if len(config.hidden) != 1:
+            raise ValueError(
+                f"Invalid hidden for a {config.kind} task: {config.hidden} "
+                "(one hidden width)"
+            )
+        steps = SEQUENCE_STEPS[config.dataset]
+        if num_features % steps:
+            raise ValueError(
+                f"{config.dataset} has {num_features} features, not a multiple "
+                f"of {steps} steps"
+            )
+        return _Recurrent(
+            config.kind, num_features, config.hidden[0], num_classes, steps
+        )
     else:
         raise ValueError(f"Invalid task kind: {config.kind!r}")
     return nn.Sequential(*layers)
@@ -118,6 +171,10 @@ class TaskFamily:
 
 def _choice(options, generator):
     return options[int(torch.randint(len(options), (1,), generator=generator))]
+
+
+def _draw(generator) -> float:
+    return float(torch.rand((), generator=generator))
 
 
 def _log_uniform(low: float, high: float, generator) -> float:
@@ -140,6 +197,12 @@ class MLPFamily(TaskFamily):
     reparam_prob: float = 0.3  # probability of weight re-parametrisation
     grad_noise_prob: float = 0.2
     conv_prob: float = 0.25  # probability of a 1-D CNN on mnist1d instead of an MLP
+    # Probability of a GRU or LSTM (one hidden layer of a sampled width), and
+    # of unscaled inputs (features times 10^u, |u| <= input_spread). Both 0 by
+    # default: a family without them samples exactly the tasks it always did.
+    recurrent_prob: float = 0.0
+    unscaled_prob: float = 0.0
+    input_spread: float = 2.0
 
     def sample(self, generator: torch.Generator) -> TaskConfig:
         if not 0 <= self.min_depth <= self.max_depth:
@@ -161,7 +224,7 @@ class MLPFamily(TaskFamily):
             noise = round(_log_uniform(0.01, 0.3, generator), 4)
         conv = float(torch.rand((), generator=generator)) < self.conv_prob and depth > 0
         dataset = _choice(self.datasets, generator)
-        return TaskConfig(
+        config = TaskConfig(
             kind="conv1d" if conv else "mlp",
             dataset="mnist1d" if conv else dataset,
             hidden=hidden,
@@ -172,6 +235,18 @@ class MLPFamily(TaskFamily):
             reparam=reparam,
             grad_noise=noise,
         )
+        # Drawn only when asked for, after everything else, so that families
+        # without them keep their random stream (and their tasks).
+        if self.recurrent_prob and _draw(generator) < self.recurrent_prob:
+            config = replace(
+                config,
+                kind=_choice(("gru", "lstm"), generator),
+                hidden=(_choice(self.widths, generator),),
+                reparam=(),  # one factor per tensor: the MLP's count is wrong
+            )
+        if self.unscaled_prob and _draw(generator) < self.unscaled_prob:
+            config = replace(config, input_spread=self.input_spread)
+        return config
 
 
 def make_task(config: TaskConfig) -> Task:

@@ -359,3 +359,76 @@ def test_transplant_copies_matching_parameters_and_initialises_the_rest():
         "slot_head.out.bias",
         "slot_head.skip.weight",
     ]
+
+
+def test_recurrent_and_unscaled_tasks():
+    """The broad family's kinds: GRUs and LSTMs reading the features as a
+    sequence, and inputs multiplied by fixed per-feature factors."""
+    from dataclasses import replace
+
+    from lopt.functional import init_state, ng_step
+    from lopt.graph import NeuralGraph
+    from lopt.rule import UpdateRule
+
+    base = TaskConfig("mnist1d", (12,), "tanh", 1.0, 16, seed=3, kind="gru")
+    for kind in ("gru", "lstm"):
+        task = make_task(replace(base, kind=kind))
+        assert task.module.rnn.input_size == 40 // 8
+        x, y = task.batch(torch.Generator().manual_seed(0))
+        params = [p.clone().requires_grad_(True) for p in task.init_params]
+        loss = task.loss(params, x, y)
+        grads = torch.autograd.grad(loss, params)
+        assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+        # the optimizer steps it like any other task
+        graph = NeuralGraph.from_shapes([p.shape for p in params])
+        flat, _ = ng_step(
+            UpdateRule(), graph, graph.flatten(params), graph.flatten(grads),
+            init_state(graph),
+        )  # fmt: skip
+        assert torch.isfinite(flat).all()
+    with pytest.raises(ValueError, match="one hidden width"):
+        make_task(replace(base, hidden=(8, 8)))
+
+    plain = make_task(replace(base, kind="mlp"))
+    spread = make_task(replace(base, kind="mlp", input_spread=2.0))
+    scales = spread.input_scales
+    assert scales.min() < 0.1 and scales.max() > 10 and scales.max() <= 100
+    xp, _ = plain.batch(torch.Generator().manual_seed(0))
+    xs, _ = spread.batch(torch.Generator().manual_seed(0))
+    torch.testing.assert_close(xs, xp * scales)
+    torch.testing.assert_close(spread.validation_batch()[0], plain.data.x_val * scales)
+    # the factors are part of the task: the same config gives the same ones
+    assert torch.equal(make_task(replace(base, input_spread=2.0)).input_scales, scales)
+    config = replace(base, input_spread=2.0)
+    assert TaskConfig.from_json(config.to_json()) == config
+
+
+def test_broad_family_adds_kinds_and_keeps_the_default_stream():
+    family = MLPFamily(recurrent_prob=0.5, unscaled_prob=0.5, min_depth=0)
+    gen = torch.Generator().manual_seed(0)
+    configs = [family.sample(gen) for _ in range(40)]
+    kinds = {c.kind for c in configs}
+    assert {"gru", "lstm"} <= kinds
+    assert all(len(c.hidden) == 1 for c in configs if c.kind in ("gru", "lstm"))
+    assert any(c.input_spread for c in configs)
+    assert any(not c.input_spread for c in configs)
+    # Without them a family samples exactly the tasks it sampled before they
+    # existed (the first task of select's seed 31000, as in its logs).
+    first = MLPFamily(widths=(16, 32, 64, 128, 256)).sample(
+        torch.Generator().manual_seed(31000)
+    )
+    assert (first.dataset, first.hidden, first.seed) == ("digits", (16,), 821809776)
+
+
+def test_select_broad_family(tmp_path, capsys):
+    from lopt import UpdateRule, save_rule
+    from meta_train.select import main as select_main
+
+    save_rule(UpdateRule(), tmp_path / "adamlike")
+    argv = [str(tmp_path / "adamlike"), "--tasks", "6", "--steps", "3"]
+    argv += ["--family", "broad", "--seed", "1", "--max-width", "16"]
+    assert select_main(argv) == 0
+    out = capsys.readouterr().out
+    tasks = [line for line in out.splitlines() if line.startswith("task:")]
+    assert len(tasks) == 6
+    assert any(" gru " in t or " lstm " in t for t in tasks)
