@@ -357,7 +357,8 @@ def markdown_report(results: dict) -> str:
         "Peak mem: RSS high-water mark added by the first optimizer step "
         f"(gradients fixed, state created), fresh process ({method}). State: "
         "bytes of the optimizer's persistent tensors (NG: momenta, second "
-        "moment and graph index).\n\n" + report.markdown_table(headers, rows) + "\n"
+        "moment, the step-size adaptation's trace when the rule has one, and "
+        "graph index).\n\n" + report.markdown_table(headers, rows) + "\n"
     )
 
 
