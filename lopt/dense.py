@@ -54,7 +54,7 @@ from lopt.features import (
     FeatureState,
     time_features,
 )
-from lopt.functional import path_cosine
+from lopt.functional import next_log_step
 from lopt.graph import EDGE_ATTR_DIM, NUM_SLOT_TYPES, NeuralGraph
 from lopt.nn.conv import _STD_EPS, mean_std_from_sums
 
@@ -178,6 +178,7 @@ class DensePlan:
         ]
         self.lr_index = torch.tensor([b.offset for b in blocks], dtype=torch.int64)
         self.slot_sizes = graph.numels[len(blocks) :]
+        self.slot_lengths = torch.tensor(self.slot_sizes, dtype=torch.int64)
 
 
 def _ptr(t: torch.Tensor) -> int:
@@ -367,17 +368,14 @@ def _adapt_step_sizes(lib, plan: DensePlan, config, pa, ga, state, sums):
         _ptr(plan.segments), nseg, _ptr(pa), _ptr(ga), _ptr(state.trace),
         1.0 - config.step_adapt_decay, _ptr(dots),
     )  # fmt: skip
-    cos = path_cosine(dots[:, 0], sums[:, 1], dots[:, 1])
-    log_step = torch.clamp(
-        state.log_step + config.step_adapt_rate * cos.float(),
-        config.step_adapt_min,
-        config.step_adapt_max,
-    )
+    log_step = next_log_step(config, state.log_step, dots[:, 0], sums[:, 1], dots[:, 1])
     state.log_step.copy_(log_step)
     multiplier = torch.exp(log_step)
     nb = len(plan.blocks)
-    sizes = torch.tensor(plan.slot_sizes, dtype=torch.int64)
-    return multiplier[:nb], torch.repeat_interleave(multiplier[nb:], sizes)
+    slots = torch.repeat_interleave(
+        multiplier[nb:], plan.slot_lengths, output_size=plan.graph.num_slots
+    )
+    return multiplier[:nb], slots
 
 
 def _slots(value, start: int):

@@ -28,6 +28,7 @@ __all__ = [
     "flat_gradients",
     "adapt_step_sizes",
     "path_cosine",
+    "next_log_step",
     "FeatureState",
 ]
 
@@ -94,7 +95,7 @@ def adapt_step_sizes(
     """
     if not _adaptation_started(graph, state):
         log_step = params.new_zeros(len(graph.numels))
-        return params.new_ones(params.shape), params, log_step
+        return params.new_ones(params.shape), params.clone(), log_step
     path = params - state.trace
     lengths = graph.segment_lengths.to(params.device)
     sums = torch.segment_reduce(
@@ -103,12 +104,7 @@ def adapt_step_sizes(
         lengths=lengths.expand(3, -1),
         axis=1,
     ).double()
-    cos = path_cosine(sums[0], sums[1], sums[2])
-    log_step = torch.clamp(
-        state.log_step + config.step_adapt_rate * cos.to(params.dtype),
-        config.step_adapt_min,
-        config.step_adapt_max,
-    )
+    log_step = next_log_step(config, state.log_step, sums[0], sums[1], sums[2])
     trace = torch.lerp(state.trace, params, 1.0 - config.step_adapt_decay)
     by_tensor = torch.exp(log_step)[graph.tensor_position.to(params.device)]
     return by_tensor[graph.tensor_id.to(params.device)], trace, log_step
@@ -129,6 +125,24 @@ def path_cosine(
     cos = torch.clamp(-dot / (grad_sq.sqrt() * path_sq.sqrt() + 1e-300), -1.0, 1.0)
     live = (grad_sq > NEGLIGIBLE_SQUARES) & (path_sq > NEGLIGIBLE_SQUARES)
     return torch.where(live, cos, torch.zeros_like(cos))
+
+
+def next_log_step(
+    config: RuleConfig,
+    log_step: torch.Tensor,
+    dot: torch.Tensor,
+    grad_sq: torch.Tensor,
+    path_sq: torch.Tensor,
+) -> torch.Tensor:
+    """The log step multipliers after one step, from the per-tensor sums
+    ``<g, p - trace>``, ``|g|^2`` and ``|p - trace|^2`` (shared by the
+    reference and the fused step)."""
+    cos = path_cosine(dot, grad_sq, path_sq).to(log_step.dtype)
+    return torch.clamp(
+        log_step + config.step_adapt_rate * cos,
+        config.step_adapt_min,
+        config.step_adapt_max,
+    )
 
 
 def _adaptation_started(graph: NeuralGraph, state: FeatureState) -> bool:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from benchmarks.suite import SequenceClassifier
 from meta_train.data import load_dataset
 
 __all__ = ["TaskConfig", "Task", "TaskFamily", "MLPFamily", "make_task"]
@@ -106,22 +107,6 @@ def _input_scales(config: TaskConfig, num_features: int) -> torch.Tensor | None:
 SEQUENCE_STEPS = {"mnist1d": 8, "digits": 8}
 
 
-class _Recurrent(nn.Module):
-    """A GRU or LSTM reading the features as a sequence (``steps`` x inputs),
-    classifying from its last hidden state."""
-
-    def __init__(self, cell: str, num_features: int, hidden: int, classes: int, steps):
-        super().__init__()
-        self.steps = steps
-        rnn = nn.GRU if cell == "gru" else nn.LSTM
-        self.rnn = rnn(num_features // steps, hidden, batch_first=True)
-        self.head = nn.Linear(hidden, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        seq = x.reshape(x.shape[0], self.steps, -1)
-        return self.head(self.rnn(seq)[0][:, -1])
-
-
 def _build_module(config: TaskConfig, num_features: int, num_classes: int) -> nn.Module:
     act = ACTIVATIONS[config.activation]
     layers: list[nn.Module] = []
@@ -149,13 +134,8 @@ def _build_module(config: TaskConfig, num_features: int, num_classes: int) -> nn
                 "(one hidden width)"
             )
         steps = SEQUENCE_STEPS[config.dataset]
-        if num_features % steps:
-            raise ValueError(
-                f"{config.dataset} has {num_features} features, not a multiple "
-                f"of {steps} steps"
-            )
-        return _Recurrent(
-            config.kind, num_features, config.hidden[0], num_classes, steps
+        return SequenceClassifier(
+            num_features, steps, config.hidden[0], num_classes, config.kind
         )
     else:
         raise ValueError(f"Invalid task kind: {config.kind!r}")

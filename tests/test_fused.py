@@ -15,6 +15,7 @@ import sys
 
 import pytest
 import torch
+from conftest import paired_step
 from torch import nn
 
 from lopt import NGOptimizer, cpu_kernel
@@ -105,20 +106,7 @@ def test_fused_updates_equal_the_reference(name, rule):
     gen = torch.Generator().manual_seed(1)
     for _ in range(5):
         x = torch.randn(shape, generator=gen)
-        before = [p.detach().clone() for p in m2.parameters()]
-        ref.zero_grad()
-        m2(x).square().mean().backward()
-        for p1, p2 in zip(m1.parameters(), m2.parameters()):
-            p1.grad = p2.grad.clone()
-            p1.data.copy_(p2.data)  # the same point, so only the step differs
-        fused.step()
-        ref.step()
-        for p1, p2, p0 in zip(m1.parameters(), m2.parameters(), before):
-            step = (p2 - p0).abs().max()
-            assert step > 0
-            # float32 rounding of the parameter plus a relative 1e-4 of the step
-            tol = 1e-4 * step + 4 * torch.finfo(torch.float32).eps * p0.abs().max()
-            assert (p1 - p2).abs().max() <= tol, name
+        paired_step(m1, fused, m2, ref, x)
         for s1, s2 in zip(fused.state.values(), ref.state.values()):
             torch.testing.assert_close(s1["momenta"], s2["momenta"])
             torch.testing.assert_close(s1["second_moment"], s2["second_moment"])
