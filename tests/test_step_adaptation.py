@@ -155,7 +155,7 @@ def test_steps_shrink_when_they_overshoot():
 def test_vanishing_gradients_leave_the_steps_alone():
     """Near a loss of zero the gradient's float32 squares flush to zero while
     its dot product with the path does not: the cosine must not blow up
-    (before the guard it read as +1e10 and threw the log step to its max)."""
+    (before the guard it read far above 1 and threw the log step to its max)."""
     rule = _rule()
     graph = NeuralGraph.from_shapes([torch.Size([6, 5]), torch.Size([6])])
     gen = torch.Generator().manual_seed(0)
