@@ -357,19 +357,28 @@ def fused_step(
 def _adapt_step_sizes(lib, plan: DensePlan, config, pa, ga, state, sums):
     """:func:`lopt.functional.adapt_step_sizes` on the fused path: the dots
     per tensor from the kernel (which also moves the trace in place), the
-    new log steps written into ``state.log_step``. Returns the step
+    new log steps (and cosine moments) written into ``state.log_step``
+    (``state.adapt_stats``). Returns the step
     multipliers of the dense blocks ``(num blocks,)`` and of the slot scalars
     ``(P - E,)``."""
     nseg = len(plan.numels)
-    if state.trace.numel() != plan.graph.num_scalars or state.log_step.numel() != nseg:
+    moments = config.adapt_stats_rows * nseg
+    if (
+        state.trace.numel() != plan.graph.num_scalars
+        or state.log_step.numel() != nseg
+        or state.adapt_stats.numel() != moments
+    ):
         raise ValueError("the step-size adaptation's state is missing")
     dots = torch.zeros(nseg, 2, dtype=torch.float64)
     lib.ng_trace(
         _ptr(plan.segments), nseg, _ptr(pa), _ptr(ga), _ptr(state.trace),
         1.0 - config.step_adapt_decay, _ptr(dots),
     )  # fmt: skip
-    log_step = next_log_step(config, state.log_step, dots[:, 0], sums[:, 1], dots[:, 1])
+    log_step, adapt_stats = next_log_step(
+        config, state.log_step, dots[:, 0], sums[:, 1], dots[:, 1], state.adapt_stats
+    )
     state.log_step.copy_(log_step)
+    state.adapt_stats.copy_(adapt_stats)
     multiplier = torch.exp(log_step)
     nb = len(plan.blocks)
     slots = torch.repeat_interleave(

@@ -68,10 +68,13 @@ _EMPTY = torch.zeros(0)
 class FeatureState(NamedTuple):
     """Optimizer state over the flat parameter vector (all float32).
 
-    ``trace`` and ``log_step`` belong to the per-tensor step-size adaptation
-    of rules that have it (:attr:`lopt.rule.RuleConfig.step_adapt_rate`, see
+    ``trace``, ``log_step`` and ``adapt_stats`` belong to the per-tensor
+    step-size adaptation of rules that have it
+    (:attr:`lopt.rule.RuleConfig.step_adapt_rate`, see
     :func:`lopt.functional.adapt_step_sizes`); they are empty (``(0,)``) for
-    rules without it and before the first step of rules with it.
+    rules without it and before the first step of rules with it, and
+    ``adapt_stats`` also for rules with neither ``step_adapt_norm`` nor
+    ``step_adapt_spike``.
     """
 
     step: torch.Tensor  # () number of updates applied so far
@@ -79,6 +82,7 @@ class FeatureState(NamedTuple):
     second_moment: torch.Tensor  # (P,) EMA of squared gradients
     trace: torch.Tensor = _EMPTY  # (P,) EMA of past parameter values
     log_step: torch.Tensor = _EMPTY  # (num tensors,) log step multipliers
+    adapt_stats: torch.Tensor = _EMPTY  # (3, num tensors): see next_log_step
 
     def map(self, fn) -> FeatureState:
         """The state with ``fn`` applied to each tensor."""
@@ -99,6 +103,7 @@ def init_feature_state(
         second_moment=torch.zeros(num_scalars, device=device),
         trace=torch.zeros(0, device=device),
         log_step=torch.zeros(0, device=device),
+        adapt_stats=torch.zeros(0, device=device),
     )
 
 

@@ -89,13 +89,24 @@ def adapt_step_sizes(
         params, grads: ``(P,)`` flat float32 vectors in graph order.
         state: the optimizer state before this step.
 
+    With ``config.step_adapt_norm > 0`` the step of ``s`` is
+    ``step_adapt_rate * m / sqrt(v)`` instead, where ``m`` and ``v`` are EMAs
+    (decay ``step_adapt_norm``) of ``cos`` and ``cos^2``: the consistency of
+    the cosine's sign, in [-1, 1]. Tensors without evidence this step (a
+    cosine of exactly 0: negligible gradient or path) keep ``m``, ``v`` and
+    ``s``. With ``config.step_adapt_spike > 0``, a tensor whose ``|g|^2``
+    exceeds that many times its EMA (decay :data:`SPIKE_DECAY`) has ``s``
+    cut by ``step_adapt_spike_cut`` and ``m`` reset to 0.
+
     Returns:
-        ``(multiplier, trace, log_step)``: the ``(P,)`` factor ``exp(s)`` of
-        each scalar's update, and the new ``trace`` and ``log_step``.
+        ``(multiplier, trace, log_step, adapt_stats)``: the ``(P,)`` factor
+        ``exp(s)`` of each scalar's update, and the new ``trace``,
+        ``log_step`` and ``adapt_stats`` (see :func:`next_log_step`).
     """
-    if not _adaptation_started(graph, state):
+    if not _adaptation_started(config, graph, state):
         log_step = params.new_zeros(len(graph.numels))
-        return params.new_ones(params.shape), params.clone(), log_step
+        moments = _initial_moments(config, log_step)
+        return params.new_ones(params.shape), params.clone(), log_step, moments
     path = params - state.trace
     lengths = graph.segment_lengths.to(params.device)
     sums = torch.segment_reduce(
@@ -104,10 +115,12 @@ def adapt_step_sizes(
         lengths=lengths.expand(3, -1),
         axis=1,
     ).double()
-    log_step = next_log_step(config, state.log_step, sums[0], sums[1], sums[2])
+    log_step, moments = next_log_step(
+        config, state.log_step, sums[0], sums[1], sums[2], state.adapt_stats
+    )
     trace = torch.lerp(state.trace, params, 1.0 - config.step_adapt_decay)
     by_tensor = torch.exp(log_step)[graph.tensor_position.to(params.device)]
-    return by_tensor[graph.tensor_id.to(params.device)], trace, log_step
+    return by_tensor[graph.tensor_id.to(params.device)], trace, log_step, moments
 
 
 #: Below this sum of squares (float32 squares of entries under about 1e-19
@@ -133,21 +146,73 @@ def next_log_step(
     dot: torch.Tensor,
     grad_sq: torch.Tensor,
     path_sq: torch.Tensor,
-) -> torch.Tensor:
-    """The log step multipliers after one step, from the per-tensor sums
-    ``<g, p - trace>``, ``|g|^2`` and ``|p - trace|^2`` (shared by the
-    reference and the fused step)."""
+    adapt_stats: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The log step multipliers and the adaptation's statistics after one
+    step, from the per-tensor sums ``<g, p - trace>``, ``|g|^2`` and
+    ``|p - trace|^2`` (shared by the reference and the fused step).
+
+    ``adapt_stats`` is ``(3, num tensors)`` (rows: EMAs of the cosine, of its
+    square, and of ``|g|^2``) when ``config.adapt_stats_rows`` is 3, else
+    empty; see :func:`adapt_step_sizes`."""
     cos = path_cosine(dot, grad_sq, path_sq).to(log_step.dtype)
-    return torch.clamp(
-        log_step + config.step_adapt_rate * cos,
-        config.step_adapt_min,
-        config.step_adapt_max,
-    )
+    if not config.adapt_stats_rows:
+        log_step = log_step + config.step_adapt_rate * cos
+        return _clip_log_step(config, log_step), adapt_stats
+    mean, square, grad_mean = adapt_stats.unbind()
+    live = cos != 0  # no evidence this step: keep the moments and the step
+    if config.step_adapt_norm > 0:
+        rate = 1.0 - config.step_adapt_norm
+        mean = torch.where(live, torch.lerp(mean, cos, rate), mean)
+        square = torch.where(live, torch.lerp(square, cos * cos, rate), square)
+        signal = torch.where(
+            live & (square > 0), mean / square.clamp_min(1e-30).sqrt(), 0.0
+        )
+    else:
+        signal = cos
+    log_step = log_step + config.step_adapt_rate * signal
+    if config.step_adapt_spike > 0:
+        g2 = grad_sq.to(log_step.dtype)
+        fresh = grad_mean == 0  # first step: the mean starts at this gradient
+        limit = config.step_adapt_spike * grad_mean
+        spike = ~fresh & (g2 > limit)
+        log_step = torch.where(spike, log_step - config.step_adapt_spike_cut, log_step)
+        mean = torch.where(spike, 0.0, mean)  # growth restarts from no evidence
+        # The EMA sees spikes clipped to the limit, so that a lasting change of
+        # scale is caught up with in a few steps and a blow-up is not.
+        seen = torch.where(fresh, g2, torch.minimum(g2, limit))
+        grad_mean = torch.lerp(grad_mean, seen, 1.0 - SPIKE_DECAY)
+        grad_mean = torch.where(fresh, g2, grad_mean)
+    return _clip_log_step(config, log_step), torch.stack([mean, square, grad_mean])
 
 
-def _adaptation_started(graph: NeuralGraph, state: FeatureState) -> bool:
-    return state.trace.numel() == graph.num_scalars and state.log_step.numel() == len(
-        graph.numels
+#: Decay of the EMA of each tensor's squared gradient norm that
+#: ``RuleConfig.step_adapt_spike`` compares the current one with.
+SPIKE_DECAY = 0.9
+
+
+def _clip_log_step(config: RuleConfig, log_step: torch.Tensor) -> torch.Tensor:
+    return torch.clamp(log_step, config.step_adapt_min, config.step_adapt_max)
+
+
+def _initial_moments(config: RuleConfig, log_step: torch.Tensor) -> torch.Tensor:
+    """The adaptation's statistics before the first step: zeros
+    ``(config.adapt_stats_rows, num tensors)``, or empty."""
+    rows = config.adapt_stats_rows
+    if rows:
+        return log_step.new_zeros(rows, len(log_step))
+    return log_step.new_zeros(0)
+
+
+def _adaptation_started(
+    config: RuleConfig, graph: NeuralGraph, state: FeatureState
+) -> bool:
+    tensors = len(graph.numels)
+    moments = config.adapt_stats_rows * tensors
+    return (
+        state.trace.numel() == graph.num_scalars
+        and state.log_step.numel() == tensors
+        and state.adapt_stats.numel() == moments
     )
 
 
@@ -190,12 +255,14 @@ def ng_step(
     if params.numel() == 0:  # only empty tensors: nothing to update
         return params.clone(), new_state
     if rule.config.adapts_steps:
-        multiplier, trace, log_step = adapt_step_sizes(
+        multiplier, trace, log_step, moments = adapt_step_sizes(
             rule.config, graph, params, grads, state
         )
-        if update_mask is not None and _adaptation_started(graph, state):
+        if update_mask is not None and _adaptation_started(rule.config, graph, state):
             trace = torch.where(update_mask, trace, state.trace)
-        new_state = new_state._replace(trace=trace, log_step=log_step)
+        new_state = new_state._replace(
+            trace=trace, log_step=log_step, adapt_stats=moments
+        )
         lr = lr * multiplier
     feats = scalar_features(graph, params, grads, new_state)
     update = rule(graph, feats, time_features(new_state.step))

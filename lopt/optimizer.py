@@ -97,7 +97,11 @@ class NGOptimizer(Optimizer):
         - ``trace`` (``shape``) and ``log_step`` (a scalar), for rules that
           adapt a step size per tensor (``rule.config.step_adapt_rate > 0``):
           an EMA of the parameter's past values and the log of its step
-          multiplier (see :func:`lopt.functional.adapt_step_sizes`).
+          multiplier (see :func:`lopt.functional.adapt_step_sizes`);
+        - ``adapt_stats`` (``(3,)``), for those with
+          ``rule.config.step_adapt_norm > 0`` or ``step_adapt_spike > 0``:
+          EMAs of the cosine that moves the log step, of its square, and of
+          the squared gradient norm (see :func:`lopt.functional.next_log_step`).
 
     Example:
         >>> opt = NGOptimizer(model.parameters())
@@ -224,20 +228,29 @@ class NGOptimizer(Optimizer):
         """``flat`` with the step-size adaptation's buffers (see
         :func:`lopt.functional.adapt_step_sizes`), filled from ``source``;
         a parameter without saved ones starts afresh: its trace at its
-        current value, its log step at zero. Adds per-parameter views
-        ``trace`` and ``log_step`` to :attr:`state`."""
+        current value, its log step (and cosine moments) at zero. Adds
+        per-parameter views ``trace``, ``log_step`` (and ``adapt_stats``) to
+        :attr:`state`."""
         values = full_tensors(params) if any(is_dtensor(p) for p in params) else params
-        trace = graph.flatten([v.detach() for v in values]).to(flat.step.device)
-        log_step = torch.zeros(len(params), device=flat.step.device)
+        device = flat.step.device
+        trace = graph.flatten([v.detach() for v in values]).to(device)
+        log_step = torch.zeros(len(params), device=device)
+        rows = self.rule.config.adapt_stats_rows
+        moments = torch.zeros((rows, len(params)) if rows else (0,), device=device)
         position = graph.tensor_position.tolist()
         for p, t, pos in zip(params, graph.unflatten(trace), position):
             saved = source.get(p, {})
             if "trace" in saved and "log_step" in saved:
                 t.copy_(saved["trace"].reshape(t.shape))
                 log_step[pos] = float(saved["log_step"])
+                stats = saved.get("adapt_stats")
+                if rows and stats is not None and stats.numel() == rows:
+                    moments[:, pos] = stats.reshape(rows)
             self.state[p]["trace"] = t
             self.state[p]["log_step"] = log_step[pos]
-        return flat._replace(trace=trace, log_step=log_step)
+            if rows:
+                self.state[p]["adapt_stats"] = moments[:, pos]
+        return flat._replace(trace=trace, log_step=log_step, adapt_stats=moments)
 
     def _fused_plan(self, graph: NeuralGraph, device: torch.device):
         """The dense plan of ``graph`` when this optimizer fuses its steps,

@@ -101,6 +101,25 @@ class RuleConfig:
     step_adapt_decay: float = 0.99
     step_adapt_min: float = -2.0
     step_adapt_max: float = 8.0
+    # With step_adapt_norm > 0 the log step moves by step_adapt_rate times
+    # mean / RMS of the recent cosines (EMAs with this decay) instead of the
+    # cosine itself: the sign's consistency, not its size, sets the speed, so
+    # small but steady cosines (noisy tensors) still move the step at the full
+    # rate, and noise alone moves it little.
+    step_adapt_norm: float = 0.0
+    # With step_adapt_spike > 0, a tensor whose squared gradient norm exceeds
+    # step_adapt_spike times its recent mean (an EMA) has its log step cut by
+    # step_adapt_spike_cut at once: a blow-up grows faster than the cosine
+    # can shrink the step.
+    step_adapt_spike: float = 0.0
+    step_adapt_spike_cut: float = 2.0
+
+    @property
+    def adapt_stats_rows(self) -> int:
+        """Rows of per-tensor statistics the step-size adaptation keeps
+        (``FeatureState.adapt_stats``): 3 with ``step_adapt_norm`` or
+        ``step_adapt_spike``, else 0."""
+        return 3 if self.step_adapt_norm > 0 or self.step_adapt_spike > 0 else 0
 
     @property
     def adapts_steps(self) -> bool:
@@ -137,6 +156,9 @@ class RuleConfig:
             "step_adapt_decay",
             "step_adapt_min",
             "step_adapt_max",
+            "step_adapt_norm",
+            "step_adapt_spike",
+            "step_adapt_spike_cut",
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not (
@@ -151,6 +173,20 @@ class RuleConfig:
             raise ValueError(
                 f"Invalid step_adapt_decay: {self.step_adapt_decay} "
                 "(need 0 < decay < 1)"
+            )
+        if not 0.0 <= self.step_adapt_norm < 1.0:
+            raise ValueError(
+                f"Invalid step_adapt_norm: {self.step_adapt_norm} "
+                "(need 0 <= decay < 1; 0 is off)"
+            )
+        if self.step_adapt_spike != 0.0 and self.step_adapt_spike <= 1.0:
+            raise ValueError(
+                f"Invalid step_adapt_spike: {self.step_adapt_spike} "
+                "(need 0 for off, or a ratio > 1)"
+            )
+        if self.step_adapt_spike_cut < 0:
+            raise ValueError(
+                f"Invalid step_adapt_spike_cut: {self.step_adapt_spike_cut} (need >= 0)"
             )
         if not self.step_adapt_min <= 0.0 <= self.step_adapt_max:
             raise ValueError(

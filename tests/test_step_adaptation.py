@@ -70,6 +70,10 @@ def _log_steps(opt: NGOptimizer, model: nn.Module) -> torch.Tensor:
         ("step_adapt_min", 0.5, "step_adapt_min"),
         ("step_adapt_max", -1.0, "step_adapt_max"),
         ("step_adapt_max", True, "step_adapt_max"),
+        ("step_adapt_norm", 1.0, "step_adapt_norm"),
+        ("step_adapt_norm", -0.1, "step_adapt_norm"),
+        ("step_adapt_spike", 0.5, "step_adapt_spike"),
+        ("step_adapt_spike_cut", -1.0, "step_adapt_spike_cut"),
     ],
 )
 def test_invalid_adaptation_settings_are_named(field, value, message):
@@ -127,6 +131,100 @@ def test_log_steps_move_by_the_rate_times_the_cosine_with_the_path():
             rtol=1e-3,
             atol=0,
         )
+
+
+def test_normalised_log_steps_move_by_the_mean_over_rms_of_the_cosines():
+    """With ``step_adapt_norm`` the log step moves by the rate times m / sqrt(v)
+    (EMAs of the cosine and its square), checked over three steps against the
+    recurrence written out, and a tensor with a vanishing gradient keeps its
+    moments and its step."""
+    beta = 0.9
+    rule = _rule(step_adapt_norm=beta)
+    shapes = [torch.Size([5, 4]), torch.Size([5]), torch.Size([3, 5])]
+    graph = NeuralGraph.from_shapes(shapes)
+    gen = torch.Generator().manual_seed(0)
+    P = graph.num_scalars
+    params, trace = torch.randn(P, generator=gen), torch.randn(P, generator=gen)
+    log_step = torch.tensor([0.3, -0.2, 0.1])
+    moments = torch.tensor([[0.2, -0.1, 0.0], [0.3, 0.05, 0.0], [0.0, 0.0, 0.0]])
+    state = init_feature_state(P)._replace(
+        trace=trace, log_step=log_step, adapt_stats=moments
+    )
+    dead = graph.tensor_position[graph.tensor_id] == 1  # the bias: no gradient
+    for _ in range(3):
+        grads = torch.randn(P, generator=gen).masked_fill(dead, 0.0)
+        g, p, t = (graph.unflatten(v) for v in (grads, params, state.trace))
+        cos = torch.zeros(3)
+        for pos, i in enumerate(graph.tensor_order):
+            cos[pos] = nn.functional.cosine_similarity(
+                -g[i].reshape(-1), (p[i] - t[i]).reshape(-1), dim=0
+            )
+        live = torch.tensor([True, False, True])
+        m = torch.where(live, beta * moments[0] + (1 - beta) * cos, moments[0])
+        v = torch.where(live, beta * moments[1] + (1 - beta) * cos**2, moments[1])
+        expected = log_step + torch.where(live, RATE * m / v.sqrt(), 0.0)
+        with torch.no_grad():
+            params, state = ng_step(rule, graph, params, grads, state)
+        stats = torch.stack([m, v, moments[2]])  # no spike guard: row 2 idle
+        torch.testing.assert_close(state.adapt_stats, stats)
+        torch.testing.assert_close(state.log_step, expected)
+        log_step, moments = expected, stats
+    assert state.log_step[1] == -0.2
+
+
+def test_normalised_steps_grow_at_the_full_rate_on_small_steady_cosines():
+    """A gradient mostly orthogonal to the path (cosine about 0.1, steady):
+    the raw cosine moves the log step by about 0.1 of the rate per step, the
+    normalised signal by the whole rate once its EMAs have warmed up."""
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn(200, 64, generator=gen)
+
+    def run(norm: float) -> float:
+        w = nn.Parameter(torch.zeros(64))
+        opt = NGOptimizer([w], rule=_rule(0.05, step_adapt_norm=norm), fused=False)
+        for k in range(200):
+            opt.zero_grad()
+            # a steady pull along +1 plus a large orthogonal wobble
+            (-w.sum()).backward()
+            w.grad.add_(10.0 * (noise[k] - noise[k].mean()))
+            opt.step()
+        return float(opt.state[w]["log_step"])
+
+    raw, normalised = run(0.0), run(0.9)
+    assert raw < 0.3 * normalised
+    assert normalised > 0.5 * 0.05 * 200
+
+
+def test_a_gradient_spike_cuts_the_log_step_at_once():
+    """A steady slope grows the step; one gradient 100x the usual (10^4 in
+    squares, above the threshold of 10^3) cuts the log step by the cut in
+    that same step and resets the cosine's mean; a lasting change of scale is
+    absorbed after a few steps instead of cutting forever."""
+    w = nn.Parameter(torch.zeros(10))
+    rule = _rule(
+        0.05, step_adapt_norm=0.9, step_adapt_spike=1e3, step_adapt_spike_cut=2.0
+    )
+    opt = NGOptimizer([w], rule=rule, fused=False)
+
+    def step(scale: float) -> float:
+        opt.zero_grad()
+        (scale * w).sum().backward()
+        opt.step()
+        return float(opt.state[w]["log_step"])
+
+    for _ in range(30):
+        before = step(1.0)
+    assert before > 0.5
+    after = step(100.0)
+    # the cut, plus this step's own move of at most the rate
+    assert before - 2.0 - 1e-6 <= after <= before - 2.0 + 0.05 + 1e-6
+    assert float(opt.state[w]["adapt_stats"][0]) == 0.0
+    cuts = 0
+    for _ in range(10):  # the new scale lasts: at most a few more cuts
+        previous, now = after, step(100.0)
+        cuts += now < previous - 1.0
+        after = now
+    assert cuts <= 2 and after > -2.0 + 1e-6
 
 
 def test_steps_grow_on_a_steady_slope():
@@ -212,9 +310,9 @@ def test_log_steps_do_not_depend_on_the_loss_scale():
 
 
 @needs_kernel
-@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
-def test_fused_step_matches_the_reference(weight_decay):
-    rule = _rule()
+@pytest.mark.parametrize("weight_decay, norm", [(0.0, 0.0), (0.1, 0.0), (0.1, 0.9)])
+def test_fused_step_matches_the_reference(weight_decay, norm):
+    rule = _rule(step_adapt_norm=norm, step_adapt_spike=1e3 if norm else 0.0)
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(36, 5), nn.LayerNorm(5)
@@ -238,13 +336,22 @@ def test_fused_step_matches_the_reference(weight_decay):
         torch.testing.assert_close(
             _log_steps(fused, model), _log_steps(ref, twin), atol=1e-4, rtol=0
         )
+        if norm:
+            for p, q in zip(model.parameters(), twin.parameters()):
+                torch.testing.assert_close(
+                    fused.state[p]["adapt_stats"],
+                    ref.state[q]["adapt_stats"],
+                    atol=1e-5,
+                    rtol=0,
+                )
     assert fused._plan is not None and ref._plan is None
     assert _log_steps(fused, model).abs().min() > 0.1
 
 
+@pytest.mark.parametrize("norm", [0.0, 0.9])
 @pytest.mark.parametrize("fused", [False, pytest.param(True, marks=needs_kernel)])
-def test_state_dict_round_trip_continues_identically(fused):
-    rule = _rule()
+def test_state_dict_round_trip_continues_identically(fused, norm):
+    rule = _rule(step_adapt_norm=norm)
     model = _mlp()
     opt = NGOptimizer(model.parameters(), rule=rule, fused=fused)
     _train(model, opt, 5)
@@ -252,6 +359,9 @@ def test_state_dict_round_trip_continues_identically(fused):
     first = saved["state"][0]
     assert first["trace"].shape == model[0].weight.shape
     assert first["log_step"].shape == ()
+    assert ("adapt_stats" in first) == (norm > 0)
+    if norm:
+        assert first["adapt_stats"].shape == (3,) and first["adapt_stats"].any()
     twin = copy.deepcopy(model)
     other = NGOptimizer(twin.parameters(), rule=rule, fused=fused)
     other.load_state_dict(saved)
@@ -260,6 +370,11 @@ def test_state_dict_round_trip_continues_identically(fused):
     for p, q in zip(model.parameters(), twin.parameters()):
         assert torch.equal(p, q)
     assert torch.equal(_log_steps(opt, model), _log_steps(other, twin))
+    if norm:
+        for p, q in zip(model.parameters(), twin.parameters()):
+            assert torch.equal(
+                opt.state[p]["adapt_stats"], other.state[q]["adapt_stats"]
+            )
 
 
 def test_state_without_adaptation_starts_it_afresh():
@@ -281,7 +396,7 @@ def test_state_without_adaptation_starts_it_afresh():
 
 
 def test_rule_files_keep_the_adaptation(tmp_path):
-    rule = _rule(0.07, step_adapt_decay=0.95, step_adapt_min=-1.0)
+    rule = _rule(0.07, step_adapt_decay=0.95, step_adapt_min=-1.0, step_adapt_norm=0.9)
     loaded = load_rule(save_rule(rule, tmp_path / "rule"))
     assert loaded.config == rule.config
     assert loaded.config.adapts_steps
