@@ -86,12 +86,12 @@ class Task:
 
     def batch(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.randint(
-            len(self.data.x), (self.config.batch_size,), generator=generator
+            len(self.data.x_train), (self.config.batch_size,), generator=generator
         )
-        return self._inputs(self.data.x[idx]), self.data.y[idx]
+        return self._inputs(self.data.x_train[idx]), self.data.y_train[idx]
 
     def validation_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._inputs(self.data.x_val), self.data.y_val
+        return self._inputs(self.data.x_test), self.data.y_test
 
 
 def _input_scales(config: TaskConfig, num_features: int) -> torch.Tensor | None:

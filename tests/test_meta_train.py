@@ -396,7 +396,7 @@ def test_recurrent_and_unscaled_tasks():
     xp, _ = plain.batch(torch.Generator().manual_seed(0))
     xs, _ = spread.batch(torch.Generator().manual_seed(0))
     torch.testing.assert_close(xs, xp * scales)
-    torch.testing.assert_close(spread.validation_batch()[0], plain.data.x_val * scales)
+    torch.testing.assert_close(spread.validation_batch()[0], plain.data.x_test * scales)
     # the factors are part of the task: the same config gives the same ones
     assert torch.equal(make_task(replace(base, input_spread=2.0)).input_scales, scales)
     config = replace(base, input_spread=2.0)
