@@ -46,15 +46,16 @@ def rule_trajectory(
     yielding the run before each of ``steps`` steps; the step is taken when
     the caller asks for the next one (stop iterating to stop the run)."""
     task = make_task(config)
-    gen = torch.Generator().manual_seed(config.seed)
-    params = [p.clone() for p in task.init_params]
+    gen = task.batch_generator(config.seed)
+    model = task.make_model(config.seed)
+    params = [p.detach().clone() for p in model.parameters()]
     graph = NeuralGraph.from_shapes([p.shape for p in params])
     flat, state = graph.flatten(params), init_state(graph)
     for _ in range(steps):
-        x, y = task.batch(gen)
+        batch = task.sample_batch(gen)
         with torch.enable_grad():
             current = [p.requires_grad_(True) for p in graph.unflatten(flat.clone())]
-            loss = task.loss(current, x, y)
+            loss = task.functional_loss(model, current, batch)
             grads = graph.flatten(torch.autograd.grad(loss, current))
         yield RunState(graph, float(loss), flat, grads, state)
         flat, state = ng_step(rule, graph, flat, grads, state)
@@ -63,13 +64,14 @@ def rule_trajectory(
 def _adam_losses(config: TaskConfig, steps: int) -> Iterator[float]:
     """The minibatch losses of Adam(lr=1e-3) on the task, on the same batches."""
     task = make_task(config)
-    gen = torch.Generator().manual_seed(config.seed)
-    params = [p.clone().requires_grad_(True) for p in task.init_params]
+    gen = task.batch_generator(config.seed)
+    model = task.make_model(config.seed)
+    params = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
     adam = torch.optim.Adam(params, lr=1e-3)
     for _ in range(steps):
-        x, y = task.batch(gen)
+        batch = task.sample_batch(gen)
         with torch.enable_grad():
-            loss = task.loss(params, x, y)
+            loss = task.functional_loss(model, params, batch)
             grads = torch.autograd.grad(loss, params)
         yield float(loss)
         for p, g in zip(params, grads):
