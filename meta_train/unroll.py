@@ -5,6 +5,12 @@ flat parameters and optimizer state persist across truncations, so a rule is
 meta-trained on every phase of training (early, middle, late), not only on the
 first ``T`` steps. Each truncation returns a meta-loss that is differentiable
 in the rule's weights (truncated backprop through time).
+
+The task is the shared :class:`~benchmarks.tasks.Task` (its batches and its
+:meth:`~benchmarks.tasks.Task.functional_loss` at the flat parameters). The
+loops here are not :mod:`benchmarks.loop`'s: they carry the rule's graph
+across steps, add the task's gradient noise and measure divergence against
+the task's loss at the start of its horizon.
 """
 
 from __future__ import annotations
