@@ -1,14 +1,23 @@
-"""Embedded data sets for the benchmarks, generated or loaded without downloads.
+"""Embedded data sets of the benchmarks and of meta-training, generated or
+loaded without downloads.
 
 Every loader returns a :class:`Dataset` of float32 / int64 tensors with a fixed
 train / held-out split (the split is seeded and does not depend on the run
 seed, so every optimizer and every seed sees the same held-out data). Results
-are cached in memory only, for the life of the process.
+are cached in memory only, for the life of the process. :data:`DATASETS` names
+every loader; :func:`load_dataset` looks one up.
+
+The meta-training family trains on its own variants of ``mnist1d`` and digits
+(:func:`meta_mnist1d`, :func:`meta_digits`): other sizes, splits and
+standardisation than the suite's :func:`mnist1d` and :func:`digits`. They are
+separate entries, not merged with the suite's, so that every recorded
+meta-training and validation figure stays comparable.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,11 +25,15 @@ import torch
 
 __all__ = [
     "Dataset",
+    "DATASETS",
+    "load_dataset",
     "digits",
     "wine",
     "breast_cancer",
     "mnist1d",
     "reversal_sequences",
+    "meta_mnist1d",
+    "meta_digits",
     "standardise",
 ]
 
@@ -157,3 +170,78 @@ def reversal_sequences(
     return Dataset(
         tokens[:train], target[:train], tokens[train:], target[train:], vocab
     )
+
+
+# ------------------------------------------------------ meta-training's variants
+def _standardised_split(x, y, x_test, y_test) -> Dataset:
+    """Features standardised in float32 numpy with the train split's mean and
+    population standard deviation (plus 1e-6), as meta-training always has;
+    the class count is the largest train label plus one."""
+    x, x_test = x.astype(np.float32), x_test.astype(np.float32)
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    x, x_test = (x - mean) / std, (x_test - mean) / std
+    return Dataset(
+        torch.from_numpy(x).float(),
+        torch.from_numpy(np.asarray(y)).long(),
+        torch.from_numpy(x_test).float(),
+        torch.from_numpy(np.asarray(y_test)).long(),
+        int(np.max(y)) + 1,
+    )
+
+
+@functools.cache
+def meta_mnist1d() -> Dataset:
+    """The meta-training family's ``mnist1d``: 4000 signals (3200 train / 800
+    held-out, length 40), standardised (see :func:`_standardised_split`).
+
+    Not :func:`mnist1d` (5000 signals, raw): ``make_dataset`` with another
+    ``num_samples`` draws other signals.
+    """
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    args.num_samples = 4000
+    raw = make_dataset(args)  # procedural: no download
+    return _standardised_split(raw["x"], raw["y"], raw["x_test"], raw["y_test"])
+
+
+@functools.cache
+def meta_digits() -> Dataset:
+    """The meta-training family's digits: raw pixels (0..16) standardised (see
+    :func:`_standardised_split`), split 80 / 20 by a permutation seeded 0
+    (1437 train / 360 held-out).
+
+    Not :func:`digits` (pixels scaled to ``[0, 1]``, a stratified split).
+    """
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    perm = np.random.default_rng(0).permutation(len(x))
+    x, y = x[perm], y[perm]
+    cut = int(0.8 * len(x))
+    return _standardised_split(x[:cut], y[:cut], x[cut:], y[cut:])
+
+
+#: Every data set by name: the suite's, then meta-training's variants.
+DATASETS: dict[str, Callable[[], Dataset]] = {
+    "digits": digits,
+    "wine": wine,
+    "breast_cancer": breast_cancer,
+    "mnist1d": mnist1d,
+    "reversal_sequences": reversal_sequences,
+    "meta_mnist1d": meta_mnist1d,
+    "meta_digits": meta_digits,
+}
+
+
+def load_dataset(name: str) -> Dataset:
+    """The data set :data:`DATASETS` names ``name`` (loaded once per process).
+
+    Raises:
+        ValueError: for an unknown name, listing the known ones.
+    """
+    if name not in DATASETS:
+        raise ValueError(
+            f"Invalid dataset: {name!r} (expected one of {sorted(DATASETS)})"
+        )
+    return DATASETS[name]()

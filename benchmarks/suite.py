@@ -8,15 +8,16 @@ data, a width validation saw, a shape it did not): a wide and a
 deep MLP, a CNN, an autoencoder, a one-layer transformer, an LSTM, a GRU, logistic
 regressions on tabular data and an MLP on badly scaled inputs.
 
-A :class:`Task` gives a seeded model constructor, a seeded batch sampler, the
-train loss and a held-out metric; :func:`get_tasks` looks tasks up by name.
+Each is a :class:`~benchmarks.tasks.Task` (a seeded model constructor, a
+seeded batch sampler, the train loss and a held-out metric; the class, the
+metrics and the losses live in :mod:`benchmarks.tasks` and are re-exported
+here); :func:`get_tasks` looks tasks up by name.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -24,127 +25,19 @@ from torch import nn
 
 from benchmarks import data as datasets
 from benchmarks.data import Dataset
+from benchmarks.tasks import ACCURACY, MSE, HeldOutMetric, Task, cross_entropy
 
 __all__ = [
     "HeldOutMetric",
     "Task",
     "ACCURACY",
     "MSE",
+    "cross_entropy",
     "TASKS",
     "get_tasks",
     "mlp",
     "mlp_task",
 ]
-
-
-@dataclass(frozen=True)
-class HeldOutMetric:
-    """A metric computed on the held-out split.
-
-    Attributes:
-        name: short name for tables (``"accuracy"``, ``"mse"``).
-        fn: ``(model output, target) -> value``.
-        higher_is_better: direction of improvement.
-    """
-
-    name: str
-    fn: Callable[[torch.Tensor, torch.Tensor], float]
-    higher_is_better: bool
-
-
-def _accuracy(output: torch.Tensor, target: torch.Tensor) -> float:
-    return float((output.argmax(-1) == target).float().mean())
-
-
-def _mse(output: torch.Tensor, target: torch.Tensor) -> float:
-    return float(F.mse_loss(output, target))
-
-
-ACCURACY = HeldOutMetric("accuracy", _accuracy, higher_is_better=True)
-MSE = HeldOutMetric("mse", _mse, higher_is_better=False)
-
-
-def cross_entropy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy over the last axis, for per-example or per-token labels."""
-    return F.cross_entropy(output.reshape(-1, output.shape[-1]), target.reshape(-1))
-
-
-@dataclass(frozen=True)
-class Task:
-    """One benchmark problem.
-
-    Attributes:
-        name: identifier used on the command line and in results.
-        description: one line for tables and plots.
-        load_data: returns the (cached) train / held-out split.
-        build: ``Dataset -> nn.Module``; called under a fixed seed by
-            :meth:`make_model`.
-        loss_fn: ``(output, target) -> scalar`` train loss.
-        metric: the held-out metric.
-        batch_size: examples per step.
-    """
-
-    name: str
-    description: str
-    load_data: Callable[[], Dataset]
-    build: Callable[[Dataset], nn.Module]
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    metric: HeldOutMetric
-    batch_size: int = 128
-
-    @property
-    def data(self) -> Dataset:
-        """The task's data set (loaded once per process)."""
-        return self.load_data()
-
-    def make_model(self, seed: int) -> nn.Module:
-        """A freshly initialised model; the same ``seed`` gives the same weights.
-
-        The global RNG is forked, so building a model leaves it untouched.
-        """
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return self.build(self.data)
-
-    def batch_generator(self, seed: int) -> torch.Generator:
-        """The generator :meth:`sample_batch` draws from for run ``seed``."""
-        return torch.Generator().manual_seed(10_007 * seed + 1)
-
-    def sample_batch(
-        self, generator: torch.Generator
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Draw a training batch (with replacement) using ``generator``."""
-        data = self.data
-        index = torch.randint(
-            0, len(data.x_train), (self.batch_size,), generator=generator
-        )
-        return data.x_train[index], data.y_train[index]
-
-    def loss(
-        self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
-    ) -> torch.Tensor:
-        """Train loss of ``model`` on ``batch``."""
-        x, y = batch
-        return self.loss_fn(model(x), y)
-
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
-        """Held-out metric and held-out loss on the whole held-out split."""
-        was_training = model.training
-        model.eval()
-        try:
-            output = model(self.data.x_test)
-            target = self.data.y_test
-            return {
-                "metric": self.metric.fn(output, target),
-                "loss": float(self.loss_fn(output, target)),
-            }
-        finally:
-            model.train(was_training)
-
-    def num_params(self) -> int:
-        """Number of trainable scalars of the task's model."""
-        return sum(p.numel() for p in self.make_model(0).parameters())
 
 
 # ----------------------------------------------------------------------- models

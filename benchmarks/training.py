@@ -1,8 +1,10 @@
-"""One training run: a task, an optimizer, a seed and a step budget.
+"""One benchmark run: a task, an optimizer, a seed and a step budget.
 
 A run records the train loss of every step, stops early when it diverges
 (non-finite loss, or a loss above ``divergence_factor`` times the first step's
-loss) and evaluates the held-out metric at the end.
+loss) and evaluates the held-out metric at the end. The loop itself is
+:func:`benchmarks.loop.run` (with a :class:`~benchmarks.loop.ModuleLearner`),
+shared with meta-training's validation.
 
 Optimizers whose result is read at other weights than those their gradients
 are taken at (Schedule-Free's ``x``, LDoG's averaged iterates; see
@@ -19,10 +21,9 @@ import math
 import time
 from dataclasses import dataclass, field
 
-import torch
-
+from benchmarks.loop import ModuleLearner, run
 from benchmarks.optimizers import OptimizerConfig
-from benchmarks.suite import Task
+from benchmarks.tasks import Task
 from lopt import UpdateRule
 
 __all__ = ["DIVERGENCE_FACTOR", "RunResult", "train"]
@@ -100,36 +101,15 @@ def train(
     model = task.make_model(seed)
     opt = optimizer.build(model.parameters(), rule)
     evaluation = optimizer.evaluation(model, opt)
+    learner = ModuleLearner(model, opt, evaluation)
     generator = task.batch_generator(seed)
     result = RunResult(task.name, optimizer, seed, steps)
-    limit = math.inf
-    eval_s = 0.0
     start = time.perf_counter()
     evaluation.start()
-    for step in range(1, steps + 1):
-        opt.zero_grad(set_to_none=True)
-        batch = task.sample_batch(generator)
-        if evaluation.averaged:
-            tick = time.perf_counter()
-            with torch.no_grad(), evaluation.weights() as evaluated:
-                value = float(task.loss(evaluated, batch))
-            eval_s += time.perf_counter() - tick
-            loss = task.loss(model, batch)
-            train_finite = math.isfinite(float(loss.detach()))
-        else:
-            loss = task.loss(model, batch)
-            value = float(loss.detach())
-            train_finite = True
-        if step == 1:
-            limit = divergence_factor * abs(value)
-        if not math.isfinite(value) or value > limit or not train_finite:
-            result.diverged, result.diverged_at = True, step
-            break
-        result.losses.append(value)
-        loss.backward()
-        opt.step()
-        evaluation.after_step()
-    result.wall_s = time.perf_counter() - start - eval_s
+    curve = run(task, learner, steps, generator, divergence_factor=divergence_factor)
+    result.wall_s = time.perf_counter() - start - learner.evaluation_s
+    result.losses = curve.losses
+    result.diverged, result.diverged_at = curve.diverged, curve.diverged_at
     if result.diverged:
         result.held_out = {"metric": math.nan, "loss": math.nan}
     else:

@@ -1,6 +1,8 @@
-"""Run a rule (or Adam) on one task: the training-loss curve shared by the
-validation inside meta-training and by ``meta_train.select``, and the run's
-states step by step (:func:`rule_trajectory`, for ``meta_train.distill``)."""
+"""Run a rule (or Adam) on one task of the family: the training-loss curve
+shared by the validation inside meta-training and by ``meta_train.select``,
+and the run's states step by step (:func:`rule_trajectory`, for
+``meta_train.distill``). Both are the benchmarks' inner loop
+(:mod:`benchmarks.loop`) on the task's :class:`~benchmarks.tasks.Task`."""
 
 from __future__ import annotations
 
@@ -10,8 +12,8 @@ from typing import NamedTuple
 
 import torch
 
+from benchmarks.loop import ModuleLearner, RuleLearner, run, trajectory
 from lopt.features import FeatureState
-from lopt.functional import init_state, ng_step
 from lopt.graph import NeuralGraph
 from lopt.rule import UpdateRule
 from meta_train.tasks import TaskConfig, make_task
@@ -38,7 +40,6 @@ class RunState(NamedTuple):
     state: FeatureState  # optimizer state
 
 
-@torch.no_grad()
 def rule_trajectory(
     rule: UpdateRule, config: TaskConfig, steps: int
 ) -> Iterator[RunState]:
@@ -46,72 +47,48 @@ def rule_trajectory(
     yielding the run before each of ``steps`` steps; the step is taken when
     the caller asks for the next one (stop iterating to stop the run)."""
     task = make_task(config)
-    gen = torch.Generator().manual_seed(config.seed)
-    params = [p.clone() for p in task.init_params]
-    graph = NeuralGraph.from_shapes([p.shape for p in params])
-    flat, state = graph.flatten(params), init_state(graph)
-    for _ in range(steps):
-        x, y = task.batch(gen)
-        with torch.enable_grad():
-            current = [p.requires_grad_(True) for p in graph.unflatten(flat.clone())]
-            loss = task.loss(current, x, y)
-            grads = graph.flatten(torch.autograd.grad(loss, current))
-        yield RunState(graph, float(loss), flat, grads, state)
-        flat, state = ng_step(rule, graph, flat, grads, state)
+    learner = RuleLearner(task.make_model(config.seed), rule)
+    generator = task.batch_generator(config.seed)
+    for loss in trajectory(task, learner, steps, generator):
+        yield RunState(
+            learner.graph, loss, learner.params, learner.grads, learner.state
+        )
 
 
-def _adam_losses(config: TaskConfig, steps: int) -> Iterator[float]:
-    """The minibatch losses of Adam(lr=1e-3) on the task, on the same batches."""
-    task = make_task(config)
-    gen = torch.Generator().manual_seed(config.seed)
-    params = [p.clone().requires_grad_(True) for p in task.init_params]
-    adam = torch.optim.Adam(params, lr=1e-3)
-    for _ in range(steps):
-        x, y = task.batch(gen)
-        with torch.enable_grad():
-            loss = task.loss(params, x, y)
-            grads = torch.autograd.grad(loss, params)
-        yield float(loss)
-        for p, g in zip(params, grads):
-            p.grad = g
-        adam.step()
-
-
-@torch.no_grad()
 def loss_curve(
     rule: UpdateRule | None,
     config: TaskConfig,
     steps: int,
     stop_above: float | None = None,
 ) -> tuple[list[float], bool]:
-    """Train the task of ``config`` for ``steps`` steps from its initial weights.
+    """Train the task of ``config`` for ``steps`` steps from its initial weights
+    (:func:`benchmarks.loop.run` on the task's batches of seed ``config.seed``).
 
     Args:
-        rule: the learned rule, or ``None`` for Adam(lr=1e-3) on the same
-            batches.
+        rule: the learned rule (its reference step, :class:`RuleLearner`), or
+            ``None`` for Adam(lr=1e-3) on the same batches.
         config: the task.
         steps: training steps.
         stop_above: stop (as diverged) once a loss exceeds this multiple of
             the first one.
 
     Returns:
-        ``(losses, diverged)``: the minibatch loss before each step (ending in
-        ``inf`` after a non-finite loss), and whether the run diverged.
+        ``(losses, diverged)``: the minibatch loss before each step, ending
+        with the loss that stopped a diverged run (``inf`` for a non-finite
+        one), and whether the run diverged.
     """
-    values = (
-        _adam_losses(config, steps)
-        if rule is None
-        else (run.loss for run in rule_trajectory(rule, config, steps))
-    )
-    losses: list[float] = []
-    for value in values:
-        if not math.isfinite(value):
-            losses.append(math.inf)
-            return losses, True
-        losses.append(value)
-        if stop_above is not None and value > stop_above * losses[0]:
-            return losses, True
-    return losses, False
+    task = make_task(config)
+    model = task.make_model(config.seed)
+    if rule is None:
+        learner = ModuleLearner(model, torch.optim.Adam(model.parameters(), lr=1e-3))
+    else:
+        learner = RuleLearner(model, rule)
+    generator = task.batch_generator(config.seed)
+    curve = run(task, learner, steps, generator, divergence_factor=stop_above)
+    losses = curve.losses
+    if curve.diverged:
+        losses.append(curve.stop_loss if math.isfinite(curve.stop_loss) else math.inf)
+    return losses, curve.diverged
 
 
 def final_log_ratio(losses: list[float], diverged: bool) -> float:

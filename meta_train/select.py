@@ -18,7 +18,7 @@ import torch
 
 from lopt.rule import load_rule
 from meta_train.evaluate import final_log_ratio, loss_curve
-from meta_train.tasks import MLPFamily, TaskConfig
+from meta_train.tasks import MLPFamily, TaskConfig, describe
 
 __all__ = ["run_task", "main", "FAMILIES"]
 
@@ -74,11 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         for k in range(args.task_seeds)
     ]
     for c in configs:
-        spread = f" inputs 10^+-{c.input_spread:g}" if c.input_spread else ""
-        print(
-            f"task: {c.kind} {c.dataset} {c.hidden} {c.activation} "
-            f"bs={c.batch_size} seed={c.seed}{spread}"
-        )
+        print(f"task: {describe(c)}")
     rows = []
     for name in ["adam(1e-3)", *args.rules]:
         rule = None if name == "adam(1e-3)" else load_rule(name)

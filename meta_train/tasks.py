@@ -1,27 +1,44 @@
-"""Tasks and task families for meta-training.
+"""The meta-training task family.
 
 A :class:`TaskFamily` samples a JSON-serialisable :class:`TaskConfig` from a
-``torch.Generator``; :func:`make_task` turns a config into a :class:`Task`:
-initial parameters, a functional loss through ``torch.func.functional_call``
-and a batch sampler. Architectures here are deliberately *smaller* than those
-of the benchmark suite, so the benchmarks measure generalisation.
+``torch.Generator``; :func:`make_task` turns a config into a
+:class:`~benchmarks.tasks.Task`, the task class of the benchmark suite too: a
+seeded model, a seeded batch sampler, the loss for a module and functionally
+for a list of parameter tensors (meta-training's unrolls), and a held-out
+evaluation. Architectures here are deliberately *smaller* than those of the
+benchmark suite, so the benchmarks measure generalisation.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
+from benchmarks.data import Dataset
 from benchmarks.suite import SequenceClassifier
-from meta_train.data import load_dataset
+from benchmarks.tasks import ACCURACY, Task, cross_entropy
+from meta_train.data import DATASETS, load_dataset
 
-__all__ = ["TaskConfig", "Task", "TaskFamily", "MLPFamily", "make_task"]
+__all__ = [
+    "TaskConfig",
+    "Task",
+    "TaskFamily",
+    "MLPFamily",
+    "make_task",
+    "describe",
+    "input_scales",
+    "Reparametrised",
+]
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "silu": nn.SiLU}
+#: Architectures of the family (``TaskConfig.kind``).
+KINDS = ("mlp", "conv1d", "gru", "lstm")
 
 
 @dataclass(frozen=True)
@@ -33,7 +50,7 @@ class TaskConfig:
     activation: str  # key of ACTIVATIONS
     init_scale: float  # multiplier of PyTorch's default init
     batch_size: int
-    seed: int  # initial weights
+    seed: int  # initial weights (and the batches of validation runs)
     reparam: tuple[float, ...] = ()  # per-tensor weight re-parametrisation (or empty)
     grad_noise: float = 0.0  # std of gradient noise relative to gradient RMS
     kind: str = (
@@ -54,48 +71,95 @@ class TaskConfig:
         return cls(**data)
 
 
-class Task:
-    """A training problem seen functionally: ``loss(params, batch)``."""
+def make_task(config: TaskConfig) -> Task:
+    """The :class:`~benchmarks.tasks.Task` of a configuration.
 
-    def __init__(self, config: TaskConfig):
-        self.config = config
-        self.data = load_dataset(config.dataset)
-        torch.manual_seed(config.seed)
-        self.module = _build_module(
-            config, self.data.num_features, self.data.num_classes
+    Its run seed is ``config.seed``: ``make_model(config.seed)`` holds the
+    initial weights the config describes (PyTorch's default initialisation
+    at that seed, times ``init_scale``, divided by the re-parametrisation
+    factors) and ``batch_generator(config.seed)`` is a generator seeded with
+    ``config.seed``, which meta-training's validation and ``meta_train.select``
+    draw their batches from. Unscaled inputs are part of the task's data set
+    (features times the config's fixed factors, train and held-out alike).
+
+    Raises:
+        ValueError: for a kind, activation or data set the family does not
+            have, or a recurrent task with other than one hidden width.
+    """
+    _check(config)
+    return Task(
+        name=f"{config.kind}-{config.dataset}-seed{config.seed}",
+        description=describe(config),
+        load_data=_loader(config),
+        build=functools.partial(_build_model, config),
+        loss_fn=cross_entropy,
+        metric=ACCURACY,
+        batch_size=config.batch_size,
+        batch_seed=_own_seed,
+    )
+
+
+def describe(config: TaskConfig) -> str:
+    """One line naming the task of ``config`` (``meta_train.select`` prints it)."""
+    spread = f" inputs 10^+-{config.input_spread:g}" if config.input_spread else ""
+    return (
+        f"{config.kind} {config.dataset} {config.hidden} {config.activation} "
+        f"bs={config.batch_size} seed={config.seed}{spread}"
+    )
+
+
+def _own_seed(seed: int) -> int:
+    """The family's batch-generator seed of run ``seed``: the seed itself."""
+    return seed
+
+
+def _check(config: TaskConfig) -> None:
+    if config.kind not in KINDS:
+        raise ValueError(
+            f"Invalid task kind: {config.kind!r} (expected one of {KINDS})"
         )
-        self.names = [n for n, _ in self.module.named_parameters()]
-        self.input_scales = _input_scales(config, self.data.num_features)
-        scale = torch.tensor(config.reparam) if config.reparam else None
-        # With re-parametrisation the network uses w_eff = c * w: the optimizer
-        # sees w = w_eff / c, i.e. the same function at another scale.
-        self.scales = scale
-        self.init_params = [
-            p.detach() * config.init_scale / (1.0 if scale is None else scale[i])
-            for i, p in enumerate(self.module.parameters())
-        ]
-
-    def loss(self, params: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor):
-        if self.scales is not None:
-            params = [p * c for p, c in zip(params, self.scales.tolist())]
-        out = functional_call(self.module, dict(zip(self.names, params)), (x,))
-        return nn.functional.cross_entropy(out, y)
-
-    def _inputs(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.input_scales is None else x * self.input_scales
-
-    def batch(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.randint(
-            len(self.data.x), (self.config.batch_size,), generator=generator
+    if config.activation not in ACTIVATIONS:
+        raise ValueError(
+            f"Invalid activation: {config.activation!r} "
+            f"(expected one of {sorted(ACTIVATIONS)})"
         )
-        return self._inputs(self.data.x[idx]), self.data.y[idx]
+    if config.dataset not in DATASETS:
+        raise ValueError(
+            f"Invalid dataset: {config.dataset!r} (expected one of {sorted(DATASETS)})"
+        )
+    if config.kind in ("gru", "lstm") and len(config.hidden) != 1:
+        raise ValueError(
+            f"Invalid hidden for a {config.kind} task: {config.hidden} "
+            "(one hidden width)"
+        )
 
-    def validation_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._inputs(self.data.x_val), self.data.y_val
+
+def _loader(config: TaskConfig) -> Callable[[], Dataset]:
+    """The task's data: the family's data set, with its features times the
+    config's input factors when it has unscaled inputs (made once per task)."""
+    load = functools.partial(load_dataset, config.dataset)
+    if not config.input_spread:
+        return load
+
+    @functools.cache
+    def unscaled() -> Dataset:
+        data = load()
+        scales = input_scales(config, data.num_features)
+        return Dataset(
+            data.x_train * scales,
+            data.y_train,
+            data.x_test * scales,
+            data.y_test,
+            data.num_classes,
+        )
+
+    return unscaled
 
 
-def _input_scales(config: TaskConfig, num_features: int) -> torch.Tensor | None:
-    """Per-feature input factors of ``config.input_spread`` (``None``: none)."""
+def input_scales(config: TaskConfig, num_features: int) -> torch.Tensor | None:
+    """Per-feature input factors of ``config.input_spread`` (``None``: none):
+    ``10^u``, ``u`` uniform in ``[-input_spread, input_spread]``, drawn from a
+    generator seeded ``config.seed + 1``."""
     if not config.input_spread:
         return None
     gen = torch.Generator().manual_seed(config.seed + 1)
@@ -103,11 +167,58 @@ def _input_scales(config: TaskConfig, num_features: int) -> torch.Tensor | None:
     return 10.0 ** (config.input_spread * u)
 
 
+class Reparametrised(nn.Module):
+    """``net`` with each parameter tensor re-parametrised as ``w_eff = c * w``.
+
+    The module's parameters are the ``w`` (``net``'s parameters hold them, in
+    ``net``'s order); its forward pass is ``net``'s with ``c * w`` in their
+    place: the same function at another scale, as an optimizer sees it.
+
+    Args:
+        net: the network.
+        factors: one ``c`` per parameter tensor of ``net``.
+    """
+
+    def __init__(self, net: nn.Module, factors: list[float]):
+        super().__init__()
+        self.net = net
+        self.factors = list(factors)
+        self._names = [name for name, _ in net.named_parameters()]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scaled = [p * c for p, c in zip(self.net.parameters(), self.factors)]
+        return functional_call(self.net, dict(zip(self._names, scaled)), (x,))
+
+
+def _build_model(config: TaskConfig, data: Dataset) -> nn.Module:
+    """The model of ``config`` at its initial weights (called by
+    :meth:`~benchmarks.tasks.Task.make_model` under a fixed seed): PyTorch's
+    initialisation times ``init_scale``, divided by the re-parametrisation
+    factors if any, which then scale each tensor in the forward pass."""
+    net = _build_module(config, data.num_features, data.num_classes)
+    params = list(net.parameters())
+    if config.reparam and len(config.reparam) != len(params):
+        raise ValueError(
+            f"Invalid reparam: {len(config.reparam)} factors for a model with "
+            f"{len(params)} parameter tensors"
+        )
+    factors = torch.tensor(config.reparam) if config.reparam else None
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            p.mul_(config.init_scale)
+            if factors is not None:
+                p.div_(factors[i])
+    if factors is None:
+        return net
+    return Reparametrised(net, factors.tolist())
+
+
 #: Sequence lengths of the recurrent tasks, per dataset (features = steps x inputs).
 SEQUENCE_STEPS = {"mnist1d": 8, "digits": 8}
 
 
 def _build_module(config: TaskConfig, num_features: int, num_classes: int) -> nn.Module:
+    """The network of ``config`` at PyTorch's default initialisation."""
     act = ACTIVATIONS[config.activation]
     layers: list[nn.Module] = []
     if config.kind == "mlp":
@@ -127,12 +238,7 @@ def _build_module(config: TaskConfig, num_features: int, num_classes: int) -> nn
             nn.Flatten(),
             nn.Linear(channels, num_classes),
         ]
-    elif config.kind in ("gru", "lstm"):
-        if len(config.hidden) != 1:
-            raise ValueError(
-                f"Invalid hidden for a {config.kind} task: {config.hidden} "
-                "(one hidden width)"
-            )
+    elif config.kind in ("gru", "lstm"):  # one hidden width (see _check)
         steps = SEQUENCE_STEPS[config.dataset]
         return SequenceClassifier(
             num_features, steps, config.hidden[0], num_classes, config.kind
@@ -227,8 +333,3 @@ class MLPFamily(TaskFamily):
         if self.unscaled_prob and _draw(generator) < self.unscaled_prob:
             config = replace(config, input_spread=self.input_spread)
         return config
-
-
-def make_task(config: TaskConfig) -> Task:
-    """Build the :class:`Task` of a configuration."""
-    return Task(config)

@@ -481,10 +481,12 @@ def _inner_to_dict(inner: InnerState) -> dict:
 def _inner_from_dict(item: dict) -> InnerState:
     config = TaskConfig.from_json(item["config"])
     task = make_task(config)
-    graph = NeuralGraph.from_shapes([p.shape for p in task.init_params])
+    model = task.make_model(config.seed)
+    graph = NeuralGraph.from_shapes([p.shape for p in model.parameters()])
     return InnerState(
         config,
         task,
+        model,
         graph,
         item["params"],
         FeatureState(*item["opt_state"]),

@@ -5,6 +5,12 @@ flat parameters and optimizer state persist across truncations, so a rule is
 meta-trained on every phase of training (early, middle, late), not only on the
 first ``T`` steps. Each truncation returns a meta-loss that is differentiable
 in the rule's weights (truncated backprop through time).
+
+The task is the shared :class:`~benchmarks.tasks.Task` (its batches and its
+:meth:`~benchmarks.tasks.Task.functional_loss` at the flat parameters). The
+loops here are not :mod:`benchmarks.loop`'s: they carry the rule's graph
+across steps, add the task's gradient noise and measure divergence against
+the task's loss at the start of its horizon.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import math
 from dataclasses import dataclass, replace
 
 import torch
+from torch import nn
 
 from lopt.features import FeatureState
 from lopt.functional import init_state, ng_step
@@ -42,6 +49,7 @@ class InnerState:
 
     config: TaskConfig
     task: Task
+    model: nn.Module  # the task's model: its architecture, for functional_loss
     graph: NeuralGraph
     params: torch.Tensor  # (P,) flat, graph order, detached
     opt_state: FeatureState
@@ -68,13 +76,32 @@ def start_inner_state(
     config: TaskConfig, horizon: int, generator: torch.Generator
 ) -> InnerState:
     task = make_task(config)
-    graph = NeuralGraph.from_shapes([p.shape for p in task.init_params])
-    params = graph.flatten(task.init_params)
+    model = task.make_model(config.seed)
+    init = [p.detach() for p in model.parameters()]
+    graph = NeuralGraph.from_shapes([p.shape for p in init])
+    params = graph.flatten(init)
     with torch.no_grad():
-        init_loss = float(task.loss(graph.unflatten(params), *task.batch(generator)))
+        batch = task.sample_batch(generator)
+        init_loss = float(task.functional_loss(model, graph.unflatten(params), batch))
     return InnerState(
-        config, task, graph, params, init_state(graph), 0, horizon, max(init_loss, 1e-8)
+        config,
+        task,
+        model,
+        graph,
+        params,
+        init_state(graph),
+        0,
+        horizon,
+        max(init_loss, 1e-8),
     )
+
+
+def _loss(
+    inner: InnerState, params: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
+    """The task's loss at the flat ``params`` on a batch drawn from ``generator``."""
+    batch = inner.task.sample_batch(generator)
+    return inner.task.functional_loss(inner.model, inner.graph.unflatten(params), batch)
 
 
 def _inner_grad(inner: InnerState, loss: torch.Tensor, params: torch.Tensor, generator):
@@ -120,8 +147,7 @@ def advance_inner(
     opt_state = inner.opt_state
     for _ in range(num_steps):
         params = params.requires_grad_(True)
-        x, y = inner.task.batch(generator)
-        loss = inner.task.loss(inner.graph.unflatten(params), x, y)
+        loss = _loss(inner, params, generator)
         value = float(loss.detach())
         if not math.isfinite(value) or value > math.exp(LOSS_CAP) * inner.init_loss:
             return inner, True
@@ -160,8 +186,7 @@ def truncated_unroll(
     terms = []
     diverged = False
     for t in range(num_steps + 1):
-        x, y = inner.task.batch(generator)
-        loss = inner.task.loss(inner.graph.unflatten(params), x, y)
+        loss = _loss(inner, params, generator)
         if not torch.isfinite(loss):
             diverged = True
             break

@@ -12,7 +12,7 @@ from torch.nn.utils import parameters_to_vector
 from lopt import NGOptimizer, load_rule
 from meta_train import MetaTrainer, preset
 from meta_train.__main__ import main
-from meta_train.tasks import MLPFamily, TaskConfig, make_task
+from meta_train.tasks import MLPFamily, TaskConfig, input_scales, make_task
 from meta_train.unroll import advance_inner, new_inner_state, truncated_unroll
 
 
@@ -95,8 +95,9 @@ def test_task_config_json_round_trip_rebuilds_same_task(kind):
     assert config.kind == kind
     again = TaskConfig.from_json(json.loads(json.dumps(config.to_json())))
     assert again == config
-    a, b = make_task(config), make_task(again)
-    for p, q in zip(a.init_params, b.init_params):
+    a = make_task(config).make_model(config.seed)
+    b = make_task(again).make_model(again.seed)
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
         assert torch.equal(p, q)
 
 
@@ -237,8 +238,8 @@ def test_family_min_depth_zero_gives_linear_models():
     assert depths == {0, 1}
     linear = next(c for c in configs if not c.hidden)
     assert linear.kind == "mlp"  # a 0-layer CNN is not a thing
-    task = make_task(linear)
-    assert [p.dim() for p in task.init_params] == [2, 1]
+    model = make_task(linear).make_model(linear.seed)
+    assert [p.dim() for p in model.parameters()] == [2, 1]
     # The default family is unchanged (same stream of depths as before).
     default = MLPFamily()
     gen = torch.Generator().manual_seed(0)
@@ -283,9 +284,10 @@ def test_advance_inner_trains_without_meta_gradient_and_extends_horizon():
     assert (warm.step, warm.horizon) == (60, 80)
     assert not warm.params.requires_grad and int(warm.opt_state.step) == 60
     assert all(p.grad is None for p in rule.parameters())
-    x, y = inner.task.batch(torch.Generator().manual_seed(1))
-    before = inner.task.loss(inner.graph.unflatten(inner.params), x, y)
-    after = inner.task.loss(warm.graph.unflatten(warm.params), x, y)
+    batch = inner.task.sample_batch(torch.Generator().manual_seed(1))
+    loss = inner.task.functional_loss
+    before = loss(inner.model, inner.graph.unflatten(inner.params), batch)
+    after = loss(warm.model, warm.graph.unflatten(warm.params), batch)
     assert float(after) < 0.8 * float(before)
     # A warm start that blows up reports it and leaves the task untouched.
     huge = UpdateRule(RuleConfig(step_scale=50.0))
@@ -373,10 +375,11 @@ def test_recurrent_and_unscaled_tasks():
     base = TaskConfig("mnist1d", (12,), "tanh", 1.0, 16, seed=3, kind="gru")
     for kind in ("gru", "lstm"):
         task = make_task(replace(base, kind=kind))
-        assert task.module.rnn.input_size == 40 // 8
-        x, y = task.batch(torch.Generator().manual_seed(0))
-        params = [p.clone().requires_grad_(True) for p in task.init_params]
-        loss = task.loss(params, x, y)
+        model = task.make_model(base.seed)
+        assert model.rnn.input_size == 40 // 8
+        batch = task.sample_batch(torch.Generator().manual_seed(0))
+        params = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
+        loss = task.functional_loss(model, params, batch)
         grads = torch.autograd.grad(loss, params)
         assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
         # the optimizer steps it like any other task
@@ -390,15 +393,17 @@ def test_recurrent_and_unscaled_tasks():
         make_task(replace(base, hidden=(8, 8)))
 
     plain = make_task(replace(base, kind="mlp"))
-    spread = make_task(replace(base, kind="mlp", input_spread=2.0))
-    scales = spread.input_scales
+    spread_config = replace(base, kind="mlp", input_spread=2.0)
+    spread = make_task(spread_config)
+    scales = input_scales(spread_config, 40)
     assert scales.min() < 0.1 and scales.max() > 10 and scales.max() <= 100
-    xp, _ = plain.batch(torch.Generator().manual_seed(0))
-    xs, _ = spread.batch(torch.Generator().manual_seed(0))
+    xp, _ = plain.sample_batch(torch.Generator().manual_seed(0))
+    xs, _ = spread.sample_batch(torch.Generator().manual_seed(0))
     torch.testing.assert_close(xs, xp * scales)
-    torch.testing.assert_close(spread.validation_batch()[0], plain.data.x_val * scales)
+    torch.testing.assert_close(spread.data.x_test, plain.data.x_test * scales)
     # the factors are part of the task: the same config gives the same ones
-    assert torch.equal(make_task(replace(base, input_spread=2.0)).input_scales, scales)
+    again = make_task(replace(base, input_spread=2.0))
+    assert torch.equal(again.data.x_train, spread.data.x_train)
     config = replace(base, input_spread=2.0)
     assert TaskConfig.from_json(config.to_json()) == config
 
