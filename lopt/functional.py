@@ -172,7 +172,9 @@ def next_log_step(
         signal = cos
     log_step = log_step + config.step_adapt_rate * signal
     if config.step_adapt_spike > 0:
-        g2 = grad_sq.to(log_step.dtype)
+        # |g|^2 of a finite gradient may exceed the float32 range: clamped, so
+        # that the state stays finite (as the second moment's squares are).
+        g2 = grad_sq.clamp(max=torch.finfo(log_step.dtype).max).to(log_step.dtype)
         fresh = grad_mean == 0  # first step: the mean starts at this gradient
         limit = config.step_adapt_spike * grad_mean
         spike = ~fresh & (g2 > limit)
