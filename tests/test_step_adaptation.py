@@ -402,10 +402,13 @@ def test_rule_files_keep_the_adaptation(tmp_path):
     assert loaded.config.adapts_steps
 
 
-def test_meta_gradient_flows_through_adapted_steps():
+@pytest.mark.parametrize("guarded", [False, True])
+def test_meta_gradient_flows_through_adapted_steps(guarded):
     """With autograd on (meta-training), three steps threaded through the
-    state give a finite, non-zero gradient in the rule's weights."""
-    rule = _rule()
+    state give a finite, non-zero gradient in the rule's weights (also with
+    the normalised signal and the spike guard, as the default rule has)."""
+    extra = {"step_adapt_norm": 0.95, "step_adapt_spike": 1e3} if guarded else {}
+    rule = _rule(**extra)
     graph = NeuralGraph.from_shapes([torch.Size([4, 3]), torch.Size([4])])
     gen = torch.Generator().manual_seed(0)
     target = torch.randn(graph.num_scalars, generator=gen)
