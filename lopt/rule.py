@@ -17,7 +17,10 @@ A rule may also adapt a step size per tensor (``step_adapt_rate > 0``, see
 multiplied by ``exp(s)``, where ``s`` follows a hypergradient of the loss
 through the tensor's recent steps. The untrained rule is then Adam with a
 per-tensor learning rate that tunes itself, and the learned corrections
-multiply a base that is already near the right scale.
+multiply a base that is already near the right scale. ``step_adapt_norm``
+moves ``s`` by the consistency of the hypergradient's sign instead of its
+size, and ``step_adapt_spike`` cuts ``s`` at once when a tensor's gradient
+norm jumps (the shipped default rule has both).
 
 Rules are saved as a directory with ``weights.safetensors`` and
 ``config.json`` (format version, feature set, widths, provenance). Loading
