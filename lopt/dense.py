@@ -54,7 +54,7 @@ from lopt.features import (
     FeatureState,
     time_features,
 )
-from lopt.functional import next_log_step
+from lopt.functional import adaptation_started, next_log_step
 from lopt.graph import EDGE_ATTR_DIM, NUM_SLOT_TYPES, NeuralGraph
 from lopt.nn.conv import _STD_EPS, mean_std_from_sums
 
@@ -357,17 +357,11 @@ def fused_step(
 def _adapt_step_sizes(lib, plan: DensePlan, config, pa, ga, state, sums):
     """:func:`lopt.functional.adapt_step_sizes` on the fused path: the dots
     per tensor from the kernel (which also moves the trace in place), the
-    new log steps (and cosine moments) written into ``state.log_step``
-    (``state.adapt_stats``). Returns the step
-    multipliers of the dense blocks ``(num blocks,)`` and of the slot scalars
-    ``(P - E,)``."""
+    new log steps and statistics written into ``state.log_step`` and
+    ``state.adapt_stats``. Returns the step multipliers of the dense blocks
+    ``(num blocks,)`` and of the slot scalars ``(P - E,)``."""
     nseg = len(plan.numels)
-    moments = config.adapt_stats_rows * nseg
-    if (
-        state.trace.numel() != plan.graph.num_scalars
-        or state.log_step.numel() != nseg
-        or state.adapt_stats.numel() != moments
-    ):
+    if not adaptation_started(config, plan.graph, state):
         raise ValueError("the step-size adaptation's state is missing")
     dots = torch.zeros(nseg, 2, dtype=torch.float64)
     lib.ng_trace(

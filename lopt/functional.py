@@ -103,10 +103,10 @@ def adapt_step_sizes(
         ``exp(s)`` of each scalar's update, and the new ``trace``,
         ``log_step`` and ``adapt_stats`` (see :func:`next_log_step`).
     """
-    if not _adaptation_started(config, graph, state):
+    if not adaptation_started(config, graph, state):
         log_step = params.new_zeros(len(graph.numels))
-        moments = _initial_moments(config, log_step)
-        return params.new_ones(params.shape), params.clone(), log_step, moments
+        stats = initial_adapt_stats(config, len(graph.numels), params)
+        return params.new_ones(params.shape), params.clone(), log_step, stats
     path = params - state.trace
     lengths = graph.segment_lengths.to(params.device)
     sums = torch.segment_reduce(
@@ -115,12 +115,12 @@ def adapt_step_sizes(
         lengths=lengths.expand(3, -1),
         axis=1,
     ).double()
-    log_step, moments = next_log_step(
+    log_step, stats = next_log_step(
         config, state.log_step, sums[0], sums[1], sums[2], state.adapt_stats
     )
     trace = torch.lerp(state.trace, params, 1.0 - config.step_adapt_decay)
     by_tensor = torch.exp(log_step)[graph.tensor_position.to(params.device)]
-    return by_tensor[graph.tensor_id.to(params.device)], trace, log_step, moments
+    return by_tensor[graph.tensor_id.to(params.device)], trace, log_step, stats
 
 
 #: Below this sum of squares (float32 squares of entries under about 1e-19
@@ -181,10 +181,12 @@ def next_log_step(
         log_step = torch.where(spike, log_step - config.step_adapt_spike_cut, log_step)
         mean = torch.where(spike, 0.0, mean)  # growth restarts from no evidence
         # The EMA sees spikes clipped to the limit, so that a lasting change of
-        # scale is caught up with in a few steps and a blow-up is not.
-        seen = torch.where(fresh, g2, torch.minimum(g2, limit))
-        grad_mean = torch.lerp(grad_mean, seen, 1.0 - SPIKE_DECAY)
-        grad_mean = torch.where(fresh, g2, grad_mean)
+        # scale is caught up with in a few steps and a blow-up is not. Steps
+        # without a gradient (zero loss, or none) decay it too, so the first
+        # gradient after many of them counts as a spike: near zero loss that is
+        # how blow-ups start.
+        seen = torch.lerp(grad_mean, torch.minimum(g2, limit), 1.0 - SPIKE_DECAY)
+        grad_mean = torch.where(fresh, g2, seen)
     return _clip_log_step(config, log_step), torch.stack([mean, square, grad_mean])
 
 
@@ -197,24 +199,27 @@ def _clip_log_step(config: RuleConfig, log_step: torch.Tensor) -> torch.Tensor:
     return torch.clamp(log_step, config.step_adapt_min, config.step_adapt_max)
 
 
-def _initial_moments(config: RuleConfig, log_step: torch.Tensor) -> torch.Tensor:
-    """The adaptation's statistics before the first step: zeros
-    ``(config.adapt_stats_rows, num tensors)``, or empty."""
+def initial_adapt_stats(
+    config: RuleConfig, num_tensors: int, like: torch.Tensor
+) -> torch.Tensor:
+    """``FeatureState.adapt_stats`` before the first step: zeros
+    ``(config.adapt_stats_rows, num_tensors)``, or empty (float32, on
+    ``like``'s device)."""
     rows = config.adapt_stats_rows
-    if rows:
-        return log_step.new_zeros(rows, len(log_step))
-    return log_step.new_zeros(0)
+    shape = (rows, num_tensors) if rows else (0,)
+    return torch.zeros(shape, dtype=torch.float32, device=like.device)
 
 
-def _adaptation_started(
+def adaptation_started(
     config: RuleConfig, graph: NeuralGraph, state: FeatureState
 ) -> bool:
+    """Whether ``state`` holds the step-size adaptation's buffers for
+    ``graph`` (after the first step of a rule that adapts its steps)."""
     tensors = len(graph.numels)
-    moments = config.adapt_stats_rows * tensors
     return (
         state.trace.numel() == graph.num_scalars
         and state.log_step.numel() == tensors
-        and state.adapt_stats.numel() == moments
+        and state.adapt_stats.numel() == config.adapt_stats_rows * tensors
     )
 
 
@@ -257,13 +262,13 @@ def ng_step(
     if params.numel() == 0:  # only empty tensors: nothing to update
         return params.clone(), new_state
     if rule.config.adapts_steps:
-        multiplier, trace, log_step, moments = adapt_step_sizes(
+        multiplier, trace, log_step, stats = adapt_step_sizes(
             rule.config, graph, params, grads, state
         )
-        if update_mask is not None and _adaptation_started(rule.config, graph, state):
+        if update_mask is not None and adaptation_started(rule.config, graph, state):
             trace = torch.where(update_mask, trace, state.trace)
         new_state = new_state._replace(
-            trace=trace, log_step=log_step, adapt_stats=moments
+            trace=trace, log_step=log_step, adapt_stats=stats
         )
         lr = lr * multiplier
     feats = scalar_features(graph, params, grads, new_state)

@@ -15,7 +15,12 @@ from lopt import cpu_kernel
 from lopt.dense import DensePlan, fused_step, fused_supported
 from lopt.dtensor import copy_into, full_tensors, is_dtensor
 from lopt.features import FeatureState
-from lopt.functional import flat_gradients, init_state, ng_step
+from lopt.functional import (
+    flat_gradients,
+    init_state,
+    initial_adapt_stats,
+    ng_step,
+)
 from lopt.graph import NeuralGraph
 from lopt.rule import UpdateRule, load_rule
 
@@ -228,7 +233,7 @@ class NGOptimizer(Optimizer):
         """``flat`` with the step-size adaptation's buffers (see
         :func:`lopt.functional.adapt_step_sizes`), filled from ``source``;
         a parameter without saved ones starts afresh: its trace at its
-        current value, its log step (and cosine moments) at zero. Adds
+        current value, its log step (and statistics) at zero. Adds
         per-parameter views ``trace``, ``log_step`` (and ``adapt_stats``) to
         :attr:`state`."""
         values = full_tensors(params) if any(is_dtensor(p) for p in params) else params
@@ -236,21 +241,21 @@ class NGOptimizer(Optimizer):
         trace = graph.flatten([v.detach() for v in values]).to(device)
         log_step = torch.zeros(len(params), device=device)
         rows = self.rule.config.adapt_stats_rows
-        moments = torch.zeros((rows, len(params)) if rows else (0,), device=device)
+        stats = initial_adapt_stats(self.rule.config, len(params), log_step)
         position = graph.tensor_position.tolist()
         for p, t, pos in zip(params, graph.unflatten(trace), position):
             saved = source.get(p, {})
             if "trace" in saved and "log_step" in saved:
                 t.copy_(saved["trace"].reshape(t.shape))
                 log_step[pos] = float(saved["log_step"])
-                stats = saved.get("adapt_stats")
-                if rows and stats is not None and stats.numel() == rows:
-                    moments[:, pos] = stats.reshape(rows)
+                saved_stats = saved.get("adapt_stats")
+                if rows and saved_stats is not None and saved_stats.numel() == rows:
+                    stats[:, pos] = saved_stats.reshape(rows)
             self.state[p]["trace"] = t
             self.state[p]["log_step"] = log_step[pos]
             if rows:
-                self.state[p]["adapt_stats"] = moments[:, pos]
-        return flat._replace(trace=trace, log_step=log_step, adapt_stats=moments)
+                self.state[p]["adapt_stats"] = stats[:, pos]
+        return flat._replace(trace=trace, log_step=log_step, adapt_stats=stats)
 
     def _fused_plan(self, graph: NeuralGraph, device: torch.device):
         """The dense plan of ``graph`` when this optimizer fuses its steps,
