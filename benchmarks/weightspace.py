@@ -261,6 +261,7 @@ def model_factories(task: str, settings: Settings, train) -> dict[str, Callable]
     spec = TASKS[task]
     out = 10 if spec.kind == "classification" else 1
     edge = train.edge_features
+    outputs = train.output_neurons
     s = settings
     hidden = {"hidden": s.mlp_hidden}
 
@@ -275,6 +276,7 @@ def model_factories(task: str, settings: Settings, train) -> dict[str, Callable]
             num_layers=s.layers,
             config=config,
             pooling=s.pooling.split(","),
+            output_neurons=outputs,
         )
 
     def ngt():
@@ -288,6 +290,7 @@ def model_factories(task: str, settings: Settings, train) -> dict[str, Callable]
             num_heads=heads,
             config=base,
             pooling=s.pooling.split(","),
+            output_neurons=outputs,
         )
 
     models: dict[str, Callable] = {"ng_gnn": gnn(), "ng_t": ngt()}
@@ -467,6 +470,14 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--pooling", help="NG readout aggregations, e.g. mean,std,max (default mean)"
     )
+    parser.add_argument("--node-dim", type=int, help="NG-GNN node width (default 32)")
+    parser.add_argument(
+        "--edge-dim", type=int, help="NG-GNN / NG-T edge and message width (default 8)"
+    )
+    parser.add_argument("--layers", type=int, help="NG-GNN depth (default 3)")
+    parser.add_argument(
+        "--lr", type=float, help="AdamW learning rate of every model (default 1e-3)"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--no-progress", action="store_true")
     return parser.parse_args(argv)
@@ -483,6 +494,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "max_seconds": args.max_seconds,
         "fourier": args.fourier,
         "pooling": args.pooling,
+        "node_dim": args.node_dim,
+        "edge_dim": args.edge_dim,
+        "layers": args.layers,
+        "lr": args.lr,
     }
     settings = replace(
         settings, **{k: v for k, v in overrides.items() if v is not None}
@@ -492,6 +507,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from lopt.weightspace.readout import POOLINGS
 
+    if min(settings.node_dim, settings.edge_dim, settings.layers) < 1:
+        print(
+            "error: Invalid --node-dim, --edge-dim or --layers: each must be >= 1",
+            file=sys.stderr,
+        )
+        return 2
+    if not settings.lr > 0:
+        print(f"error: Invalid --lr: {settings.lr}", file=sys.stderr)
+        return 2
     if settings.fourier < 0 or not set(settings.pooling.split(",")) <= set(POOLINGS):
         print(
             f"error: Invalid --fourier {settings.fourier} or --pooling "

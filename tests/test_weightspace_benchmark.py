@@ -123,14 +123,19 @@ def test_unknown_task_is_a_clear_error(tmp_path):
 def test_settings_reach_the_graph_models():
     from types import SimpleNamespace
 
-    settings = replace(TINY, fourier=3, pooling="mean,max")
+    settings = replace(
+        TINY, fourier=3, pooling="mean,max,output", node_dim=6, edge_dim=5, layers=3
+    )
     for edge, fourier in ((1, 3), (9, 0)):  # RFF on scalar weights only
-        train = SimpleNamespace(edge_features=edge)
+        train = SimpleNamespace(edge_features=edge, output_neurons=7)
         made = bench.model_factories("cnn_digits", settings, train)
         for key in ("ng_gnn", "ng_t"):
             model = made[key]()
             assert model.config.fourier_features == fourier
-            assert model.readout.pooling == ("mean", "max")
+            assert model.readout.pooling == ("mean", "max", "output")
+            assert model.readout.output_neurons == 7
+        gnn = made["ng_gnn"]().backbone
+        assert (gnn.node_dim, gnn.edge_dim, gnn.num_layers) == (6, 5, 3)
 
 
 def test_bad_fourier_or_pooling_is_a_clear_error(tmp_path, capsys):
@@ -138,3 +143,11 @@ def test_bad_fourier_or_pooling_is_a_clear_error(tmp_path, capsys):
         args = [*flags, "--zoo-dir", str(tmp_path), "--out", str(tmp_path)]
         assert bench.main(args) == 2
         assert "Invalid --fourier" in capsys.readouterr().err
+    for flags, message in (
+        (["--edge-dim", "0"], "Invalid --node-dim, --edge-dim or --layers"),
+        (["--layers", "0"], "Invalid --node-dim, --edge-dim or --layers"),
+        (["--lr", "0"], "Invalid --lr: 0.0"),
+    ):
+        args = [*flags, "--zoo-dir", str(tmp_path), "--out", str(tmp_path)]
+        assert bench.main(args) == 2
+        assert message in capsys.readouterr().err

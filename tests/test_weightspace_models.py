@@ -32,6 +32,9 @@ from lopt.weightspace import (
     probe_activations,
     to_graph,
 )
+from lopt.weightspace.data import NODE_ROLES
+from lopt.weightspace.readout import output_neurons
+from lopt.weightspace.splits import WeightSpaceData
 
 CASES = symmetric_cases()
 MODELS = {"gnn": NeuralGraphGNN, "transformer": NeuralGraphTransformer}
@@ -47,7 +50,7 @@ def _config(flags: str, probe_shape=()) -> WeightSpaceConfig:
     )
 
 
-ALL_POOLINGS = ("mean", "std", "max")
+ALL_POOLINGS = ("mean", "std", "max", "output")
 
 
 def _model(
@@ -65,6 +68,7 @@ def _model(
         edge_dim=4,
         config=config,
         pooling=pooling,
+        output_neurons=16,
     )
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():  # far from the initialisation (LayerNorms included)
@@ -293,6 +297,11 @@ def test_bad_arguments_raise():
             NeuralGraphGNN(1, pooling=pooling)
     with pytest.raises(ValueError, match="graphs have 1 edge features, the model"):
         NeuralGraphTransformer(9)(to_graph(mlp()))
+    with pytest.raises(ValueError, match="Invalid output_neurons: 0"):
+        NeuralGraphGNN(1, pooling=("output",), output_neurons=0)
+    two_outputs = to_graph(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)))
+    with pytest.raises(ValueError, match="output neuron at position 1; the readout"):
+        NeuralGraphGNN(1, pooling=("output",), output_neurons=1)(two_outputs)
 
 
 def test_reprs():
@@ -417,3 +426,28 @@ def test_pool_gives_each_group_its_mean_std_and_max():
         assert out[1].abs().max() < 1e-2  # empty: zeros (std: sqrt of its eps)
     with pytest.raises(ValueError, match="Invalid pooling: 'median'"):
         pool(values, index, 3, "median")
+
+
+def test_output_readout_reads_output_neurons_in_position_order():
+    """Two graphs in one batch, with 2 and 3 output neurons; the readout
+    table has 3 slots: each graph's output embeddings in position order, and
+    zeros where the first graph has no third output."""
+    graphs = [
+        to_graph(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, w)))
+        for w in (2, 3)
+    ]
+    batch = Batch.from_data_list(graphs)
+    h = torch.randn(batch.num_nodes, 5)
+    table = output_neurons(h, batch, batch.batch, 2, 3).view(2, 3, 5)
+    output = NODE_ROLES.index("output")
+    for g in range(2):
+        mine = (batch.batch == g) & (batch.node_role == output)
+        order = batch.node_pos[mine].argsort()
+        expected = h[mine][order]
+        torch.testing.assert_close(table[g, : len(expected)], expected)
+    assert torch.equal(table[0, 2], torch.zeros(5))
+    # A data set reports the readout's size: its widest output layer.
+    data = WeightSpaceData.from_modules(
+        [nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, w)) for w in (2, 3)]
+    )
+    assert data.output_neurons == 3

@@ -38,6 +38,8 @@ class NeuralGraphGNN(nn.Module):
         pooling (sequence of str, optional): graph-level aggregations of the
             readout, from :data:`~lopt.weightspace.readout.POOLINGS`.
             (default: ``("mean",)``)
+        output_neurons (int, optional): output neurons read by
+            ``"output"`` pooling. (default: ``1``)
 
     Shapes:
         - **input:** a :class:`~lopt.weightspace.NeuralGraphData` or a batch
@@ -57,6 +59,7 @@ class NeuralGraphGNN(nn.Module):
         num_layers: int = 2,
         config: WeightSpaceConfig | None = None,
         pooling: Sequence[str] = ("mean",),
+        output_neurons: int = 1,
     ):
         super().__init__()
         if edge_features < 1:
@@ -71,7 +74,7 @@ class NeuralGraphGNN(nn.Module):
             num_layers=num_layers,
         )
         self.readout = WeightSpaceReadout(
-            node_dim, edge_dim, edge_features, graph_out, pooling
+            node_dim, edge_dim, edge_features, graph_out, pooling, output_neurons
         )
         self.reset_parameters()
 

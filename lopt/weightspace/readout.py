@@ -10,13 +10,25 @@ import torch
 from torch import nn
 
 from lopt.nn.conv import mean_std_from_sums
-from lopt.weightspace.data import NODE_FEATURES
+from lopt.weightspace.data import NODE_FEATURES, NODE_ROLES
 
-__all__ = ["POOLINGS", "WeightSpaceOutput", "WeightSpaceReadout", "mean_pool", "pool"]
+__all__ = [
+    "POOLINGS",
+    "WeightSpaceOutput",
+    "WeightSpaceReadout",
+    "mean_pool",
+    "output_neurons",
+    "pool",
+]
 
-#: Graph-level aggregations a readout may combine; each is symmetric in the
-#: rows it pools, so the graph output stays invariant to relabelling nodes.
-POOLINGS = ("mean", "std", "max")
+#: Graph-level readouts a model may combine. ``"mean"``, ``"std"`` and
+#: ``"max"`` aggregate all node and all edge embeddings; each is symmetric in
+#: the rows it pools. ``"output"`` concatenates the embeddings of the output
+#: neurons in the order of their positions (the paper's readout, "cat" over
+#: the last layer): output neurons are never permuted, so it is invariant too.
+POOLINGS = ("mean", "std", "max", "output")
+
+_OUTPUT = NODE_ROLES.index("output")
 
 
 class WeightSpaceOutput(NamedTuple):
@@ -48,6 +60,8 @@ def pool(
         )
         count = torch.bincount(index, minlength=size).to(values.dtype)
         return mean_std_from_sums(sums.T, count, width)[1]
+    if how == "output":
+        raise ValueError("'output' reads output neurons: see output_neurons()")
     if how == "max":
         out = values.new_full((size, values.shape[1]), -torch.inf)
         out = out.scatter_reduce(
@@ -55,6 +69,28 @@ def pool(
         )
         return torch.where(torch.isinf(out), torch.zeros_like(out), out)
     raise ValueError(f"Invalid pooling: {how!r} (expected one of {POOLINGS})")
+
+
+def output_neurons(
+    h: torch.Tensor, data, batch: torch.Tensor, num_graphs: int, count: int
+) -> torch.Tensor:
+    """``(num_graphs, count * F)``: the embeddings ``h (N, F)`` of each graph's
+    output neurons at positions ``0 .. count - 1``, concatenated in position
+    order; positions a graph lacks are zeros.
+
+    Raises:
+        ValueError: a graph has an output neuron at a position ``>= count``.
+    """
+    out = data.node_role == _OUTPUT
+    pos = data.node_pos[out]
+    if len(pos) and int(pos.max()) >= count:
+        raise ValueError(
+            f"a graph has an output neuron at position {int(pos.max())}; the "
+            f"readout reads {count} output neurons (raise output_neurons)"
+        )
+    rows = batch[out] * count + pos
+    table = h.new_zeros(num_graphs * count, h.shape[1]).index_add_(0, rows, h[out])
+    return table.view(num_graphs, count * h.shape[1])
 
 
 def graph_batch(data, num_nodes: int) -> tuple[torch.Tensor, int]:
@@ -72,7 +108,11 @@ class WeightSpaceReadout(nn.Module):
     graph, :math:`\mathrm{MLP}([\mathrm{pool}(h), \mathrm{pool}(e)])`, where
     ``pooling`` names the aggregations concatenated (mean alone, or with the
     standard deviation and maximum, as in PNA): each is symmetric, so the
-    output is invariant to any relabelling of the nodes. Node and
+    output is invariant to any relabelling of the nodes. ``"output"`` adds
+    the embeddings of the first ``output_neurons`` output neurons, in
+    position order (see :func:`output_neurons`), the readout of the paper's
+    code: invariant to permutations of hidden neurons, which is the symmetry
+    of a network. Node and
     edge outputs are linear maps of each embedding, so they permute with the
     nodes and edges, and have the widths of ``x`` and ``edge_attr`` so that
     :func:`~lopt.weightspace.from_graph_outputs` maps them back to a
@@ -85,6 +125,9 @@ class WeightSpaceReadout(nn.Module):
         graph_out (int): width of the graph-level output.
         pooling (sequence of str, optional): aggregations from
             :data:`POOLINGS`. (default: ``("mean",)``)
+        output_neurons (int, optional): with ``"output"`` pooling, how many
+            output neurons it reads (the widest output layer of the data).
+            (default: ``1``)
 
     Shapes:
         - **input:** node embeddings ``(N, node_dim)``, edge embeddings
@@ -100,18 +143,24 @@ class WeightSpaceReadout(nn.Module):
         edge_features: int,
         graph_out: int,
         pooling: Sequence[str] = ("mean",),
+        output_neurons: int = 1,
     ):
         super().__init__()
         if graph_out < 1:
             raise ValueError(f"Invalid graph_out: {graph_out}")
+        if output_neurons < 1:
+            raise ValueError(f"Invalid output_neurons: {output_neurons}")
         pooling = tuple(pooling)
         bad = [p for p in pooling if p not in POOLINGS]
         if not pooling or bad or len(set(pooling)) != len(pooling):
             raise ValueError(
                 f"Invalid pooling: {list(pooling)} (distinct names from {POOLINGS})"
             )
-        self.pooling = pooling
-        width = len(pooling) * (node_dim + edge_dim)
+        self.pooling, self.output_neurons = pooling, output_neurons
+        symmetric = [p for p in pooling if p != "output"]
+        width = len(symmetric) * (node_dim + edge_dim)
+        if "output" in pooling:
+            width += output_neurons * node_dim
         self.graph_head = nn.Sequential(
             nn.Linear(width, node_dim),
             nn.SiLU(),
@@ -131,11 +180,14 @@ class WeightSpaceReadout(nn.Module):
     ) -> WeightSpaceOutput:
         batch, num_graphs = graph_batch(data, h.shape[0])
         edge_batch = batch[edge_index[0]]
-        pooled = torch.cat(
-            [pool(h, batch, num_graphs, how) for how in self.pooling]
-            + [pool(e, edge_batch, num_graphs, how) for how in self.pooling],
-            dim=1,
-        )
+        symmetric = [p for p in self.pooling if p != "output"]
+        parts = [pool(h, batch, num_graphs, how) for how in symmetric]
+        parts += [pool(e, edge_batch, num_graphs, how) for how in symmetric]
+        if "output" in self.pooling:
+            parts.append(
+                output_neurons(h, data, batch, num_graphs, self.output_neurons)
+            )
+        pooled = torch.cat(parts, dim=1)
         return WeightSpaceOutput(
             self.graph_head(pooled), self.node_head(h), self.edge_head(e)
         )

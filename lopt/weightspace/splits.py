@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lopt.weightspace.data import NeuralGraphData
+from lopt.weightspace.data import NODE_ROLES, NeuralGraphData
 from lopt.weightspace.dataset import NeuralGraphDataset
 
 __all__ = ["WeightSpaceData", "float_state", "stack_deltas"]
@@ -113,6 +113,18 @@ class WeightSpaceData:
     def edge_features(self) -> int:
         """``F_edge`` of the graphs (the NG models' ``edge_features``)."""
         return int(self.graphs[0].edge_attr.shape[1])
+
+    @property
+    def output_neurons(self) -> int:
+        """The most output neurons of any network (what an ``"output"``
+        readout must read, see :func:`lopt.weightspace.readout.output_neurons`)."""
+        out = NODE_ROLES.index("output")
+        return max(
+            int(g.node_pos[g.node_role == out].max()) + 1
+            if bool((g.node_role == out).any())
+            else 0
+            for g in self.graphs
+        )
 
     @property
     def kernel_size(self) -> tuple[int, ...]:

@@ -186,6 +186,8 @@ class NeuralGraphTransformer(nn.Module):
         pooling (sequence of str, optional): graph-level aggregations of the
             readout, from :data:`~lopt.weightspace.readout.POOLINGS`.
             (default: ``("mean",)``)
+        output_neurons (int, optional): output neurons read by
+            ``"output"`` pooling. (default: ``1``)
 
     Shapes:
         - **input:** a :class:`~lopt.weightspace.NeuralGraphData` or a batch;
@@ -204,6 +206,7 @@ class NeuralGraphTransformer(nn.Module):
         num_heads: int = 4,
         config: WeightSpaceConfig | None = None,
         pooling: Sequence[str] = ("mean",),
+        output_neurons: int = 1,
     ):
         super().__init__()
         if edge_features < 1:
@@ -224,7 +227,7 @@ class NeuralGraphTransformer(nn.Module):
         )
         self.node_norm = nn.LayerNorm(node_dim)
         self.readout = WeightSpaceReadout(
-            node_dim, edge_dim, edge_features, graph_out, pooling
+            node_dim, edge_dim, edge_features, graph_out, pooling, output_neurons
         )
         self.reset_parameters()
 
