@@ -91,6 +91,9 @@ class Settings:
         tree_iters: boosting iterations of StatNN (GBT).
         max_seconds: wall-time cap of one fit (after the epoch that passes
             it); ``None``: none.
+        lr_patience: halve the learning rate of every gradient-trained model
+            after this many epochs without a better validation metric
+            (:class:`lopt.weightspace.WeightSpaceTrainer`); ``None``: constant.
     """
 
     size: str = "full"
@@ -113,6 +116,7 @@ class Settings:
     pooling: str = "mean"
     tree_iters: int = 200
     max_seconds: float | None = 300.0
+    lr_patience: int | None = None
 
 
 QUICK = Settings(
@@ -396,6 +400,7 @@ def run_benchmark(
                     batch_size=settings.batch_size,
                     patience=settings.patience,
                     max_seconds=settings.max_seconds,
+                    lr_patience=settings.lr_patience,
                     seed=seed,
                     progress=progress,
                     desc=f"{task} {key} s{seed}",
@@ -478,6 +483,12 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--lr", type=float, help="AdamW learning rate of every model (default 1e-3)"
     )
+    parser.add_argument(
+        "--lr-patience",
+        type=int,
+        help="halve the learning rate after this many epochs without a better "
+        "validation metric (default: constant rate)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--no-progress", action="store_true")
     return parser.parse_args(argv)
@@ -498,6 +509,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "edge_dim": args.edge_dim,
         "layers": args.layers,
         "lr": args.lr,
+        "lr_patience": args.lr_patience,
     }
     settings = replace(
         settings, **{k: v for k, v in overrides.items() if v is not None}
@@ -515,6 +527,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if not settings.lr > 0:
         print(f"error: Invalid --lr: {settings.lr}", file=sys.stderr)
+        return 2
+    if settings.lr_patience is not None and settings.lr_patience < 1:
+        print(f"error: Invalid --lr-patience: {settings.lr_patience}", file=sys.stderr)
         return 2
     if settings.fourier < 0 or not set(settings.pooling.split(",")) <= set(POOLINGS):
         print(

@@ -237,9 +237,18 @@ def markdown_report(results: dict) -> str:
             if s["max_seconds"] is not None
             else "no time cap"
         )
-        + f"), AdamW lr {s['lr']}, batch {s['batch_size']}; best validation epoch "
+        + f"), AdamW lr {s['lr']}"
+        + (
+            f" halved after every {s['lr_patience']} epochs without a better "
+            "validation metric"
+            if s.get("lr_patience")
+            else ""
+        )
+        + f", batch {s['batch_size']}; best validation epoch "
         f"kept. NG models: {s.get('fourier', 0)} random Fourier features per "
-        f"scalar weight, readout pooling {s.get('pooling', 'mean')}.",
+        f"scalar weight, widths {s.get('node_dim', 32)}/{s.get('edge_dim', 8)} "
+        f"(nodes/edges), {s.get('layers', 3)} layers, readout pooling "
+        f"{s.get('pooling', 'mean')}.",
         "",
         "Zoos: "
         + "; ".join(

@@ -147,6 +147,7 @@ def test_bad_fourier_or_pooling_is_a_clear_error(tmp_path, capsys):
         (["--edge-dim", "0"], "Invalid --node-dim, --edge-dim or --layers"),
         (["--layers", "0"], "Invalid --node-dim, --edge-dim or --layers"),
         (["--lr", "0"], "Invalid --lr: 0.0"),
+        (["--lr-patience", "0"], "Invalid --lr-patience: 0"),
     ):
         args = [*flags, "--zoo-dir", str(tmp_path), "--out", str(tmp_path)]
         assert bench.main(args) == 2

@@ -118,6 +118,34 @@ def test_patience_stops_early(toy):
     assert fit.stopped == "patience" and len(fit.history) < 30
 
 
+def test_lr_patience_halves_the_rate_on_each_plateau(toy):
+    """With lr_patience=2 the rate halves after every second epoch in a row
+    without a better validation accuracy, and only then; a tiny rate keeps
+    the accuracy flat so that plateaus happen."""
+    train, val, _ = toy
+    model = NeuralGraphGNN(train.edge_features, graph_out=2, node_dim=8, num_layers=1)
+    lr = 1e-6
+    fit = WeightSpaceTrainer(
+        model, "classification", lr=lr, epochs=9, patience=None, lr_patience=2
+    ).fit(train, val)
+    best, stale, expected = -1.0, 0, []
+    for record in fit.history:
+        expected.append(lr)
+        if record["val"]["accuracy"] > best:
+            best, stale = record["val"]["accuracy"], 0
+        else:
+            stale += 1
+            if stale % 2 == 0:
+                lr *= 0.5
+    assert [r["lr"] for r in fit.history] == pytest.approx(expected)
+    assert expected[-1] < expected[0]  # not vacuous: it did decay
+    # Off by default: a constant rate.
+    fit = WeightSpaceTrainer(
+        model, "classification", lr=1e-6, epochs=4, patience=None
+    ).fit(train, val)
+    assert {r["lr"] for r in fit.history} == {1e-6}
+
+
 def test_kendall_tau():
     assert kendall_tau(torch.arange(5.0), torch.arange(5.0)) == pytest.approx(1.0)
     assert kendall_tau(torch.arange(5.0), -torch.arange(5.0)) == pytest.approx(-1.0)
@@ -133,6 +161,7 @@ def test_kendall_tau():
         ({"patience": 0}, "Invalid patience"),
         ({"weight_decay": -1.0}, "Invalid weight_decay"),
         ({"edit_scale": 0.0}, "Invalid edit_scale"),
+        ({"lr_patience": 0}, "Invalid lr_patience"),
     ],
 )
 def test_invalid_arguments(kwargs, message):

@@ -151,7 +151,7 @@ class FitResult:
         best_epoch: the epoch whose weights were kept (1-based; 0: none ran).
         best_val: its validation metric (``metric`` of the task).
         metric: the selection metric's name (accuracy, tau or mse).
-        history: per epoch ``{"epoch", "train_loss", "val": {...}}``.
+        history: per epoch ``{"epoch", "train_loss", "lr", "val": {...}}``.
         train_seconds: wall time of the whole fit.
         stopped: why training ended (``"epochs"``, ``"patience"``,
             ``"time"``, ``"fit"`` for a model fitted in one call).
@@ -187,6 +187,11 @@ class WeightSpaceTrainer:
             metric; ``None`` never stops early. (default: ``10``)
         max_seconds: stop after the epoch that passes this wall time;
             ``None`` for no limit. (default: ``None``)
+        lr_patience: halve the learning rate after every ``lr_patience``
+            epochs in a row without a better validation metric (a
+            reduce-on-plateau schedule; it needs ``val``); ``None``: a
+            constant learning rate. Keep it below ``patience`` or it never
+            acts. (default: ``None``)
         seed: seeds the model's initialisation (the model, or the graph
             model a :class:`GraphPredictor` wraps, is re-initialised with its
             ``reset_parameters`` under this seed), the batch order and any
@@ -213,6 +218,7 @@ class WeightSpaceTrainer:
         batch_size: int = 32,
         patience: int | None = 10,
         max_seconds: float | None = None,
+        lr_patience: int | None = None,
         seed: int = 0,
         edit_scale: float = 0.01,
         progress: bool = False,
@@ -230,6 +236,9 @@ class WeightSpaceTrainer:
             raise ValueError(f"Invalid batch_size: {batch_size}")
         if patience is not None and patience < 1:
             raise ValueError(f"Invalid patience: {patience}")
+        if lr_patience is not None and lr_patience < 1:
+            raise ValueError(f"Invalid lr_patience: {lr_patience}")
+        self.lr_patience = lr_patience
         self.model = as_predictor(model)
         if hasattr(self.model, "task"):
             self.model.task = task
@@ -371,7 +380,9 @@ class WeightSpaceTrainer:
                 total += float(loss.detach()) * len(index)
                 count += len(index)
             self.fitted = True
-            record = {"epoch": epoch, "train_loss": total / count}
+            # The learning rate this epoch trained with.
+            lr_now = optimizer.param_groups[0]["lr"]
+            record = {"epoch": epoch, "train_loss": total / count, "lr": lr_now}
             if val is not None:
                 record["val"] = self.evaluate(val)
                 score = sign * record["val"][metric]
@@ -385,6 +396,13 @@ class WeightSpaceTrainer:
                 best_state = copy.deepcopy(model.state_dict())
             else:
                 stale += 1
+                if (
+                    self.lr_patience
+                    and val is not None
+                    and stale % self.lr_patience == 0
+                ):
+                    for group in optimizer.param_groups:
+                        group["lr"] *= 0.5
             bar.set_postfix(
                 loss=f"{record['train_loss']:.4g}",
                 **({metric: f"{record['val'][metric]:.4g}"} if val is not None else {}),
