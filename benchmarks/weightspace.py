@@ -316,6 +316,9 @@ def model_factories(task: str, settings: Settings, train) -> dict[str, Callable]
         coord_dim = 2 if spec.zoo == "digits_inr" else 1
         models["probe"] = lambda: B.ProbePredictor(out, s.probes, coord_dim, **hidden)
         models["image"] = lambda: B.ImagePredictor(out, **hidden)
+    if spec.zoo in ("digits_inr", "mnist1d_inr"):
+        # SIRENs: sin is odd, so each hidden neuron has a sign symmetry.
+        models["ng_gnn_sign"] = gnn(replace(base, sign_canonical=True))
     if spec.zoo == "cnn_wild":
         models["ng_gnn_noact"] = gnn(replace(base, activation_embedding=False))
     return models

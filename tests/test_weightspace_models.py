@@ -46,7 +46,11 @@ def _config(flags: str, probe_shape=()) -> WeightSpaceConfig:
     if flags == "off":
         return WeightSpaceConfig(**OFF)
     return WeightSpaceConfig(
-        fourier_features=3, fourier_scale=0.5, probes=4, probe_shape=probe_shape
+        fourier_features=3,
+        fourier_scale=0.5,
+        probes=4,
+        probe_shape=probe_shape,
+        sign_canonical=True,
     )
 
 
@@ -451,3 +455,81 @@ def test_output_readout_reads_output_neurons_in_position_order():
         [nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, w)) for w in (2, 3)]
     )
     assert data.output_neurons == 3
+
+
+def _flip_signs(net: nn.Module, layers: list[tuple[nn.Module, nn.Module]], seed=0):
+    """Negate a random half of the hidden neurons of each ``(layer, next)``
+    pair: their weights and bias in ``layer``, their column in ``next``. For
+    an odd activation the function does not change."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer, nxt in layers:
+            n = layer.weight.shape[0]
+            s = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
+            layer.weight.mul_(s.view(-1, *[1] * (layer.weight.dim() - 1)))
+            layer.bias.mul_(s)
+            nxt.weight.mul_(s.view(1, -1, *[1] * (nxt.weight.dim() - 2)))
+    return net
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+@pytest.mark.parametrize("case", ["siren", "tanh_mlp", "tanh_cnn"])
+def test_sign_canonical_models_ignore_sign_flips_of_odd_neurons(kind, case):
+    torch.manual_seed(0)
+    if case == "siren":
+        net, x = siren(), torch.rand(5, 2) * 2 - 1
+        pairs = [(net.layers[0], net.layers[1]), (net.layers[1], net.out)]
+    elif case == "tanh_mlp":
+        net = nn.Sequential(
+            nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 2)
+        )
+        x, pairs = torch.randn(5, 3), [(net[0], net[2]), (net[2], net[4])]
+    else:
+        net = nn.Sequential(
+            nn.Conv2d(1, 4, 3), nn.Tanh(), nn.Conv2d(4, 3, 3), nn.Tanh(),
+            nn.Flatten(), nn.Linear(3 * 2 * 2, 2),
+        )  # fmt: skip
+        x, pairs = torch.randn(5, 1, 6, 6), [(net[0], net[2])]
+    flipped = _flip_signs(copy.deepcopy(net), pairs)
+    torch.testing.assert_close(flipped(x), net(x), atol=1e-5, rtol=0)
+    old, new = to_graph(net), to_graph(flipped)
+    assert not torch.equal(old.edge_attr, new.edge_attr)
+    for canonical in (True, False):
+        config = WeightSpaceConfig(fourier_features=3, sign_canonical=canonical)
+        model = _model(kind, old.edge_attr.shape[1], config)
+        model.features.fit_input_scales(Batch.from_data_list([old, new]))
+        with torch.no_grad():
+            a, b = model(old), model(new)
+        if canonical:
+            torch.testing.assert_close(b.graph, a.graph, atol=ATOL, rtol=0)
+            torch.testing.assert_close(b.node, a.node, atol=ATOL, rtol=0)
+        else:  # the flips are visible to a model without the option
+            assert (b.graph - a.graph).abs().max() > 1e-3
+
+
+def test_canonical_signs_leave_other_neurons_alone():
+    from lopt.weightspace.features import canonical_signs
+
+    # ReLU neurons and a tanh neuron feeding a residual sum cannot be flipped.
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+            self.out = nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = torch.tanh(self.a(x))
+            return self.out(h + torch.tanh(self.b(h)))
+
+    torch.manual_seed(0)
+    for net in (mlp(), Residual()):
+        g = to_graph(net)
+        x, e = canonical_signs(g)
+        flippable = (g.node_act == 7) & (g.node_role == NODE_ROLES.index("hidden"))
+        assert (g.x[:, 0] < 0).any()
+        if isinstance(net, Residual):
+            torch.testing.assert_close((x, e), (g.x, g.edge_attr))
+        else:  # tanh layers of mlp() are flipped, its ReLU layers are not
+            assert torch.all(x[flippable, 0] >= 0)
+            relu = g.node_act == 1
+            torch.testing.assert_close(x[relu], g.x[relu])

@@ -32,6 +32,7 @@ from lopt.weightspace.features import (
     NeuralGraphFeaturizer,
     RandomFourierFeatures,
     WeightSpaceConfig,
+    canonical_signs,
 )
 from lopt.weightspace.models import NeuralGraphGNN
 from lopt.weightspace.probes import probe_activations
@@ -61,6 +62,7 @@ __all__ = [
     "NeuralGraphTransformer",
     "RelationalAttentionLayer",
     "WeightSpaceConfig",
+    "canonical_signs",
     "WeightSpaceOutput",
     "WeightSpaceReadout",
     "NeuralGraphFeaturizer",

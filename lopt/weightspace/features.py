@@ -14,6 +14,12 @@ behind a flag of :class:`WeightSpaceConfig` so that a benchmark can ablate it.
   :math:`w \\mapsto [\\sin(2\\pi b_k w), \\cos(2\\pi b_k w)]_{k=1..K}`.
 * **Probe features**: each neuron's activation on learned probe inputs
   (:mod:`lopt.weightspace.probes`).
+* **Sign canonicalisation** (not in the paper; the sign symmetry that Scale
+  Equivariant Graph Metanetworks, Kalogeropoulos et al. 2024, build in): a
+  hidden neuron with an odd activation (``sin``, ``tanh``) computes the same
+  function with its incoming weights, bias and outgoing weights negated, so
+  each such neuron is read with its bias made non-negative. Networks that
+  differ only by such flips then give identical inputs.
 
 A neuron's role (input, hidden, output, standalone) is always given, one-hot:
 it is what the graph's symmetry leaves visible, not a positional feature.
@@ -37,9 +43,57 @@ from lopt.weightspace.data import (
 )
 from lopt.weightspace.probes import probe_activations
 
-__all__ = ["WeightSpaceConfig", "RandomFourierFeatures", "NeuralGraphFeaturizer"]
+__all__ = [
+    "WeightSpaceConfig",
+    "RandomFourierFeatures",
+    "NeuralGraphFeaturizer",
+    "canonical_signs",
+]
 
 _INPUT, _OUTPUT = NODE_ROLES.index("input"), NODE_ROLES.index("output")
+_HIDDEN = NODE_ROLES.index("hidden")
+#: Activations with f(-z) = -f(z): a neuron with one can be sign-flipped.
+_ODD = tuple(ACTIVATIONS.index(a) for a in ("sin", "tanh"))
+#: Layer types whose neurons are an affine map of the previous layer, and
+#: edges through which a sign flip passes linearly into the next neuron.
+_AFFINE = tuple(LAYER_TYPES.index(t) for t in ("linear", "conv", "flatten_linear"))
+_BIAS = NODE_FEATURES.index("bias")
+
+
+def canonical_signs(data) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, edge_attr)`` of ``data`` with every sign-flippable hidden neuron
+    flipped so that its bias is non-negative.
+
+    A neuron is flippable when it is hidden, has an odd activation (``sin``,
+    ``tanh``), is an affine layer's neuron (linear or conv), and all of its
+    outgoing edges are affine layers' weights (no residual identity or norm
+    edge, through which a negation would not cancel). Flipping negates its
+    bias, its incoming and its outgoing weights: the network's function does
+    not change. The choice depends on the neuron's own bias only, so it
+    commutes with permutations of hidden neurons. A bias of exactly zero is
+    left as it is.
+    """
+    x, edge_attr = data.x, data.edge_attr
+    src, dst = data.edge_index
+    odd = torch.zeros_like(data.node_role, dtype=torch.bool)
+    for act in _ODD:
+        odd |= data.node_act == act
+    affine_node = torch.zeros_like(odd)
+    for t in _AFFINE:
+        affine_node |= data.node_type == t
+    affine_edge = torch.zeros_like(data.edge_type, dtype=torch.bool)
+    for t in _AFFINE:
+        affine_edge |= data.edge_type == t
+    # Nodes with an incoming or outgoing edge that is not an affine weight.
+    blocked = torch.zeros_like(odd)
+    blocked[src[~affine_edge]] = True
+    blocked[dst[~affine_edge]] = True
+    flippable = (data.node_role == _HIDDEN) & odd & affine_node & ~blocked
+    sign = torch.where(flippable & (x[:, _BIAS] < 0), -1.0, 1.0).to(x.dtype)
+    x = x.clone()
+    x[:, _BIAS] = x[:, _BIAS] * sign
+    edge_attr = edge_attr * (sign[src] * sign[dst]).to(edge_attr.dtype)[:, None]
+    return x, edge_attr
 
 
 @dataclass(frozen=True)
@@ -84,6 +138,7 @@ class WeightSpaceConfig:
     probes: int = 0
     probe_shape: tuple[int, ...] = ()
     input_clip: float | None = 100.0
+    sign_canonical: bool = False
 
     def __post_init__(self):
         if self.max_positions < 1:
@@ -234,11 +289,17 @@ class NeuralGraphFeaturizer(nn.Module):
                     out[d + 1] = rows.std(0)
             return torch.where(out > 1e-8, out, torch.ones_like(out))
 
-        self.node_scale = scales(data.x.float(), node_depth)
-        self.edge_scale = scales(data.edge_attr.float(), edge_depth)
+        x, edge_attr = self._signed(data)
+        self.node_scale = scales(x.float(), node_depth)
+        self.edge_scale = scales(edge_attr.float(), edge_depth)
+
+    def _signed(self, data) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.config.sign_canonical:
+            return canonical_signs(data)
+        return data.x, data.edge_attr
 
     def _scaled(self, data) -> tuple[torch.Tensor, torch.Tensor]:
-        x, edge_attr = data.x, data.edge_attr
+        x, edge_attr = self._signed(data)
         if not len(self.node_scale):
             return x, edge_attr
         known = self.node_scale.shape[0] - 1
