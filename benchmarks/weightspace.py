@@ -185,11 +185,36 @@ def ensure_zoo(name: str, zoo_dir: Path, size: str, progress: bool) -> Path:
                     f"{path} holds {header.get('name')} ({header.get('size')}), "
                     f"not {name} ({size})"
                 )
+            _warn_if_not_preset(path, header, name, size)
             return path
     print(f"building zoo {name} ({size}) into {path}", flush=True)
     return build_zoo(
         name, path, size=size, progress=progress, threads=torch.get_num_threads()
     )
+
+
+def _warn_if_not_preset(path: Path, header: dict, name: str, size: str) -> None:
+    """Warn when a cached zoo was built with another config than the current
+    preset (an older version's, or ``--set`` overrides): its results are not
+    the preset's."""
+    import dataclasses
+    import json
+    import warnings
+
+    from lopt.weightspace.zoos import zoo_config
+
+    preset = json.loads(json.dumps(dataclasses.asdict(zoo_config(name, size))))
+    built = header.get("config", {})
+    differ = {
+        k: (built.get(k), v) for k, v in preset.items() if built.get(k) != v
+    }
+    if differ:
+        fields = ", ".join(f"{k}={a!r} (preset {b!r})" for k, (a, b) in differ.items())
+        warnings.warn(
+            f"zoo {path} was built with {fields}: not the current {name} "
+            f"({size}) preset; delete it or pass another --zoo-dir to rebuild",
+            stacklevel=2,
+        )
 
 
 def _cap(index: list[int], limit: int | None, seed: int = 0) -> list[int]:

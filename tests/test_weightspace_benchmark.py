@@ -152,3 +152,23 @@ def test_bad_fourier_or_pooling_is_a_clear_error(tmp_path, capsys):
         args = [*flags, "--zoo-dir", str(tmp_path), "--out", str(tmp_path)]
         assert bench.main(args) == 2
         assert message in capsys.readouterr().err
+
+
+def test_a_cached_zoo_built_off_preset_is_flagged(zoo_dir, tmp_path):
+    import dataclasses
+    import warnings
+
+    from lopt.weightspace.zoos import zoo_config
+
+    with pytest.warns(UserWarning, match=r"runs=12 \(preset 48\)"):
+        bench.ensure_zoo("cnn_digits", zoo_dir, "quick", progress=False)
+    # The same header with the preset's config passes silently.
+    header = json.loads((zoo_dir / "cnn_digits" / "zoo.json").read_text())
+    header["config"] = json.loads(
+        json.dumps(dataclasses.asdict(zoo_config("cnn_digits", "quick")))
+    )
+    (tmp_path / "cnn_digits").mkdir()
+    (tmp_path / "cnn_digits" / "zoo.json").write_text(json.dumps(header))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bench.ensure_zoo("cnn_digits", tmp_path, "quick", progress=False)

@@ -23,9 +23,11 @@ the module route is used: the trained weights are those of
 Fit (digits, w0 = 30, lr 1e-3, 512 nets): 100 steps reach a mean PSNR of
 61 dB (min 56 dB), far beyond what an 8x8 image needs; w0 = 10 needs ~200
 steps for the same; lr 3e-3 or 1e-2 with w0 = 30 stalls at ~50 dB with
-outliers below 35 dB. Full zoos (300 steps): digits PSNR median 139 dB
-(min 68 dB; every MSE below 2e-6 of the image variance, i.e. float32-exact);
-mnist1d (lr 3e-3, peak = each signal's range) median 59 dB, min 30 dB, MSE /
+outliers below 35 dB. With w0 = 8 (the digits presets, see
+:data:`DIGITS_W0`; 128 nets) 100 steps reach a mean of 39 dB (min 24 dB),
+200 steps 71 dB (min 42 dB). Full zoos (300 steps): digits at w0 = 8 PSNR
+median 118 dB (min 42 dB; MSE at most 4e-4 of the image variance), at
+w0 = 30 median 139 dB (min 68 dB); mnist1d (lr 3e-3, peak = each signal's range) median 59 dB, min 30 dB, MSE /
 signal variance median 2.4e-5, max 0.02. At 1 thread a chunk of 1,000 SIRENs
 x 300 steps takes ~24 s (digits) and ~15 s (mnist1d).
 """
@@ -45,6 +47,7 @@ from lopt.weightspace.zoo_specs import build_module, init_state_dict, normalize_
 from lopt.weightspace.zoo_store import Chunk, ZooPlan, derive_seed, describe
 
 __all__ = [
+    "DIGITS_W0",
     "InrZooConfig",
     "PRESETS",
     "coordinates",
@@ -66,7 +69,8 @@ class InrZooConfig:
         views: SIRENs per item, each from its own random initialisation.
         widths: SIREN layer widths; the first must be the coordinate
             dimension (2 or 1) and the last 1.
-        w0: SIREN frequency factor.
+        w0: SIREN frequency factor (the digits presets use
+            :data:`DIGITS_W0`, 8; mnist1d keeps 30).
         steps: full-batch Adam steps per SIREN.
         lr: Adam learning rate.
         resolution: digits only: images are fitted at ``resolution x
@@ -87,10 +91,20 @@ class InrZooConfig:
     nets_per_chunk: int = 1000
 
 
+#: SIREN frequency factor of the digits presets. The paper's MNIST SIRENs use
+#: w0 = 30 on a 28x28 grid: with first-layer weights in [-1/2, 1/2] the
+#: fastest initial sine turns by 30 * 0.5 * 2/27 = 1.1 rad from pixel to
+#: pixel. On the 8x8 grid (spacing 2/7) w0 = 30 turns by 4.3 rad, beyond
+#: pi: the fits alias, oscillating between pixels, and every weight-space
+#: model stayed near chance on them (NG-GNN 0.19, StatNN 0.15). w0 = 8 keeps
+#: the paper's 1.1 rad per pixel; on those SIRENs NG-GNN reaches 0.28 and
+#: StatNN 0.19 (EXPERIMENTS.md W12 in benchmarks/results/weightspace).
+DIGITS_W0 = 8.0
+
 PRESETS: dict[str, dict[str, InrZooConfig]] = {
     "digits_inr": {
-        "quick": InrZooConfig(num_items=256, views=2, steps=100),
-        "full": InrZooConfig(),
+        "quick": InrZooConfig(num_items=256, views=2, w0=DIGITS_W0, steps=200),
+        "full": InrZooConfig(w0=DIGITS_W0),
     },
     "mnist1d_inr": {
         "quick": InrZooConfig(

@@ -3,9 +3,9 @@ seed, cached to disk (safetensors + JSON), resumable, with a progress bar.
 
 Zoos (``size="quick"`` feeds quick benchmarks; ``"full"`` is for real runs):
 
-- ``digits_inr``: SIRENs [2, 32, 32, 1] fitted to the 8x8 scikit-learn
-  digits, ``views`` inits per image, each with its dilated-image counterpart
-  (INR classification and editing). Label: digit class.
+- ``digits_inr``: SIRENs [2, 32, 32, 1], w0 = 8, fitted to the 8x8
+  scikit-learn digits, ``views`` inits per image, each with its dilated-image
+  counterpart (INR classification and editing). Label: digit class.
 - ``mnist1d_inr``: SIRENs [1, 32, 32, 1] fitted to mnist1d signals.
 - ``cnn_digits``: one small CNN trained on digits with random
   hyperparameters, several checkpoints per run (Small CNN Zoo style). Label:
@@ -43,10 +43,10 @@ cnn_digits  144 nets, 15 s, 483 MiB      6,144 nets, 903 s, 522 MiB, 92 MB
 cnn_wild    96 nets, 28 s, 394 MiB       3,456 nets, 1,279 s, 529 MiB, 111 MB
 =========== ============================ =====================================
 
-Quick: digits 256 images x 2 views x (image, dilated), 100 steps; mnist1d
+Quick: digits 256 images x 2 views x (image, dilated), 200 steps; mnist1d
 500 signals x 2 views, 150 steps; 48 runs x checkpoints at 20/80/240 steps;
 8 architectures x 6 runs x 40/160 steps. Full: all 1,797 digits x 10 views x
-2, 300 steps (float32-exact fits: ~150 steps would halve the time); all
+2, 300 steps (median PSNR 118 dB, min 42 dB); all
 5,000 mnist1d signals x 10 views, 300 steps; 1,024 runs x 6 checkpoints
 (25 to 800 steps); 96 architectures x 12 runs x 3 checkpoints (50/150/400).
 """
