@@ -205,9 +205,7 @@ def _warn_if_not_preset(path: Path, header: dict, name: str, size: str) -> None:
 
     preset = json.loads(json.dumps(dataclasses.asdict(zoo_config(name, size))))
     built = header.get("config", {})
-    differ = {
-        k: (built.get(k), v) for k, v in preset.items() if built.get(k) != v
-    }
+    differ = {k: (built.get(k), v) for k, v in preset.items() if built.get(k) != v}
     if differ:
         fields = ", ".join(f"{k}={a!r} (preset {b!r})" for k, (a, b) in differ.items())
         warnings.warn(

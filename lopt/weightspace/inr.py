@@ -27,9 +27,10 @@ outliers below 35 dB. With w0 = 8 (the digits presets, see
 :data:`DIGITS_W0`; 128 nets) 100 steps reach a mean of 39 dB (min 24 dB),
 200 steps 71 dB (min 42 dB). Full zoos (300 steps): digits at w0 = 8 PSNR
 median 118 dB (min 42 dB; MSE at most 4e-4 of the image variance), at
-w0 = 30 median 139 dB (min 68 dB); mnist1d (lr 3e-3, peak = each signal's range) median 59 dB, min 30 dB, MSE /
-signal variance median 2.4e-5, max 0.02. At 1 thread a chunk of 1,000 SIRENs
-x 300 steps takes ~24 s (digits) and ~15 s (mnist1d).
+w0 = 30 median 139 dB (min 68 dB); mnist1d (lr 3e-3, peak = each signal's
+range) median 59 dB, min 30 dB, MSE / signal variance median 2.4e-5, max
+0.02. At 1 thread a chunk of 1,000 SIRENs x 300 steps takes ~24 s (digits)
+and ~15 s (mnist1d).
 """
 
 from __future__ import annotations
