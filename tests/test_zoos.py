@@ -21,7 +21,7 @@ from lopt.weightspace.zoos import build_zoo, main, zoo_config
 
 #: A digits INR zoo of 16 SIRENs in 4 chunks: 4 images x 2 views x (image,
 #: dilated), one image per chunk.
-TINY_INR = {"num_items": 4, "views": 2, "steps": 100, "nets_per_chunk": 4}
+TINY_INR = {"num_items": 4, "views": 2, "steps": 300, "nets_per_chunk": 4}
 
 
 def chunk_digests(path: Path) -> dict[str, str]:
