@@ -197,15 +197,11 @@ def _warn_if_not_preset(path: Path, header: dict, name: str, size: str) -> None:
     """Warn when a cached zoo was built with another config than the current
     preset (an older version's, or ``--set`` overrides): its results are not
     the preset's."""
-    import dataclasses
-    import json
     import warnings
 
-    from lopt.weightspace.zoos import zoo_config
+    from lopt.weightspace.zoos import preset_differences
 
-    preset = json.loads(json.dumps(dataclasses.asdict(zoo_config(name, size))))
-    built = header.get("config", {})
-    differ = {k: (built.get(k), v) for k, v in preset.items() if built.get(k) != v}
+    differ = preset_differences(header, name, size)
     if differ:
         fields = ", ".join(f"{k}={a!r} (preset {b!r})" for k, (a, b) in differ.items())
         warnings.warn(

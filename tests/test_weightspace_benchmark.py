@@ -158,7 +158,7 @@ def test_a_cached_zoo_built_off_preset_is_flagged(zoo_dir, tmp_path):
     import dataclasses
     import warnings
 
-    from lopt.weightspace.zoos import zoo_config
+    from lopt.weightspace.zoos import preset_differences, zoo_config
 
     with pytest.warns(UserWarning, match=r"runs=12 \(preset 48\)"):
         bench.ensure_zoo("cnn_digits", zoo_dir, "quick", progress=False)
@@ -167,6 +167,7 @@ def test_a_cached_zoo_built_off_preset_is_flagged(zoo_dir, tmp_path):
     header["config"] = json.loads(
         json.dumps(dataclasses.asdict(zoo_config("cnn_digits", "quick")))
     )
+    assert preset_differences(header, "cnn_digits", "quick") == {}
     (tmp_path / "cnn_digits").mkdir()
     (tmp_path / "cnn_digits" / "zoo.json").write_text(json.dumps(header))
     with warnings.catch_warnings():

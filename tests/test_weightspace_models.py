@@ -508,6 +508,7 @@ def test_sign_canonical_models_ignore_sign_flips_of_odd_neurons(kind, case):
 
 
 def test_canonical_signs_leave_other_neurons_alone():
+    from lopt.weightspace.data import ACTIVATIONS
     from lopt.weightspace.features import canonical_signs
 
     # ReLU neurons and a tanh neuron feeding a residual sum cannot be flipped.
@@ -525,11 +526,12 @@ def test_canonical_signs_leave_other_neurons_alone():
     for net in (mlp(), Residual()):
         g = to_graph(net)
         x, e = canonical_signs(g)
-        flippable = (g.node_act == 7) & (g.node_role == NODE_ROLES.index("hidden"))
+        tanh = g.node_act == ACTIVATIONS.index("tanh")
+        flippable = tanh & (g.node_role == NODE_ROLES.index("hidden"))
         assert (g.x[:, 0] < 0).any()
         if isinstance(net, Residual):
             torch.testing.assert_close((x, e), (g.x, g.edge_attr))
         else:  # tanh layers of mlp() are flipped, its ReLU layers are not
             assert torch.all(x[flippable, 0] >= 0)
-            relu = g.node_act == 1
+            relu = g.node_act == ACTIVATIONS.index("relu")
             torch.testing.assert_close(x[relu], g.x[relu])

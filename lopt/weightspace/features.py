@@ -66,24 +66,19 @@ def canonical_signs(data) -> tuple[torch.Tensor, torch.Tensor]:
 
     A neuron is flippable when it is hidden, has an odd activation (``sin``,
     ``tanh``), is an affine layer's neuron (linear or conv), and all of its
-    outgoing edges are affine layers' weights (no residual identity or norm
-    edge, through which a negation would not cancel). Flipping negates its
-    bias, its incoming and its outgoing weights: the network's function does
-    not change. The choice depends on the neuron's own bias only, so it
-    commutes with permutations of hidden neurons. A bias of exactly zero is
-    left as it is.
+    incoming and outgoing edges are affine layers' weights (no residual
+    identity or norm edge, through which a negation would not cancel).
+    Flipping negates its bias, its incoming and its outgoing weights: the
+    network's function does not change. The choice depends on the neuron's
+    own bias only, so it commutes with permutations of hidden neurons. A bias
+    of exactly zero is left as it is.
     """
     x, edge_attr = data.x, data.edge_attr
     src, dst = data.edge_index
-    odd = torch.zeros_like(data.node_role, dtype=torch.bool)
-    for act in _ODD:
-        odd |= data.node_act == act
-    affine_node = torch.zeros_like(odd)
-    for t in _AFFINE:
-        affine_node |= data.node_type == t
-    affine_edge = torch.zeros_like(data.edge_type, dtype=torch.bool)
-    for t in _AFFINE:
-        affine_edge |= data.edge_type == t
+    affine = torch.tensor(_AFFINE, device=x.device)
+    odd = torch.isin(data.node_act, torch.tensor(_ODD, device=x.device))
+    affine_node = torch.isin(data.node_type, affine)
+    affine_edge = torch.isin(data.edge_type, affine)
     # Nodes with an incoming or outgoing edge that is not an affine weight.
     blocked = torch.zeros_like(odd)
     blocked[src[~affine_edge]] = True

@@ -24,8 +24,8 @@ Fit (digits, w0 = 30, lr 1e-3, 512 nets): 100 steps reach a mean PSNR of
 61 dB (min 56 dB), far beyond what an 8x8 image needs; w0 = 10 needs ~200
 steps for the same; lr 3e-3 or 1e-2 with w0 = 30 stalls at ~50 dB with
 outliers below 35 dB. With w0 = 8 (the digits presets, see
-:data:`DIGITS_W0`; 128 nets) 100 steps reach a mean of 39 dB (min 24 dB),
-200 steps 71 dB (min 42 dB). Full zoos (300 steps): digits at w0 = 8 PSNR
+:data:`DIGITS_W0`) fits need more steps: the quick zoo (200 steps) has a
+PSNR median of 53 dB (min 30 dB). Full zoos (300 steps): digits at w0 = 8 PSNR
 median 118 dB (min 42 dB; MSE at most 4e-4 of the image variance), at
 w0 = 30 median 139 dB (min 68 dB); mnist1d (lr 3e-3, peak = each signal's
 range) median 59 dB, min 30 dB, MSE / signal variance median 2.4e-5, max

@@ -133,6 +133,17 @@ def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj))
 
 
+def preset_differences(
+    header: Mapping[str, Any], name: str, size: str
+) -> dict[str, tuple[Any, Any]]:
+    """``{field: (built, preset)}`` for each config field of a zoo's header
+    that differs from the current ``name`` / ``size`` preset (empty when the
+    zoo is the preset's: built with no ``--set`` by this version)."""
+    preset = _jsonable(dataclasses.asdict(zoo_config(name, size)))
+    built = header.get("config", {})
+    return {k: (built.get(k), v) for k, v in preset.items() if built.get(k) != v}
+
+
 def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
