@@ -338,8 +338,14 @@ def model_factories(task: str, settings: Settings, train) -> dict[str, Callable]
     if spec.zoo in ("digits_inr", "mnist1d_inr"):
         # SIRENs: sin is odd, so each hidden neuron has a sign symmetry.
         models["ng_gnn_sign"] = gnn(replace(base, sign_canonical=True))
+    if spec.zoo in ("cnn_digits", "cnn_wild"):
+        # StatNN's per-layer weight statistics, per neuron, as node inputs.
+        models["ng_gnn_stats"] = gnn(replace(base, neuron_statistics=True))
     if spec.zoo == "cnn_wild":
         models["ng_gnn_noact"] = gnn(replace(base, activation_embedding=False))
+        models["ng_gnn_stats_noact"] = gnn(
+            replace(base, neuron_statistics=True, activation_embedding=False)
+        )
     return models
 
 

@@ -51,6 +51,7 @@ def _config(flags: str, probe_shape=()) -> WeightSpaceConfig:
         probes=4,
         probe_shape=probe_shape,
         sign_canonical=True,
+        neuron_statistics=True,
     )
 
 
@@ -535,3 +536,82 @@ def test_canonical_signs_leave_other_neurons_alone():
             assert torch.all(x[flippable, 0] >= 0)
             relu = g.node_act == ACTIVATIONS.index("relu")
             torch.testing.assert_close(x[relu], g.x[relu])
+
+
+def test_neuron_statistics_are_each_neurons_and_its_layers_weight_statistics():
+    from lopt.weightspace import neuron_statistics
+    from lopt.weightspace.features import NEURON_STATISTICS
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    g = to_graph(net)
+    stats = neuron_statistics(g)
+    assert stats.shape == (g.num_nodes, len(NEURON_STATISTICS))
+    col = {name: stats[:, i] for i, name in enumerate(NEURON_STATISTICS)}
+    w1, b1, w2 = net[0].weight.detach(), net[0].bias.detach(), net[2].weight.detach()
+    hidden = (g.node_layer == 1).nonzero().flatten()
+    # Hidden neurons follow the rows of the first layer's weight, in order.
+    torch.testing.assert_close(g.x[hidden, 0], b1)
+
+    def std(t, dim=None):
+        return t.std(dim, unbiased=False) if dim is not None else t.std(unbiased=False)
+
+    expect = {
+        "in_mean": w1.mean(1),
+        "in_std": std(w1, 1),
+        "in_abs": w1.abs().mean(1),
+        "in_max": w1.abs().amax(1),
+        "in_log_degree": torch.full((4,), 4.0).log(),
+        "out_mean": w2.mean(0),
+        "out_std": std(w2, 0),
+        "out_abs": w2.abs().mean(0),
+        "out_max": w2.abs().amax(0),
+        "out_log_degree": torch.full((4,), 3.0).log(),
+        "layer_mean": w1.mean().expand(4),
+        "layer_std": std(w1).expand(4),
+        "layer_abs": w1.abs().mean().expand(4),
+        "layer_bias_mean": b1.mean().expand(4),
+        "layer_bias_std": std(b1).expand(4),
+        "layer_log_size": torch.full((4,), 5.0).log(),
+        "rel_depth": torch.full((4,), 0.5),
+        "log_depth": torch.full((4,), 3.0).log(),
+    }
+    for name, value in expect.items():
+        torch.testing.assert_close(col[name][hidden], value, msg=name)
+    # Input neurons have no incoming edges and sit at depth 0 of 2.
+    inputs = g.node_layer == 0
+    assert torch.all(col["in_log_degree"][inputs] == 0)
+    assert torch.all(col["rel_depth"][inputs] == 0)
+    # In a batch each graph's rows are its own: statistics of one layer and
+    # one graph do not mix with the other graph's.
+    other = to_graph(nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2)))
+    batch = Batch.from_data_list([g, other])
+    torch.testing.assert_close(
+        neuron_statistics(batch), torch.cat([stats, neuron_statistics(other)])
+    )
+
+
+def test_neuron_statistics_are_standardised_once_fitted_and_widen_node_inputs():
+    torch.manual_seed(0)
+    graphs = [to_graph(mlp(seed=i)) for i in range(3)]
+    batch = Batch.from_data_list(graphs)
+    plain = NeuralGraphFeaturizer(1, WeightSpaceConfig(**OFF))
+    featurizer = NeuralGraphFeaturizer(
+        1, WeightSpaceConfig(neuron_statistics=True, **OFF)
+    )
+    from lopt.weightspace.features import NEURON_STATISTICS
+
+    assert featurizer.node_in == plain.node_in + len(NEURON_STATISTICS)
+    featurizer.fit_input_scales(batch)
+    nodes, _ = featurizer(batch)
+    stats = nodes[:, plain.node_in :]
+    # Standardised on the fitting graphs: zero mean, unit std where not constant.
+    torch.testing.assert_close(
+        stats.mean(0), torch.zeros(stats.shape[1]), atol=1e-4, rtol=0
+    )
+    # Unit std, or zero for the columns constant on these graphs (all have
+    # the same depth).
+    spread = stats.std(0)
+    unit = (spread - 1).abs() < 1e-3
+    assert torch.all(unit | (spread < 1e-6))
+    assert unit.sum() > len(NEURON_STATISTICS) // 2

@@ -33,6 +33,7 @@ from lopt.weightspace.features import (
     RandomFourierFeatures,
     WeightSpaceConfig,
     canonical_signs,
+    neuron_statistics,
 )
 from lopt.weightspace.models import NeuralGraphGNN
 from lopt.weightspace.probes import probe_activations
@@ -63,6 +64,7 @@ __all__ = [
     "RelationalAttentionLayer",
     "WeightSpaceConfig",
     "canonical_signs",
+    "neuron_statistics",
     "WeightSpaceOutput",
     "WeightSpaceReadout",
     "NeuralGraphFeaturizer",

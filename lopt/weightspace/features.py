@@ -14,6 +14,10 @@ behind a flag of :class:`WeightSpaceConfig` so that a benchmark can ablate it.
   :math:`w \\mapsto [\\sin(2\\pi b_k w), \\cos(2\\pi b_k w)]_{k=1..K}`.
 * **Probe features**: each neuron's activation on learned probe inputs
   (:mod:`lopt.weightspace.probes`).
+* **Neuron statistics** (not in the paper; what StatNN, Unterthiner et al.
+  2020, reads, made per neuron): each neuron's in- and out-weight statistics
+  and its layer's weight and bias statistics, as node inputs
+  (:func:`neuron_statistics`).
 * **Sign canonicalisation** (not in the paper; the sign symmetry that Scale
   Equivariant Graph Metanetworks, Kalogeropoulos et al. 2024, build in): a
   hidden neuron with an odd activation (``sin``, ``tanh``) computes the same
@@ -48,6 +52,8 @@ __all__ = [
     "RandomFourierFeatures",
     "NeuralGraphFeaturizer",
     "canonical_signs",
+    "neuron_statistics",
+    "NEURON_STATISTICS",
 ]
 
 _INPUT, _OUTPUT = NODE_ROLES.index("input"), NODE_ROLES.index("output")
@@ -89,6 +95,106 @@ def canonical_signs(data) -> tuple[torch.Tensor, torch.Tensor]:
     x[:, _BIAS] = x[:, _BIAS] * sign
     edge_attr = edge_attr * (sign[src] * sign[dst]).to(edge_attr.dtype)[:, None]
     return x, edge_attr
+
+
+#: Columns of :func:`neuron_statistics`. ``in_*`` / ``out_*``: over every
+#: scalar of a neuron's incoming / outgoing edges (all kernel entries);
+#: ``layer_*``: over the edges into, and the biases of, every neuron of the
+#: same graph at the same depth; ``rel_depth``: depth over the graph's
+#: deepest node; ``log_depth``: log(1 + that deepest depth).
+NEURON_STATISTICS = (
+    "in_mean",
+    "in_std",
+    "in_abs",
+    "in_max",
+    "in_log_degree",
+    "out_mean",
+    "out_std",
+    "out_abs",
+    "out_max",
+    "out_log_degree",
+    "layer_mean",
+    "layer_std",
+    "layer_abs",
+    "layer_bias_mean",
+    "layer_bias_std",
+    "layer_log_size",
+    "rel_depth",
+    "log_depth",
+)
+
+
+def _group_moments(
+    values: torch.Tensor, index: torch.Tensor, size: int, per_row: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean, std, mean absolute value and row count per group: ``values
+    (n, per_row)`` are ``per_row`` scalars of one row, ``index (n,)`` its
+    group."""
+    sums = values.new_zeros(size, 3).index_add_(
+        0,
+        index,
+        torch.stack(
+            [values.sum(1), (values * values).sum(1), values.abs().sum(1)], dim=1
+        ),
+    )
+    rows = torch.bincount(index, minlength=size).to(values.dtype)
+    count = (rows * per_row).clamp(min=1)
+    mean, sq, absolute = (sums / count[:, None]).unbind(1)
+    std = (sq - mean * mean).clamp(min=0).sqrt()
+    return mean, std, absolute, rows
+
+
+def neuron_statistics(
+    data, x: torch.Tensor | None = None, edge_attr: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``(N, len(NEURON_STATISTICS))`` per-neuron statistics of a graph or
+    batch (columns: :data:`NEURON_STATISTICS`), from ``x`` and ``edge_attr``
+    (default: the graph's own).
+
+    Every column is a symmetric function of a neuron's own edges, or of all
+    neurons of its layer, or of its depth, so permuting hidden neurons
+    permutes the rows and changes nothing else. A message-passing model could
+    in principle compute them; given as inputs, it need not learn the
+    per-layer scale statistics that make StatNN a strong baseline for
+    generalization prediction.
+    """
+    x = data.x if x is None else x
+    edge_attr = data.edge_attr if edge_attr is None else edge_attr
+    src, dst = data.edge_index
+    n, per_edge = x.shape[0], edge_attr.shape[1]
+    batch = getattr(data, "batch", None)
+    if batch is None:
+        batch = torch.zeros(n, dtype=torch.long, device=x.device)
+    depth = data.node_layer
+    graphs = int(batch.max()) + 1 if n else 0
+    deepest = depth.new_zeros(graphs).scatter_reduce(
+        0, batch, depth, "amax", include_self=True
+    )
+    edge_max = edge_attr.abs().amax(1)
+    cols = []
+    for index in (dst, src):
+        mean, std, absolute, degree = _group_moments(edge_attr, index, n, per_edge)
+        peak = edge_max.new_zeros(n).scatter_reduce(
+            0, index, edge_max, "amax", include_self=True
+        )
+        cols += [mean, std, absolute, peak, degree.log1p()]
+    levels = int(depth.max()) + 1 if n else 1
+    group = batch * levels + depth
+    groups = graphs * levels
+    mean, std, absolute, _ = _group_moments(edge_attr, group[dst], groups, per_edge)
+    bias = x[:, _BIAS : _BIAS + 1]
+    b_mean, b_std, _, size = _group_moments(bias, group, groups, 1)
+    cols += [
+        mean[group],
+        std[group],
+        absolute[group],
+        b_mean[group],
+        b_std[group],
+        size[group].log1p(),
+        depth.to(x.dtype) / deepest[batch].clamp(min=1).to(x.dtype),
+        deepest[batch].to(x.dtype).log1p(),
+    ]
+    return torch.stack(cols, dim=1)
 
 
 @dataclass(frozen=True)
@@ -134,6 +240,7 @@ class WeightSpaceConfig:
     probe_shape: tuple[int, ...] = ()
     input_clip: float | None = 100.0
     sign_canonical: bool = False
+    neuron_statistics: bool = False
 
     def __post_init__(self):
         if self.max_positions < 1:
@@ -204,9 +311,9 @@ class NeuralGraphFeaturizer(nn.Module):
     :class:`WeightSpaceConfig`.
 
     Node inputs, in order: ``x`` (or its Fourier features), the role one-hot,
-    then, where enabled, the layer-type, activation and positional embeddings
-    and the probe values. Edge inputs: ``edge_attr`` (or its Fourier
-    features) and the layer-type embedding.
+    then, where enabled, the layer-type, activation and positional embeddings,
+    the probe values and the neuron statistics. Edge inputs: ``edge_attr``
+    (or its Fourier features) and the layer-type embedding.
 
     Args:
         edge_features (int): ``F_edge`` of the graphs.
@@ -253,10 +360,15 @@ class NeuralGraphFeaturizer(nn.Module):
                 torch.empty(config.probes, *config.probe_shape)
             )
             self.node_in += config.probes
+        if config.neuron_statistics:
+            self.node_in += len(NEURON_STATISTICS)
         # Input scales per layer depth (row d + 1 for depth d, row 0 for
         # depths not seen when fitted); empty: no scaling.
         self.register_buffer("node_scale", torch.ones(0))
         self.register_buffer("edge_scale", torch.ones(0))
+        # Standardisation of the neuron statistics; empty: none.
+        self.register_buffer("stat_shift", torch.zeros(0))
+        self.register_buffer("stat_scale", torch.ones(0))
         self.reset_parameters()
 
     @torch.no_grad()
@@ -287,6 +399,11 @@ class NeuralGraphFeaturizer(nn.Module):
         x, edge_attr = self._signed(data)
         self.node_scale = scales(x.float(), node_depth)
         self.edge_scale = scales(edge_attr.float(), edge_depth)
+        if self.config.neuron_statistics:
+            stats = neuron_statistics(data, *self._scaled(data)).float()
+            self.stat_shift = stats.mean(0)
+            std = stats.std(0) if len(stats) > 1 else torch.ones_like(stats[0])
+            self.stat_scale = torch.where(std > 1e-8, std, torch.ones_like(std))
 
     def _signed(self, data) -> tuple[torch.Tensor, torch.Tensor]:
         if self.config.sign_canonical:
@@ -344,6 +461,9 @@ class NeuralGraphFeaturizer(nn.Module):
             )
         config = self.config
         x, edge_attr = self._scaled(data)
+        stats = (
+            neuron_statistics(data, x, edge_attr) if config.neuron_statistics else None
+        )
         if self.fourier is not None:
             x, edge_attr = self.fourier(x), self.fourier(edge_attr)
         nodes = [x, F.one_hot(data.node_role, len(NODE_ROLES)).to(x.dtype)]
@@ -364,6 +484,12 @@ class NeuralGraphFeaturizer(nn.Module):
                 )
             probes = probe_activations(networks, data, self.probe_inputs)
             nodes.append(probes.to(x.dtype))
+        if stats is not None:
+            if len(self.stat_scale):
+                stats = (stats - self.stat_shift) / self.stat_scale
+                if config.input_clip is not None:
+                    stats = stats.clamp(-config.input_clip, config.input_clip)
+            nodes.append(stats.to(x.dtype))
         return torch.cat(nodes, dim=1), torch.cat(edges, dim=1)
 
     def __repr__(self) -> str:
