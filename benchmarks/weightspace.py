@@ -94,6 +94,8 @@ class Settings:
         lr_patience: halve the learning rate of every gradient-trained model
             after this many epochs without a better validation metric
             (:class:`lopt.weightspace.WeightSpaceTrainer`); ``None``: constant.
+        grad_clip: global gradient-norm clip of every gradient-trained model;
+            ``None``: none.
     """
 
     size: str = "full"
@@ -117,6 +119,7 @@ class Settings:
     tree_iters: int = 200
     max_seconds: float | None = 300.0
     lr_patience: int | None = None
+    grad_clip: float | None = None
 
 
 QUICK = Settings(
@@ -429,6 +432,7 @@ def run_benchmark(
                     patience=settings.patience,
                     max_seconds=settings.max_seconds,
                     lr_patience=settings.lr_patience,
+                    grad_clip=settings.grad_clip,
                     seed=seed,
                     progress=progress,
                     desc=f"{task} {key} s{seed}",
@@ -517,6 +521,18 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         help="halve the learning rate after this many epochs without a better "
         "validation metric (default: constant rate)",
     )
+    parser.add_argument(
+        "--patience",
+        type=int,
+        help="stop a fit after this many epochs without a better validation "
+        "metric (default 10)",
+    )
+    parser.add_argument(
+        "--grad-clip",
+        type=float,
+        help="clip every gradient-trained model's gradient norm to this "
+        "(default: no clipping)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--no-progress", action="store_true")
     return parser.parse_args(argv)
@@ -538,6 +554,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "layers": args.layers,
         "lr": args.lr,
         "lr_patience": args.lr_patience,
+        "patience": args.patience,
+        "grad_clip": args.grad_clip,
     }
     settings = replace(
         settings, **{k: v for k, v in overrides.items() if v is not None}
@@ -558,6 +576,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if settings.lr_patience is not None and settings.lr_patience < 1:
         print(f"error: Invalid --lr-patience: {settings.lr_patience}", file=sys.stderr)
+        return 2
+    if settings.patience < 1:
+        print(f"error: Invalid --patience: {settings.patience}", file=sys.stderr)
+        return 2
+    if settings.grad_clip is not None and not settings.grad_clip > 0:
+        print(f"error: Invalid --grad-clip: {settings.grad_clip}", file=sys.stderr)
         return 2
     if settings.fourier < 0 or not set(settings.pooling.split(",")) <= set(POOLINGS):
         print(

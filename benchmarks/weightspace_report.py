@@ -260,6 +260,7 @@ def markdown_report(results: dict) -> str:
             if s.get("lr_patience")
             else ""
         )
+        + (f", gradient norm clipped at {s['grad_clip']}" if s.get("grad_clip") else "")
         + f", batch {s['batch_size']}; best validation epoch "
         f"kept. NG models: {s.get('fourier', 0)} random Fourier features per "
         f"scalar weight, widths {s.get('node_dim', 32)}/{s.get('edge_dim', 8)} "

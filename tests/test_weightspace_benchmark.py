@@ -39,6 +39,7 @@ def test_benchmark_runs_every_model_and_writes_its_outputs(zoo_dir, tmp_path):
     entry = results["tasks"]["cnn_digits"]
     assert set(entry["models"]) == {
         "ng_gnn",
+        "ng_gnn_stats",
         "ng_t",
         "nfn",
         "flat",
@@ -54,6 +55,7 @@ def test_benchmark_runs_every_model_and_writes_its_outputs(zoo_dir, tmp_path):
         assert all(len(r["history"]) == r["epochs_run"] for r in model["runs"])
     claims = [c["claim"] for c in results["acceptance"]]
     assert "cnn_digits: NG-GNN tau >= StatNN + 0.015" in claims
+    assert "cnn_digits: NG-GNN +stats tau >= StatNN + 0.015" in claims
     results["provenance"] = {"command": "python -m benchmarks.weightspace --test"}
     paths = bench.write_outputs(results, tmp_path)
     saved = json.loads(paths["json"].read_text())
@@ -148,6 +150,8 @@ def test_bad_fourier_or_pooling_is_a_clear_error(tmp_path, capsys):
         (["--layers", "0"], "Invalid --node-dim, --edge-dim or --layers"),
         (["--lr", "0"], "Invalid --lr: 0.0"),
         (["--lr-patience", "0"], "Invalid --lr-patience: 0"),
+        (["--patience", "0"], "Invalid --patience: 0"),
+        (["--grad-clip", "0"], "Invalid --grad-clip: 0.0"),
     ):
         args = [*flags, "--zoo-dir", str(tmp_path), "--out", str(tmp_path)]
         assert bench.main(args) == 2

@@ -146,6 +146,34 @@ def test_lr_patience_halves_the_rate_on_each_plateau(toy):
     assert {r["lr"] for r in fit.history} == {1e-6}
 
 
+def test_grad_clip_clips_every_step_to_the_given_norm(toy, monkeypatch):
+    """Every step's gradient norm is clipped to ``grad_clip`` (measured after
+    the clip), and nothing is clipped by default."""
+    train, val, _ = toy
+    norms, calls = [], []
+    real = torch.nn.utils.clip_grad_norm_
+
+    def spy(params, max_norm, *args, **kwargs):
+        params = list(params)
+        calls.append(max_norm)
+        total = real(params, max_norm, *args, **kwargs)
+        grads = [p.grad.flatten() for p in params if p.grad is not None]
+        norms.append(float(torch.cat(grads).norm()))
+        return total
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    model = NeuralGraphGNN(train.edge_features, graph_out=2, node_dim=8, num_layers=1)
+    WeightSpaceTrainer(
+        model, "classification", lr=1e-3, epochs=2, batch_size=4, grad_clip=1e-3
+    ).fit(train, val)
+    steps = 2 * -(-len(train) // 4)
+    assert calls == [1e-3] * steps
+    assert max(norms) <= 1e-3 * (1 + 1e-4)
+    calls.clear()
+    WeightSpaceTrainer(model, "classification", epochs=1).fit(train, val)
+    assert calls == []
+
+
 def test_kendall_tau():
     assert kendall_tau(torch.arange(5.0), torch.arange(5.0)) == pytest.approx(1.0)
     assert kendall_tau(torch.arange(5.0), -torch.arange(5.0)) == pytest.approx(-1.0)
@@ -162,6 +190,7 @@ def test_kendall_tau():
         ({"weight_decay": -1.0}, "Invalid weight_decay"),
         ({"edit_scale": 0.0}, "Invalid edit_scale"),
         ({"lr_patience": 0}, "Invalid lr_patience"),
+        ({"grad_clip": 0.0}, "Invalid grad_clip"),
     ],
 )
 def test_invalid_arguments(kwargs, message):

@@ -192,6 +192,10 @@ class WeightSpaceTrainer:
             reduce-on-plateau schedule; it needs ``val``); ``None``: a
             constant learning rate. Keep it below ``patience`` or it never
             acts. (default: ``None``)
+        grad_clip: clip the gradient's global norm to this before each
+            step (:func:`torch.nn.utils.clip_grad_norm_`); ``None``: never.
+            One batch of outliers (a diverged network in a zoo) otherwise
+            can throw a fit far off in one step. (default: ``None``)
         seed: seeds the model's initialisation (the model, or the graph
             model a :class:`GraphPredictor` wraps, is re-initialised with its
             ``reset_parameters`` under this seed), the batch order and any
@@ -219,6 +223,7 @@ class WeightSpaceTrainer:
         patience: int | None = 10,
         max_seconds: float | None = None,
         lr_patience: int | None = None,
+        grad_clip: float | None = None,
         seed: int = 0,
         edit_scale: float = 0.01,
         progress: bool = False,
@@ -238,7 +243,9 @@ class WeightSpaceTrainer:
             raise ValueError(f"Invalid patience: {patience}")
         if lr_patience is not None and lr_patience < 1:
             raise ValueError(f"Invalid lr_patience: {lr_patience}")
-        self.lr_patience = lr_patience
+        if grad_clip is not None and not grad_clip > 0:
+            raise ValueError(f"Invalid grad_clip: {grad_clip}")
+        self.lr_patience, self.grad_clip = lr_patience, grad_clip
         self.model = as_predictor(model)
         if hasattr(self.model, "task"):
             self.model.task = task
@@ -376,6 +383,8 @@ class WeightSpaceTrainer:
                 loss = self._loss(train, index)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if self.grad_clip is not None:
+                    nn.utils.clip_grad_norm_(params, self.grad_clip)
                 optimizer.step()
                 total += float(loss.detach()) * len(index)
                 count += len(index)
