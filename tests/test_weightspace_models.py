@@ -55,7 +55,7 @@ def _config(flags: str, probe_shape=()) -> WeightSpaceConfig:
     )
 
 
-ALL_POOLINGS = ("mean", "std", "max", "output")
+ALL_POOLINGS = ("mean", "std", "max", "output", "depth")
 
 
 def _model(
@@ -615,3 +615,22 @@ def test_neuron_statistics_are_standardised_once_fitted_and_widen_node_inputs():
     unit = (spread - 1).abs() < 1e-3
     assert torch.all(unit | (spread < 1e-6))
     assert unit.sum() > len(NEURON_STATISTICS) // 2
+
+
+def test_depth_pool_gives_one_bin_per_layer_and_spreads_shallow_networks():
+    from lopt.weightspace.readout import depth_pool
+
+    # Graph 0: depths 0..4 (one bin per depth); graph 1: depths 0..2.
+    depth = torch.tensor([0, 1, 1, 2, 3, 4, 0, 1, 2, 2])
+    index = torch.tensor([0, 0, 0, 0, 0, 0, 1, 1, 1, 1])
+    values = torch.arange(10.0)[:, None]
+    deepest = torch.tensor([4, 2])
+    out = depth_pool(values, depth, index, deepest, 2, bins=4)
+    assert out.shape == (2, 5)
+    torch.testing.assert_close(out[0], torch.tensor([0.0, 1.5, 3.0, 4.0, 5.0]))
+    # Depth 1 of 2 is half way (bin 2), depth 2 of 2 the last bin (4).
+    torch.testing.assert_close(out[1], torch.tensor([6.0, 0.0, 7.0, 0.0, 8.5]))
+    with pytest.raises(ValueError, match="depth_pool"):
+        from lopt.weightspace.readout import pool
+
+        pool(values, index, 2, "depth")

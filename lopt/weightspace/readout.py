@@ -16,6 +16,7 @@ __all__ = [
     "POOLINGS",
     "WeightSpaceOutput",
     "WeightSpaceReadout",
+    "depth_pool",
     "mean_pool",
     "output_neurons",
     "pool",
@@ -26,7 +27,12 @@ __all__ = [
 #: the rows it pools. ``"output"`` concatenates the embeddings of the output
 #: neurons in the order of their positions (the paper's readout, "cat" over
 #: the last layer): output neurons are never permuted, so it is invariant too.
-POOLINGS = ("mean", "std", "max", "output")
+#: ``"depth"`` concatenates the means over :data:`DEPTH_BINS` + 1 bins of
+#: relative depth (see :func:`depth_pool`): per-layer summaries, as StatNN's
+#: per-layer blocks, for networks of any depth.
+POOLINGS = ("mean", "std", "max", "output", "depth")
+#: Bins of ``"depth"`` pooling after the input layer's own bin.
+DEPTH_BINS = 4
 
 _OUTPUT = NODE_ROLES.index("output")
 
@@ -62,6 +68,8 @@ def pool(
         return mean_std_from_sums(sums.T, count, width)[1]
     if how == "output":
         raise ValueError("'output' reads output neurons: see output_neurons()")
+    if how == "depth":
+        raise ValueError("'depth' needs the depths: see depth_pool()")
     if how == "max":
         out = values.new_full((size, values.shape[1]), -torch.inf)
         out = out.scatter_reduce(
@@ -69,6 +77,26 @@ def pool(
         )
         return torch.where(torch.isinf(out), torch.zeros_like(out), out)
     raise ValueError(f"Invalid pooling: {how!r} (expected one of {POOLINGS})")
+
+
+def depth_pool(
+    values: torch.Tensor,
+    depth: torch.Tensor,
+    index: torch.Tensor,
+    deepest: torch.Tensor,
+    size: int,
+    bins: int = DEPTH_BINS,
+) -> torch.Tensor:
+    """``(size, (bins + 1) F)``: per group (graph), the means of the rows of
+    ``values (n, F)`` in each of ``bins + 1`` bins of relative depth,
+    concatenated: bin 0 holds depth 0 (input neurons), bin ``k >= 1`` the
+    depths ``d`` with ``ceil(bins d / D) = k`` where ``D = deepest[group]``
+    (so a network of ``bins`` layers gets one bin per layer). Empty bins give
+    zeros. ``depth (n,)`` and ``index (n,)``: each row's depth and group."""
+    total = deepest[index].clamp(min=1).to(values.dtype)
+    level = torch.ceil(bins * depth.to(values.dtype) / total).long().clamp(0, bins)
+    pooled = mean_pool(values, index * (bins + 1) + level, size * (bins + 1))
+    return pooled.view(size, (bins + 1) * values.shape[1])
 
 
 def output_neurons(
@@ -112,7 +140,9 @@ class WeightSpaceReadout(nn.Module):
     the embeddings of the first ``output_neurons`` output neurons, in
     position order (see :func:`output_neurons`), the readout of the paper's
     code: invariant to permutations of hidden neurons, which is the symmetry
-    of a network. Node and
+    of a network. ``"depth"`` adds the mean node and edge embeddings per bin
+    of relative depth (:func:`depth_pool`; an edge goes with the neuron it
+    feeds), invariant for the same reason. Node and
     edge outputs are linear maps of each embedding, so they permute with the
     nodes and edges, and have the widths of ``x`` and ``edge_attr`` so that
     :func:`~lopt.weightspace.from_graph_outputs` maps them back to a
@@ -157,10 +187,12 @@ class WeightSpaceReadout(nn.Module):
                 f"Invalid pooling: {list(pooling)} (distinct names from {POOLINGS})"
             )
         self.pooling, self.output_neurons = pooling, output_neurons
-        symmetric = [p for p in pooling if p != "output"]
+        symmetric = [p for p in pooling if p not in ("output", "depth")]
         width = len(symmetric) * (node_dim + edge_dim)
         if "output" in pooling:
             width += output_neurons * node_dim
+        if "depth" in pooling:
+            width += (DEPTH_BINS + 1) * (node_dim + edge_dim)
         self.graph_head = nn.Sequential(
             nn.Linear(width, node_dim),
             nn.SiLU(),
@@ -180,13 +212,22 @@ class WeightSpaceReadout(nn.Module):
     ) -> WeightSpaceOutput:
         batch, num_graphs = graph_batch(data, h.shape[0])
         edge_batch = batch[edge_index[0]]
-        symmetric = [p for p in self.pooling if p != "output"]
+        symmetric = [p for p in self.pooling if p not in ("output", "depth")]
         parts = [pool(h, batch, num_graphs, how) for how in symmetric]
         parts += [pool(e, edge_batch, num_graphs, how) for how in symmetric]
         if "output" in self.pooling:
             parts.append(
                 output_neurons(h, data, batch, num_graphs, self.output_neurons)
             )
+        if "depth" in self.pooling:
+            depth = data.node_layer
+            deepest = depth.new_zeros(num_graphs).scatter_reduce(
+                0, batch, depth, "amax", include_self=True
+            )
+            # An edge is binned with the neuron it feeds.
+            dst = edge_index[1]
+            parts.append(depth_pool(h, depth, batch, deepest, num_graphs))
+            parts.append(depth_pool(e, depth[dst], edge_batch, deepest, num_graphs))
         pooled = torch.cat(parts, dim=1)
         return WeightSpaceOutput(
             self.graph_head(pooled), self.node_head(h), self.edge_head(e)
