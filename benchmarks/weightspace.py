@@ -13,10 +13,11 @@ validation split):
   MSE of the edited SIREN's outputs against the dilated image on the 8x8
   grid.
 - ``cnn_digits``: predict a CNN's held-out accuracy from its weights
-  (homogeneous zoo, Kendall's tau).
+  (homogeneous zoo, Kendall's tau). Extra: NG-GNN with per-neuron weight
+  statistics as node inputs (``+stats``).
 - ``cnn_wild``: the same on the heterogeneous zoo, tested on architecture
   families never seen in training. Ablation: no activation embedding
-  (``-act``).
+  (``-act``, also of ``+stats``).
 
 Zoos are built (or loaded when complete) under ``--zoo-dir`` (default
 ``runs/weightspace_zoos/{quick,full}``, gitignored). Results: JSON, Markdown
