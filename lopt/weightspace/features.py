@@ -157,6 +157,11 @@ def neuron_statistics(
     in principle compute them; given as inputs, it need not learn the
     per-layer scale statistics that make StatNN a strong baseline for
     generalization prediction.
+
+    Statistics are over every entry of ``edge_attr``: in a batch whose
+    kernels were padded to one size (``to_graph(kernel_size=...)``), a smaller
+    kernel's padding counts as zeros, so its means and stds are those of the
+    padded kernel.
     """
     x = data.x if x is None else x
     edge_attr = data.edge_attr if edge_attr is None else edge_attr
