@@ -46,6 +46,7 @@ from lopt.weightspace.data import (
     NODE_ROLES,
 )
 from lopt.weightspace.probes import probe_activations
+from lopt.weightspace.readout import deepest_layer, graph_batch
 
 __all__ = [
     "WeightSpaceConfig",
@@ -167,14 +168,9 @@ def neuron_statistics(
     edge_attr = data.edge_attr if edge_attr is None else edge_attr
     src, dst = data.edge_index
     n, per_edge = x.shape[0], edge_attr.shape[1]
-    batch = getattr(data, "batch", None)
-    if batch is None:
-        batch = torch.zeros(n, dtype=torch.long, device=x.device)
+    batch, graphs = graph_batch(data, n)
     depth = data.node_layer
-    graphs = int(batch.max()) + 1 if n else 0
-    deepest = depth.new_zeros(graphs).scatter_reduce(
-        0, batch, depth, "amax", include_self=True
-    )
+    deepest = deepest_layer(data, batch, graphs)
     edge_max = edge_attr.abs().amax(1)
     cols = []
     for index in (dst, src):

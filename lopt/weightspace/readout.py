@@ -129,6 +129,14 @@ def graph_batch(data, num_nodes: int) -> tuple[torch.Tensor, int]:
     return batch, int(data.num_graphs)
 
 
+def deepest_layer(data, batch: torch.Tensor, num_graphs: int) -> torch.Tensor:
+    """``(num_graphs,)``: the largest ``node_layer`` of each graph."""
+    depth = data.node_layer
+    return depth.new_zeros(num_graphs).scatter_reduce(
+        0, batch, depth, "amax", include_self=True
+    )
+
+
 class WeightSpaceReadout(nn.Module):
     r"""Graph, node and edge outputs from node and edge embeddings.
 
@@ -221,9 +229,7 @@ class WeightSpaceReadout(nn.Module):
             )
         if "depth" in self.pooling:
             depth = data.node_layer
-            deepest = depth.new_zeros(num_graphs).scatter_reduce(
-                0, batch, depth, "amax", include_self=True
-            )
+            deepest = deepest_layer(data, batch, num_graphs)
             # An edge is binned with the neuron it feeds.
             dst = edge_index[1]
             parts.append(depth_pool(h, depth, batch, deepest, num_graphs))
