@@ -620,16 +620,20 @@ def test_neuron_statistics_are_standardised_once_fitted_and_widen_node_inputs():
 def test_depth_pool_gives_one_bin_per_layer_and_spreads_shallow_networks():
     from lopt.weightspace.readout import depth_pool
 
-    # Graph 0: depths 0..4 (one bin per depth); graph 1: depths 0..2.
-    depth = torch.tensor([0, 1, 1, 2, 3, 4, 0, 1, 2, 2])
-    index = torch.tensor([0, 0, 0, 0, 0, 0, 1, 1, 1, 1])
-    values = torch.arange(10.0)[:, None]
-    deepest = torch.tensor([4, 2])
-    out = depth_pool(values, depth, index, deepest, 2, bins=4)
-    assert out.shape == (2, 5)
+    # Graph 0: depths 0..4 (one bin per depth); graph 1: depths 0..2;
+    # graph 2: depths 0..5.
+    depth = torch.tensor([0, 1, 1, 2, 3, 4, 0, 1, 2, 2, 0, 1, 2, 3, 4, 5])
+    index = torch.tensor([0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2])
+    values = torch.arange(16.0)[:, None]
+    deepest = torch.tensor([4, 2, 5])
+    out = depth_pool(values, depth, index, deepest, 3, bins=4)
+    assert out.shape == (3, 5)
     torch.testing.assert_close(out[0], torch.tensor([0.0, 1.5, 3.0, 4.0, 5.0]))
     # Depth 1 of 2 is half way (bin 2), depth 2 of 2 the last bin (4).
     torch.testing.assert_close(out[1], torch.tensor([6.0, 0.0, 7.0, 0.0, 8.5]))
+    # Of 5: depth 1 goes to bin 1 (ceil 0.8; not the input's bin), depths 2
+    # and 3 to bins 2 and 3 (ceil 1.6, ceil 2.4), depths 4 and 5 both to bin 4.
+    torch.testing.assert_close(out[2], torch.tensor([10.0, 11.0, 12.0, 13.0, 14.5]))
     with pytest.raises(ValueError, match="depth_pool"):
         from lopt.weightspace.readout import pool
 
