@@ -33,17 +33,18 @@ Build times, measured with ``--threads 1`` (faster than 2 on this shared
 2-core machine, where other engineers' jobs kept the load average at 1-3;
 during the full builds this repository's slow tests also ran for a few
 minutes; digits_inr re-timed at w0 = 8, 200 quick steps, next to a
-benchmark on the other core); peak RSS of the whole process, torch
-included:
+benchmark on the other core; the CNN zoos' ranges are two builds in two
+sessions, the faster side by side with each other only); peak RSS of the
+whole process, torch included:
 
-=========== ============================ =====================================
+=========== ============================ =============================================
 zoo         quick                        full
-=========== ============================ =====================================
+=========== ============================ =============================================
 digits_inr  1,024 nets, 13 s, 609 MiB    35,940 nets, 633 s, 653 MiB, 190 MB
 mnist1d_inr 1,000 nets, 13 s, 502 MiB    50,000 nets, 734 s, 533 MiB, 241 MB
-cnn_digits  144 nets, 15 s, 483 MiB      6,144 nets, 903 s, 522 MiB, 92 MB
-cnn_wild    96 nets, 28 s, 394 MiB       3,456 nets, 1,279 s, 529 MiB, 111 MB
-=========== ============================ =====================================
+cnn_digits  144 nets, 15 s, 483 MiB      6,144 nets, 444-903 s, 522-605 MiB, 92 MB
+cnn_wild    96 nets, 28 s, 394 MiB       3,456 nets, 754-1,279 s, 529-585 MiB, 111 MB
+=========== ============================ =============================================
 
 Quick: digits 256 images x 2 views x (image, dilated), 200 steps; mnist1d
 500 signals x 2 views, 150 steps; 48 runs x checkpoints at 20/80/240 steps;
