@@ -276,6 +276,10 @@ def no_edit_mse(data) -> float:
 
 
 # -------------------------------------------------------------------- models
+#: Neuron statistics scaled through their quantiles (``ng_gnn_qstats``).
+QSTATS = {"neuron_statistics": True, "statistics_scaling": "quantile"}
+
+
 def model_factories(task: str, settings: Settings, train) -> dict[str, Callable]:
     """``{model key: () -> predictor}`` run on ``task``."""
     from lopt.weightspace import (
@@ -345,10 +349,15 @@ def model_factories(task: str, settings: Settings, train) -> dict[str, Callable]
     if spec.zoo in ("cnn_digits", "cnn_wild"):
         # StatNN's per-layer weight statistics, per neuron, as node inputs.
         models["ng_gnn_stats"] = gnn(replace(base, neuron_statistics=True))
+        # The same, put on one scale through their quantiles (heavy tails).
+        models["ng_gnn_qstats"] = gnn(replace(base, **QSTATS))
     if spec.zoo == "cnn_wild":
         models["ng_gnn_noact"] = gnn(replace(base, activation_embedding=False))
         models["ng_gnn_stats_noact"] = gnn(
             replace(base, neuron_statistics=True, activation_embedding=False)
+        )
+        models["ng_gnn_qstats_noact"] = gnn(
+            replace(base, activation_embedding=False, **QSTATS)
         )
     return models
 

@@ -29,6 +29,8 @@ LABELS = {
     "ng_gnn_sign": "NG-GNN +sign",
     "ng_gnn_stats": "NG-GNN +stats",
     "ng_gnn_stats_noact": "NG-GNN +stats -act",
+    "ng_gnn_qstats": "NG-GNN +qstats",
+    "ng_gnn_qstats_noact": "NG-GNN +qstats -act",
     "nfn": "NFN (HNP)",
     "flat": "MLP (flat)",
     "flat_aug": "MLP (flat, perm. aug.)",
@@ -47,7 +49,10 @@ def _get(results: dict, task: str, model: str) -> float | None:
 
 #: Models of this project beyond the issue's: their acceptance rows are listed
 #: only when a run trained them.
-_EXTRAS = ("ng_gnn_sign", "ng_gnn_stats")
+_EXTRAS = ("ng_gnn_sign", "ng_gnn_stats", "ng_gnn_qstats")
+
+#: The NG-GNN variants with neuron statistics, checked on the CNN zoos.
+_STATS = ("ng_gnn_stats", "ng_gnn_qstats")
 
 
 def _ran(results: dict, task: str, models: Sequence[str]) -> list[str]:
@@ -143,7 +148,7 @@ def acceptance(results: dict) -> list[dict]:
             )
     if "cnn_digits" in results["tasks"]:
         stat = _best(results, "cnn_digits", ("statnn", "statnn_gbt"))
-        for ng in _ran(results, "cnn_digits", ("ng_gnn", "ng_gnn_stats", "ng_t")):
+        for ng in _ran(results, "cnn_digits", ("ng_gnn", *_STATS, "ng_t")):
             m = margin("cnn_digits", ng, stat) if stat else None
             add(
                 f"cnn_digits: {LABELS[ng]} tau >= StatNN + 0.015",
@@ -162,7 +167,7 @@ def acceptance(results: dict) -> list[dict]:
             )
     if "cnn_wild" in results["tasks"]:
         stat = _best(results, "cnn_wild", ("statnn", "statnn_gbt"))
-        for ng in _ran(results, "cnn_wild", ("ng_gnn", "ng_gnn_stats", "ng_t")):
+        for ng in _ran(results, "cnn_wild", ("ng_gnn", *_STATS, "ng_t")):
             m = margin("cnn_wild", ng, stat) if stat else None
             add(
                 f"cnn_wild: {LABELS[ng]} tau >= StatNN + 0.08 (unseen architectures)",
@@ -171,7 +176,7 @@ def acceptance(results: dict) -> list[dict]:
                 None if m is None else m >= 0.08,
                 "tau difference",
             )
-        for ng in _ran(results, "cnn_wild", ("ng_gnn", "ng_gnn_stats")):
+        for ng in _ran(results, "cnn_wild", ("ng_gnn", *_STATS)):
             m = margin("cnn_wild", ng, f"{ng}_noact")
             add(
                 "cnn_wild: removing the activation embedding costs >= 0.02 tau "

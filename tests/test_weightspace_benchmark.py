@@ -40,6 +40,7 @@ def test_benchmark_runs_every_model_and_writes_its_outputs(zoo_dir, tmp_path):
     assert set(entry["models"]) == {
         "ng_gnn",
         "ng_gnn_stats",
+        "ng_gnn_qstats",
         "ng_t",
         "nfn",
         "flat",
@@ -56,6 +57,7 @@ def test_benchmark_runs_every_model_and_writes_its_outputs(zoo_dir, tmp_path):
     claims = [c["claim"] for c in results["acceptance"]]
     assert "cnn_digits: NG-GNN tau >= StatNN + 0.015" in claims
     assert "cnn_digits: NG-GNN +stats tau >= StatNN + 0.015" in claims
+    assert "cnn_digits: NG-GNN +qstats tau >= StatNN + 0.015" in claims
     results["provenance"] = {"command": "python -m benchmarks.weightspace --test"}
     paths = bench.write_outputs(results, tmp_path)
     saved = json.loads(paths["json"].read_text())

@@ -288,6 +288,8 @@ def test_bad_arguments_raise():
         (dict(probes=-2), "Invalid probes: -2"),
         (dict(probes=2), "probes need probe_shape"),
         (dict(input_clip=0.0), "Invalid input_clip: 0.0"),
+        (dict(statistics_scaling="rank"), "Invalid statistics_scaling: 'rank'"),
+        (dict(statistics_quantiles=1), "Invalid statistics_quantiles: 1"),
     ):
         with pytest.raises(ValueError, match=message):
             WeightSpaceConfig(**kwargs)
@@ -615,6 +617,75 @@ def test_neuron_statistics_are_standardised_once_fitted_and_widen_node_inputs():
     unit = (spread - 1).abs() < 1e-3
     assert torch.all(unit | (spread < 1e-6))
     assert unit.sum() > len(NEURON_STATISTICS) // 2
+
+
+def test_quantile_scale_maps_each_column_through_its_distribution():
+    from lopt.weightspace import quantile_scale
+
+    r3 = 3.0**0.5
+    # Column 0: knots 0, 1, 2, 3, 4; column 1: 0, 0, 0, 1, 5 (a tie at 0).
+    knots = torch.tensor([[0, 0], [1, 0], [2, 0], [3, 1], [4, 5.0]])
+    values = torch.tensor([[0, 0], [1, 0.5], [2.5, 1], [4, 3], [-9, -1], [99, 99.0]])
+    out = quantile_scale(values, knots)
+    # Levels: knot j of 5 sits at j / 4; linear in between; the ends beyond.
+    # Column 1's three zeros share the mean of their levels, 1 / 4.
+    level = torch.tensor(
+        [
+            [0, 1 / 4],
+            [1 / 4, 2 / 4],
+            [2.5 / 4, 3 / 4],
+            [1, 3.5 / 4],
+            [0, 1 / 4],
+            [1, 1],
+        ]
+    )
+    torch.testing.assert_close(out, (2 * level - 1) * r3)
+    # On the values the knots were fitted on: uniform with unit variance,
+    # order kept, heavy tails no longer squeeze the bulk.
+    gen = torch.Generator().manual_seed(0)
+    heavy = torch.randn(4000, 2, generator=gen).exp() ** 4
+    fitted = torch.quantile(heavy, torch.linspace(0, 1, 101), dim=0)
+    scaled = quantile_scale(heavy, fitted)
+    torch.testing.assert_close(scaled.std(0), torch.ones(2), atol=0.01, rtol=0)
+    assert torch.equal(scaled[:, 0].argsort(), heavy[:, 0].argsort())
+    standard = (heavy - heavy.mean(0)) / heavy.std(0)
+    middle = slice(1000, 3000)  # the middle half, in order
+    bulk = lambda z: z[:, 0].sort().values[middle]  # noqa: E731
+    assert bulk(standard).std() < 0.01 < 0.4 < bulk(scaled).std()
+    # Continuous at a shared value: a hair off it moves the output a hair.
+    near = quantile_scale(torch.tensor([[0.0, 1e-6], [0.0, -1e-6]]), knots)
+    torch.testing.assert_close(
+        near, out[:2, :].new_tensor([[-r3, -r3 / 2]] * 2), atol=1e-5, rtol=0
+    )
+    with pytest.raises(ValueError, match=r"knots must be \(K >= 2, 2\), got \(1, 2\)"):
+        quantile_scale(values, knots[:1])
+
+
+def test_quantile_scaled_statistics_are_fitted_and_stay_invariant():
+    model, permuted, x, old, new, relabel = permuted_graphs("cnn", CASES)
+    config = WeightSpaceConfig(
+        neuron_statistics=True, statistics_scaling="quantile", **OFF
+    )
+    plain = NeuralGraphFeaturizer(old.edge_attr.shape[1], WeightSpaceConfig(**OFF))
+    featurizer = NeuralGraphFeaturizer(old.edge_attr.shape[1], config)
+    others = [to_graph(cnn(seed=i)) for i in range(1, 4)]
+    batch = Batch.from_data_list([old, *others])
+    featurizer.fit_input_scales(batch)
+    assert featurizer.stat_knots.shape == (101, featurizer.node_in - plain.node_in)
+    assert not len(featurizer.stat_scale)  # quantiles instead of the std
+    nodes, _ = featurizer(batch)
+    stats = nodes[:, plain.node_in :]
+    assert stats.abs().max() <= 3.0**0.5 + 1e-6
+    # Columns that vary on the fitting graphs spread over the whole range.
+    spread = stats.std(0)
+    assert torch.all((spread > 0.5) | (spread < 1e-6)) and (spread > 0.5).sum() > 5
+    node_old, edge_old = featurizer(old)
+    node_new, edge_new = featurizer(new)
+    torch.testing.assert_close(node_new, node_old[relabel])
+    match = edge_match(old, new, relabel)
+    torch.testing.assert_close(edge_new, edge_old[match])
+    # The fitted knots travel in the state_dict.
+    assert "stat_knots" in featurizer.state_dict()
 
 
 def test_depth_pool_gives_one_bin_per_layer_and_spreads_shallow_networks():

@@ -34,6 +34,7 @@ from lopt.weightspace.features import (
     WeightSpaceConfig,
     canonical_signs,
     neuron_statistics,
+    quantile_scale,
 )
 from lopt.weightspace.models import NeuralGraphGNN
 from lopt.weightspace.probes import probe_activations
@@ -65,6 +66,7 @@ __all__ = [
     "WeightSpaceConfig",
     "canonical_signs",
     "neuron_statistics",
+    "quantile_scale",
     "WeightSpaceOutput",
     "WeightSpaceReadout",
     "NeuralGraphFeaturizer",

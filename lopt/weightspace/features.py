@@ -55,6 +55,8 @@ __all__ = [
     "canonical_signs",
     "neuron_statistics",
     "NEURON_STATISTICS",
+    "quantile_scale",
+    "STATISTICS_SCALINGS",
 ]
 
 _INPUT, _OUTPUT = NODE_ROLES.index("input"), NODE_ROLES.index("output")
@@ -145,6 +147,48 @@ def _group_moments(
     return mean, std, absolute, rows
 
 
+#: How :class:`NeuralGraphFeaturizer` puts neuron statistics on one scale.
+STATISTICS_SCALINGS = ("standard", "quantile")
+
+
+def quantile_scale(values: torch.Tensor, knots: torch.Tensor) -> torch.Tensor:
+    """Each column of ``values (N, C)`` mapped through its empirical
+    distribution function, given by ``knots (K, C)`` (the column's quantiles at
+    ``K`` evenly spaced levels, non-decreasing down each column), to
+    ``[-sqrt(3), sqrt(3)]``: uniform, with unit variance, on values distributed
+    as the knots were fitted on.
+
+    Knot ``j`` sits at level ``j / (K - 1)``, except that a run of equal knots
+    (a value many networks share) sits at the mean level of the run, so the
+    map is continuous: linear between knots, flat beyond the first and last.
+    It is monotone, so a heavy-tailed column (the weight scale of the few
+    networks trained at a high learning rate) keeps its order but no longer
+    squeezes every typical value into a sliver of the range, which is what
+    standardisation does to it.
+    """
+    if knots.dim() != 2 or knots.shape[0] < 2 or knots.shape[1] != values.shape[1]:
+        raise ValueError(
+            f"knots must be (K >= 2, {values.shape[1]}), got {tuple(knots.shape)}"
+        )
+    k = knots.T.contiguous().to(values.dtype)  # (C, K)
+    v = values.T.contiguous()  # (C, N)
+    last = k.shape[1] - 1
+    # Level of each knot: j / (K - 1), averaged over runs of equal knots.
+    start = torch.ones_like(k, dtype=torch.bool)
+    start[:, 1:] = k[:, 1:] != k[:, :-1]
+    run = start.long().cumsum(1) - 1
+    level = torch.linspace(0, 1, last + 1, dtype=v.dtype).expand_as(k)
+    total = torch.zeros_like(k).scatter_add_(1, run, level)
+    count = torch.zeros_like(k).scatter_add_(1, run, torch.ones_like(k))
+    level = (total / count.clamp(min=1)).gather(1, run)
+    i = torch.searchsorted(k, v, right=True).clamp(1, last)
+    lo, hi = k.gather(1, i - 1), k.gather(1, i)
+    frac = ((v - lo) / (hi - lo).clamp(min=torch.finfo(v.dtype).tiny)).clamp(0, 1)
+    low = level.gather(1, i - 1)
+    out = low + frac * (level.gather(1, i) - low)
+    return ((2 * out - 1) * math.sqrt(3.0)).T
+
+
 def neuron_statistics(
     data, x: torch.Tensor | None = None, edge_attr: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -198,6 +242,16 @@ def neuron_statistics(
     return torch.stack(cols, dim=1)
 
 
+def _column_quantiles(values: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """``(len(levels), C)`` quantiles of each column of ``values (N, C)``;
+    ``torch.quantile`` refuses more than 16M values, so large inputs are
+    subsampled evenly (deterministic)."""
+    limit = (1 << 24) // max(values.shape[1], 1)
+    if len(values) > limit:
+        values = values[torch.linspace(0, len(values) - 1, limit).long()]
+    return torch.quantile(values, levels.to(values.dtype), dim=0)
+
+
 @dataclass(frozen=True)
 class WeightSpaceConfig:
     """Which input features a weight-space model uses (defaults: the paper's
@@ -227,6 +281,16 @@ class WeightSpaceConfig:
             of 1e10) otherwise overflows float32 inside the model and every
             prediction of its batch becomes NaN; no typical weight is 100
             standard deviations out, so typical networks are unchanged.
+        sign_canonical: read each sign-flippable hidden neuron with its bias
+            made non-negative (:func:`canonical_signs`).
+        neuron_statistics: per-neuron weight statistics as node inputs
+            (:func:`neuron_statistics`).
+        statistics_scaling: how the statistics are put on one scale once
+            fitted: ``"standard"`` (minus the mean, over the standard
+            deviation, clamped by ``input_clip``) or ``"quantile"`` (through
+            their empirical distribution on the fitting graphs,
+            :func:`quantile_scale`; robust to heavy tails).
+        statistics_quantiles: knots per column for ``"quantile"``.
     """
 
     positional: bool = True
@@ -242,6 +306,8 @@ class WeightSpaceConfig:
     input_clip: float | None = 100.0
     sign_canonical: bool = False
     neuron_statistics: bool = False
+    statistics_scaling: str = "standard"
+    statistics_quantiles: int = 101
 
     def __post_init__(self):
         if self.max_positions < 1:
@@ -256,6 +322,15 @@ class WeightSpaceConfig:
             raise ValueError(f"Invalid probes: {self.probes}")
         if self.input_clip is not None and not self.input_clip > 0:
             raise ValueError(f"Invalid input_clip: {self.input_clip}")
+        if self.statistics_scaling not in STATISTICS_SCALINGS:
+            raise ValueError(
+                f"Invalid statistics_scaling: {self.statistics_scaling!r} "
+                f"(expected one of {STATISTICS_SCALINGS})"
+            )
+        if self.statistics_quantiles < 2:
+            raise ValueError(
+                f"Invalid statistics_quantiles: {self.statistics_quantiles}"
+            )
         object.__setattr__(self, "probe_shape", tuple(self.probe_shape))
         if self.probes and not self.probe_shape:
             raise ValueError("probes need probe_shape, the shape of one input")
@@ -370,6 +445,8 @@ class NeuralGraphFeaturizer(nn.Module):
         # Standardisation of the neuron statistics; empty: none.
         self.register_buffer("stat_shift", torch.zeros(0))
         self.register_buffer("stat_scale", torch.ones(0))
+        # Or their quantiles per column (statistics_scaling="quantile").
+        self.register_buffer("stat_knots", torch.zeros(0))
         self.reset_parameters()
 
     @torch.no_grad()
@@ -402,6 +479,10 @@ class NeuralGraphFeaturizer(nn.Module):
         self.edge_scale = scales(edge_attr.float(), edge_depth)
         if self.config.neuron_statistics:
             stats = neuron_statistics(data, *self._scaled(data)).float()
+            if self.config.statistics_scaling == "quantile":
+                levels = torch.linspace(0, 1, self.config.statistics_quantiles)
+                self.stat_knots = _column_quantiles(stats, levels)
+                return
             self.stat_shift = stats.mean(0)
             std = stats.std(0) if len(stats) > 1 else torch.ones_like(stats[0])
             self.stat_scale = torch.where(std > 1e-8, std, torch.ones_like(std))
@@ -486,7 +567,9 @@ class NeuralGraphFeaturizer(nn.Module):
             probes = probe_activations(networks, data, self.probe_inputs)
             nodes.append(probes.to(x.dtype))
         if stats is not None:
-            if len(self.stat_scale):
+            if len(self.stat_knots):
+                stats = quantile_scale(stats, self.stat_knots)
+            elif len(self.stat_scale):
                 stats = (stats - self.stat_shift) / self.stat_scale
                 if config.input_clip is not None:
                     stats = stats.clamp(-config.input_clip, config.input_clip)
