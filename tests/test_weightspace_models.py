@@ -688,6 +688,23 @@ def test_quantile_scaled_statistics_are_fitted_and_stay_invariant():
     assert "stat_knots" in featurizer.state_dict()
 
 
+@pytest.mark.parametrize("scaling", ["standard", "quantile"])
+def test_a_fitted_model_loads_into_a_fresh_one(scaling):
+    graphs = Batch.from_data_list([to_graph(mlp(seed=i)) for i in range(3)])
+    config = WeightSpaceConfig(neuron_statistics=True, statistics_scaling=scaling)
+    fitted = _model("gnn", 1, config, seed=0)
+    fitted.features.fit_input_scales(graphs)
+    fresh = _model("gnn", 1, config, seed=1)
+    with torch.no_grad():
+        assert not torch.allclose(fresh(graphs).graph, fitted(graphs).graph)
+        fresh.load_state_dict(fitted.state_dict())
+        torch.testing.assert_close(fresh(graphs).graph, fitted(graphs).graph)
+    # A mismatch that is not a fitted scale still fails loudly.
+    other = _model("gnn", 1, WeightSpaceConfig(), seed=0)
+    with pytest.raises(RuntimeError, match="size mismatch for backbone"):
+        other.load_state_dict(fitted.state_dict())
+
+
 def test_depth_pool_gives_one_bin_per_layer_and_spreads_shallow_networks():
     from lopt.weightspace.readout import depth_pool
 

@@ -487,6 +487,19 @@ class NeuralGraphFeaturizer(nn.Module):
             std = stats.std(0) if len(stats) > 1 else torch.ones_like(stats[0])
             self.stat_scale = torch.where(std > 1e-8, std, torch.ones_like(std))
 
+    #: Buffers set by :meth:`fit_input_scales`, empty until then.
+    _FITTED = ("node_scale", "edge_scale", "stat_shift", "stat_scale", "stat_knots")
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A fitted model's scales have shapes a fresh model cannot know: take
+        # them from the state_dict, so a saved predictor loads into a new one.
+        for name in self._FITTED:
+            value = state_dict.get(prefix + name)
+            if isinstance(value, torch.Tensor):
+                buffer = getattr(self, name)
+                setattr(self, name, buffer.new_empty(value.shape))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def _signed(self, data) -> tuple[torch.Tensor, torch.Tensor]:
         if self.config.sign_canonical:
             return canonical_signs(data)
