@@ -351,6 +351,10 @@ def model_factories(task: str, settings: Settings, train) -> dict[str, Callable]
         models["ng_gnn_stats"] = gnn(replace(base, neuron_statistics=True))
         # The same, put on one scale through their quantiles (heavy tails).
         models["ng_gnn_qstats"] = gnn(replace(base, **QSTATS))
+        # ... with each layer's edges divided by their RMS (scale in the stats).
+        models["ng_gnn_qstats_ln"] = gnn(
+            replace(base, layer_normalised_edges=True, **QSTATS)
+        )
     if spec.zoo == "cnn_wild":
         models["ng_gnn_noact"] = gnn(replace(base, activation_embedding=False))
         models["ng_gnn_stats_noact"] = gnn(

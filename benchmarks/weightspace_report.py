@@ -31,6 +31,7 @@ LABELS = {
     "ng_gnn_stats_noact": "NG-GNN +stats -act",
     "ng_gnn_qstats": "NG-GNN +qstats",
     "ng_gnn_qstats_noact": "NG-GNN +qstats -act",
+    "ng_gnn_qstats_ln": "NG-GNN +qstats +LN edges",
     "nfn": "NFN (HNP)",
     "flat": "MLP (flat)",
     "flat_aug": "MLP (flat, perm. aug.)",

@@ -41,6 +41,7 @@ def test_benchmark_runs_every_model_and_writes_its_outputs(zoo_dir, tmp_path):
         "ng_gnn",
         "ng_gnn_stats",
         "ng_gnn_qstats",
+        "ng_gnn_qstats_ln",
         "ng_t",
         "nfn",
         "flat",

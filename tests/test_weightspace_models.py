@@ -52,6 +52,7 @@ def _config(flags: str, probe_shape=()) -> WeightSpaceConfig:
         probe_shape=probe_shape,
         sign_canonical=True,
         neuron_statistics=True,
+        layer_normalised_edges=True,
     )
 
 
@@ -703,6 +704,32 @@ def test_a_fitted_model_loads_into_a_fresh_one(scaling):
     other = _model("gnn", 1, WeightSpaceConfig(), seed=0)
     with pytest.raises(RuntimeError, match="size mismatch for backbone"):
         other.load_state_dict(fitted.state_dict())
+
+
+def test_layer_rms_is_each_layers_own_and_layer_normalised_edges_drop_the_scale():
+    from lopt.weightspace import layer_rms
+
+    nets = [mlp(seed=0), mlp(seed=1)]
+    batch = Batch.from_data_list([to_graph(n) for n in nets])
+    rms = layer_rms(batch)
+    linears = [m for n in nets for m in n if isinstance(m, nn.Linear)]
+    want = [m.weight.detach().pow(2).mean().sqrt() for m in linears]
+    # Edges are grouped by graph and target depth, so each distinct value is
+    # one linear layer's weight RMS.
+    got = sorted(set(rms.tolist()))
+    assert len(got) == len(want)
+    torch.testing.assert_close(torch.tensor(got), torch.stack(want).sort().values)
+    # Scaling one network's layer changes its edges, not their normalised form.
+    config = WeightSpaceConfig(layer_normalised_edges=True, **OFF)
+    featurizer = NeuralGraphFeaturizer(1, config)
+    scaled = copy.deepcopy(nets[0])
+    with torch.no_grad():
+        scaled[0].weight.mul_(7.0)
+    _, edges = featurizer(to_graph(nets[0]))
+    _, edges_scaled = featurizer(to_graph(scaled))
+    torch.testing.assert_close(edges_scaled, edges)
+    plain = NeuralGraphFeaturizer(1, WeightSpaceConfig(**OFF))
+    assert not torch.allclose(plain(to_graph(scaled))[1], plain(to_graph(nets[0]))[1])
 
 
 def test_depth_pool_gives_one_bin_per_layer_and_spreads_shallow_networks():

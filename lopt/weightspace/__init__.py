@@ -33,6 +33,7 @@ from lopt.weightspace.features import (
     RandomFourierFeatures,
     WeightSpaceConfig,
     canonical_signs,
+    layer_rms,
     neuron_statistics,
     quantile_scale,
 )
@@ -66,6 +67,7 @@ __all__ = [
     "WeightSpaceConfig",
     "canonical_signs",
     "neuron_statistics",
+    "layer_rms",
     "quantile_scale",
     "WeightSpaceOutput",
     "WeightSpaceReadout",

@@ -56,6 +56,7 @@ __all__ = [
     "neuron_statistics",
     "NEURON_STATISTICS",
     "quantile_scale",
+    "layer_rms",
     "STATISTICS_SCALINGS",
 ]
 
@@ -252,6 +253,24 @@ def _column_quantiles(values: torch.Tensor, levels: torch.Tensor) -> torch.Tenso
     return torch.quantile(values, levels.to(values.dtype), dim=0)
 
 
+def layer_rms(data, edge_attr: torch.Tensor | None = None) -> torch.Tensor:
+    """``(E,)``: the root mean square of ``edge_attr`` (default: the graph's
+    own) over the edges of each edge's own graph, target depth and edge type
+    (a layer's weights, its shortcut's, its norm's: each apart). Symmetric in
+    a layer's neurons, so dividing by it keeps a model equivariant."""
+    edge_attr = data.edge_attr if edge_attr is None else edge_attr
+    dst = data.edge_index[1]
+    batch, graphs = graph_batch(data, data.x.shape[0])
+    depth = data.node_layer
+    levels = int(depth.max()) + 1 if len(depth) else 1
+    types = len(LAYER_TYPES)
+    group = ((batch[dst] * levels + depth[dst]) * types) + data.edge_type
+    mean, std, _, _ = _group_moments(
+        edge_attr, group, graphs * levels * types, edge_attr.shape[1]
+    )
+    return (mean * mean + std * std).sqrt()[group]
+
+
 @dataclass(frozen=True)
 class WeightSpaceConfig:
     """Which input features a weight-space model uses (defaults: the paper's
@@ -291,6 +310,10 @@ class WeightSpaceConfig:
             their empirical distribution on the fitting graphs,
             :func:`quantile_scale`; robust to heavy tails).
         statistics_quantiles: knots per column for ``"quantile"``.
+        layer_normalised_edges: divide each network's edge inputs by their
+            root mean square over its layer (:func:`layer_rms`), so that edges
+            carry the pattern of a layer's weights and not their scale (which
+            the neuron statistics, computed before, still carry).
     """
 
     positional: bool = True
@@ -308,6 +331,7 @@ class WeightSpaceConfig:
     neuron_statistics: bool = False
     statistics_scaling: str = "standard"
     statistics_quantiles: int = 101
+    layer_normalised_edges: bool = False
 
     def __post_init__(self):
         if self.max_positions < 1:
@@ -559,6 +583,9 @@ class NeuralGraphFeaturizer(nn.Module):
         stats = (
             neuron_statistics(data, x, edge_attr) if config.neuron_statistics else None
         )
+        if config.layer_normalised_edges:
+            rms = layer_rms(data, edge_attr)
+            edge_attr = edge_attr / torch.where(rms > 1e-12, rms, 1.0)[:, None]
         if self.fourier is not None:
             x, edge_attr = self.fourier(x), self.fourier(edge_attr)
         nodes = [x, F.one_hot(data.node_role, len(NODE_ROLES)).to(x.dtype)]
