@@ -339,6 +339,7 @@ def model_factories(task: str, settings: Settings, train) -> dict[str, Callable]
     if spec.kind != "editing":
         models["statnn"] = lambda: B.StatNN(out, **hidden)
         models["statnn_gbt"] = lambda: B.StatNNTrees(out, max_iter=s.tree_iters)
+        models["statnn_q"] = lambda: B.StatNN(out, scaling="quantile", **hidden)
     if spec.kind == "classification":
         coord_dim = 2 if spec.zoo == "digits_inr" else 1
         models["probe"] = lambda: B.ProbePredictor(out, s.probes, coord_dim, **hidden)

@@ -111,6 +111,30 @@ def test_statnn_handles_mixed_architectures():
     model.prepare(data)
     assert model.per_layer is None
     assert model(model.collate(data, [0, 1, 2])).shape == (3, 1)
+    # Quantile scaling: the standardised features through their training
+    # quantiles, so each varying one spreads over [-sqrt 3, sqrt 3] on train.
+    quant = StatNN(1, scaling="quantile", hidden=16)
+    quant.prepare(data)
+    scaled = quant.collate(data, list(range(8)))
+    standard = model.collate(data, list(range(8)))
+    assert torch.equal(scaled.argsort(0), standard.argsort(0))  # monotone
+    assert scaled.abs().max() <= 3.0**0.5 + 1e-6
+    # A column's unique smallest / largest training value maps to an end
+    # (tied values share the middle of their levels instead).
+    low, high = standard.min(0).values, standard.max(0).values
+    lone_low = (standard == low).sum(0) == 1
+    lone_high = (standard == high).sum(0) == 1
+    assert lone_low.sum() > 10 and lone_high.sum() > 10
+    r3 = torch.tensor(3.0**0.5)
+    torch.testing.assert_close(
+        scaled.min(0).values[lone_low], -r3.expand(int(lone_low.sum()))
+    )
+    torch.testing.assert_close(
+        scaled.max(0).values[lone_high], r3.expand(int(lone_high.sum()))
+    )
+    assert "scaling='quantile'" in repr(quant)
+    with pytest.raises(ValueError, match="Invalid scaling: 'rank'"):
+        StatNN(1, scaling="rank")
 
 
 @pytest.fixture(scope="module")

@@ -48,6 +48,7 @@ def test_benchmark_runs_every_model_and_writes_its_outputs(zoo_dir, tmp_path):
         "flat_aug",
         "statnn",
         "statnn_gbt",
+        "statnn_q",
     }
     for model in entry["models"].values():
         assert len(model["runs"]) == 2

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
+from lopt.weightspace.features import STATISTICS_SCALINGS, quantile_scale
 from lopt.weightspace.nfn_baseline import NFNPredictor
 from lopt.weightspace.permutations import chain_layers, permute_hidden
 from lopt.weightspace.splits import WeightSpaceData
@@ -282,11 +283,27 @@ class FlatWeightsMLP(FeaturePredictor):
 class StatNN(FeaturePredictor):
     """StatNN (Unterthiner et al. 2020) with an MLP: :func:`weight_statistics`
     of each network, per layer when every training network has the same
-    depth, else first / middle / last / shortcut blocks and the depth."""
+    depth, else first / middle / last / shortcut blocks and the depth.
 
-    def __init__(self, out_dim: int, **kwargs):
+    Args:
+        out_dim (int): classes (classification) or 1.
+        scaling (str, optional): ``"standard"`` (standardised inputs) or
+            ``"quantile"`` (each feature then mapped through its quantiles on
+            the training networks, :func:`~lopt.weightspace.quantile_scale`:
+            robust to the heavy tails of weight statistics). (default:
+            ``"standard"``)
+        **kwargs: the MLP's (:class:`FeaturePredictor`).
+    """
+
+    def __init__(self, out_dim: int, scaling: str = "standard", **kwargs):
         super().__init__(out_dim, **kwargs)
+        if scaling not in STATISTICS_SCALINGS:
+            raise ValueError(
+                f"Invalid scaling: {scaling!r} (expected one of {STATISTICS_SCALINGS})"
+            )
+        self.scaling = scaling
         self.per_layer: int | None = None
+        self.register_buffer("knots", torch.zeros(0))
 
     def features(self, data, index):
         return torch.stack(
@@ -300,6 +317,16 @@ class StatNN(FeaturePredictor):
         }
         self.per_layer = depths.pop() if len(depths) == 1 else None
         super().prepare(train)
+        if self.scaling == "quantile":
+            standard = (self.all_features(train) - self.mean) / self.std
+            self.knots = torch.quantile(standard, torch.linspace(0, 1, 101), dim=0)
+
+    def collate(self, data, index):
+        feats = super().collate(data, index)
+        return quantile_scale(feats, self.knots) if len(self.knots) else feats
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", scaling={self.scaling!r}"
 
 
 class StatNNTrees(StatNN):
