@@ -512,6 +512,11 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--max-train", type=int, help="cap on training networks per task"
     )
+    parser.add_argument(
+        "--max-eval",
+        type=int,
+        help="cap on validation and test networks per task (default 500; 0: none)",
+    )
     parser.add_argument("--epochs", type=int, help="maximum epochs per fit")
     parser.add_argument("--max-seconds", type=float, help="wall-time cap per fit")
     parser.add_argument(
@@ -575,6 +580,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = replace(
         settings, **{k: v for k, v in overrides.items() if v is not None}
     )
+    if args.max_eval is not None:
+        if args.max_eval < 0:
+            print(f"error: Invalid --max-eval: {args.max_eval}", file=sys.stderr)
+            return 2
+        settings = replace(settings, max_eval=args.max_eval or None)
     if settings.seeds < 1:
         print(f"error: Invalid seeds: {settings.seeds}", file=sys.stderr)
         return 2

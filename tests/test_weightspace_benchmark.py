@@ -156,10 +156,26 @@ def test_bad_fourier_or_pooling_is_a_clear_error(tmp_path, capsys):
         (["--lr-patience", "0"], "Invalid --lr-patience: 0"),
         (["--patience", "0"], "Invalid --patience: 0"),
         (["--grad-clip", "0"], "Invalid --grad-clip: 0.0"),
+        (["--max-eval", "-1"], "Invalid --max-eval: -1"),
     ):
         args = [*flags, "--zoo-dir", str(tmp_path), "--out", str(tmp_path)]
         assert bench.main(args) == 2
         assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, cap", [(None, 500), ("0", None), ("900", 900)])
+def test_max_eval_flag_sets_the_evaluation_cap(monkeypatch, tmp_path, flag, cap):
+    seen = {}
+
+    def fake(settings, *args, **kwargs):
+        seen["settings"] = settings
+        raise SystemExit(0)
+
+    monkeypatch.setattr(bench, "run_benchmark", fake)
+    args = ["--zoo-dir", str(tmp_path), "--out", str(tmp_path)]
+    with pytest.raises(SystemExit):
+        bench.main(args + ([] if flag is None else ["--max-eval", flag]))
+    assert seen["settings"].max_eval == cap
 
 
 def test_a_cached_zoo_built_off_preset_is_flagged(zoo_dir, tmp_path):
