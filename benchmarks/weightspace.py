@@ -276,6 +276,10 @@ def no_edit_mse(data) -> float:
 
 
 # -------------------------------------------------------------------- models
+#: Models trained only when ``--models`` names them (experiments of
+#: EXPERIMENTS.md W18-W20), so that a default run keeps its measured cost.
+OPT_IN = frozenset({"ng_gnn_qstats", "ng_gnn_qstats_noact", "ng_gnn_qstats_ln"})
+
 #: Neuron statistics scaled through their quantiles (``ng_gnn_qstats``).
 QSTATS = {"neuron_statistics": True, "statistics_scaling": "quantile"}
 
@@ -418,6 +422,8 @@ def run_benchmark(
         factories = model_factories(task, settings, train)
         if models:
             factories = {k: v for k, v in factories.items() if k in models}
+        else:
+            factories = {k: v for k, v in factories.items() if k not in OPT_IN}
         entry = {
             "title": spec.title,
             "kind": spec.kind,

@@ -40,8 +40,6 @@ def test_benchmark_runs_every_model_and_writes_its_outputs(zoo_dir, tmp_path):
     assert set(entry["models"]) == {
         "ng_gnn",
         "ng_gnn_stats",
-        "ng_gnn_qstats",
-        "ng_gnn_qstats_ln",
         "ng_t",
         "nfn",
         "flat",
@@ -59,7 +57,6 @@ def test_benchmark_runs_every_model_and_writes_its_outputs(zoo_dir, tmp_path):
     claims = [c["claim"] for c in results["acceptance"]]
     assert "cnn_digits: NG-GNN tau >= StatNN + 0.015" in claims
     assert "cnn_digits: NG-GNN +stats tau >= StatNN + 0.015" in claims
-    assert "cnn_digits: NG-GNN +qstats tau >= StatNN + 0.015" in claims
     results["provenance"] = {"command": "python -m benchmarks.weightspace --test"}
     paths = bench.write_outputs(results, tmp_path)
     saved = json.loads(paths["json"].read_text())
@@ -68,6 +65,25 @@ def test_benchmark_runs_every_model_and_writes_its_outputs(zoo_dir, tmp_path):
     assert "| cnn_digits | StatNN (GBT) | tau ↑ |" in text
     assert "--test" in text
     assert paths["plot"].stat().st_size > 1000
+
+
+def test_opt_in_models_run_only_when_named(zoo_dir):
+    named = ["ng_gnn_qstats", "ng_gnn_qstats_ln", "statnn_q"]
+    results = bench.run_benchmark(
+        replace(TINY, seeds=1), zoo_dir, ["cnn_digits"], named, progress=False
+    )
+    assert set(results["tasks"]["cnn_digits"]["models"]) == set(named)
+    claims = [c["claim"] for c in results["acceptance"]]
+    assert "cnn_digits: NG-GNN +qstats tau >= StatNN + 0.015" in claims
+    from types import SimpleNamespace
+
+    train = SimpleNamespace(edge_features=9, output_neurons=10)
+    made = bench.model_factories("cnn_wild", TINY, train)
+    assert bench.OPT_IN <= set(made)
+    config = made["ng_gnn_qstats_ln"]().config
+    assert config.layer_normalised_edges and config.neuron_statistics
+    assert config.statistics_scaling == "quantile"
+    assert not made["ng_gnn_qstats_noact"]().config.activation_embedding
 
 
 def test_report_and_acceptance_on_a_hand_made_result():
