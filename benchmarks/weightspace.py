@@ -62,6 +62,10 @@ __all__ = [
 REPO = Path(__file__).resolve().parent.parent
 
 
+class BenchmarkInputError(ValueError):
+    """A task, model key or zoo directory the benchmark cannot use."""
+
+
 @dataclass(frozen=True)
 class Settings:
     """What one benchmark run trains.
@@ -185,7 +189,7 @@ def ensure_zoo(name: str, zoo_dir: Path, size: str, progress: bool) -> Path:
         header = read_header(path)
         if header.get("status") == "complete":
             if header.get("name") != name or header.get("size") != size:
-                raise ValueError(
+                raise BenchmarkInputError(
                     f"{path} holds {header.get('name')} ({header.get('size')}), "
                     f"not {name} ({size})"
                 )
@@ -400,7 +404,14 @@ def run_benchmark(
     tasks = list(tasks or TASKS)
     unknown = sorted(set(tasks) - set(TASKS))
     if unknown:
-        raise ValueError(f"Invalid tasks: {unknown} (expected some of {list(TASKS)})")
+        raise BenchmarkInputError(
+            f"Invalid tasks: {unknown} (expected some of {list(TASKS)})"
+        )
+    unknown = sorted(set(models or ()) - set(LABELS))
+    if unknown:
+        raise BenchmarkInputError(
+            f"Invalid models: {unknown} (expected some of {sorted(LABELS)})"
+        )
     results: dict = {"settings": asdict(settings), "tasks": {}, "zoos": {}}
     zoos = {}
     for task in tasks:
@@ -636,7 +647,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             models=args.models.split(",") if args.models else None,
             progress=not args.no_progress,
         )
-    except ValueError as err:
+    except BenchmarkInputError as err:  # anything else keeps its traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
     results["provenance"] = meta

@@ -242,3 +242,16 @@ def test_augmentation_permutes_during_training_only(sirens):
     torch.testing.assert_close(
         a.sort().values, model.collate(sirens, [0]).sort().values
     )
+
+
+def test_a_diverged_network_gets_finite_statnn_features_and_trees_still_fit():
+    nets = [_module(CNN_SPEC, i) for i in range(12)]
+    with torch.no_grad():
+        nets[3].features[0].conv.weight.mul_(1e20)  # variance 1e40: beyond float32
+    data = WeightSpaceData.from_modules(nets, torch.rand(12))
+    feats = weight_statistics(nets[3].state_dict())
+    assert torch.isfinite(feats).all() and feats.abs().max() == 1e30
+    for make in (lambda: StatNN(1, hidden=8), lambda: StatNNTrees(1, max_iter=5)):
+        trainer = WeightSpaceTrainer(make(), "regression", epochs=2, progress=False)
+        trainer.fit(data, data)
+        assert torch.isfinite(trainer.predict(data)).all()

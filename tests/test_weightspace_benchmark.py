@@ -131,9 +131,14 @@ def test_report_and_acceptance_on_a_hand_made_result():
     assert "fails" in text and "holds" in text
 
 
-def test_unknown_task_is_a_clear_error(tmp_path):
+def test_unknown_task_or_model_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(ValueError, match="Invalid tasks"):
         bench.run_benchmark(TINY, tmp_path, tasks=["nope"], progress=False)
+    with pytest.raises(ValueError, match=r"Invalid models: \['ng_gnnn'\]"):
+        bench.run_benchmark(TINY, tmp_path, ["cnn_digits"], ["ng_gnnn"], False)
+    args = ["--zoo-dir", str(tmp_path), "--out", str(tmp_path)]
+    assert bench.main(["--models", "statnn,ng_gnnn", *args]) == 2
+    assert "Invalid models: ['ng_gnnn']" in capsys.readouterr().err
     assert (
         bench.main(
             ["--tasks", "nope", "--zoo-dir", str(tmp_path), "--out", str(tmp_path)]

@@ -63,11 +63,18 @@ def mlp(in_dim: int, hidden: int, out_dim: int, layers: int = 2, dropout: float 
     return nn.Sequential(*mods)
 
 
+#: StatNN features are clamped to this magnitude: a diverged network's
+#: weights (1e20) have a variance beyond float32, and one infinite feature
+#: would make a whole standardised column NaN.
+_FEATURE_LIMIT = 1e30
+
+
 def _stats(tensor: torch.Tensor) -> torch.Tensor:
-    flat = tensor.detach().reshape(-1).float()
-    q = torch.quantile(flat, torch.tensor(_QUANTILES))
+    flat = tensor.detach().reshape(-1).double()
+    q = torch.quantile(flat, torch.tensor(_QUANTILES, dtype=flat.dtype))
     var = flat.var() if flat.numel() > 1 else flat.new_zeros(())
-    return torch.cat([flat.mean()[None], var[None], q])
+    out = torch.cat([flat.mean()[None], var[None], q])
+    return out.clamp(-_FEATURE_LIMIT, _FEATURE_LIMIT).float()
 
 
 def weight_statistics(
@@ -168,9 +175,10 @@ class FeaturePredictor(nn.Module):
         raise NotImplementedError
 
     def _normaliser(self, feats: torch.Tensor):
-        return feats.mean(0), feats.std(0).clamp(min=1e-6) if len(
-            feats
-        ) > 1 else torch.ones_like(feats[0])
+        # In float64: squares of features up to 1e30 overflow float32.
+        wide = feats.double()
+        std = wide.std(0).clamp(min=1e-6) if len(feats) > 1 else wide[0] * 0 + 1
+        return wide.mean(0).to(feats.dtype), std.to(feats.dtype)
 
     def all_features(self, data: WeightSpaceData) -> torch.Tensor:
         """``features`` of every network of ``data``, computed once per
