@@ -282,7 +282,14 @@ def no_edit_mse(data) -> float:
 # -------------------------------------------------------------------- models
 #: Models trained only when ``--models`` names them (experiments of
 #: EXPERIMENTS.md W18-W20), so that a default run keeps its measured cost.
-OPT_IN = frozenset({"ng_gnn_qstats", "ng_gnn_qstats_noact", "ng_gnn_qstats_ln"})
+OPT_IN = frozenset(
+    {
+        "ng_gnn_qstats",
+        "ng_gnn_qstats_noact",
+        "ng_gnn_qstats_ln",
+        "ng_gnn_qstats_ln_noact",
+    }
+)
 
 #: Neuron statistics scaled through their quantiles (``ng_gnn_qstats``).
 QSTATS = {"neuron_statistics": True, "statistics_scaling": "quantile"}
@@ -371,6 +378,14 @@ def model_factories(task: str, settings: Settings, train) -> dict[str, Callable]
         )
         models["ng_gnn_qstats_noact"] = gnn(
             replace(base, activation_embedding=False, **QSTATS)
+        )
+        models["ng_gnn_qstats_ln_noact"] = gnn(
+            replace(
+                base,
+                activation_embedding=False,
+                layer_normalised_edges=True,
+                **QSTATS,
+            )
         )
     return models
 

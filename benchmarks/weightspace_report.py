@@ -32,6 +32,7 @@ LABELS = {
     "ng_gnn_qstats": "NG-GNN +qstats",
     "ng_gnn_qstats_noact": "NG-GNN +qstats -act",
     "ng_gnn_qstats_ln": "NG-GNN +qstats +LN edges",
+    "ng_gnn_qstats_ln_noact": "NG-GNN +qstats +LN edges -act",
     "nfn": "NFN (HNP)",
     "flat": "MLP (flat)",
     "flat_aug": "MLP (flat, perm. aug.)",
@@ -57,7 +58,7 @@ _EXTRAS = ("ng_gnn_sign", "ng_gnn_stats", "ng_gnn_qstats")
 _STATNN = ("statnn", "statnn_gbt", "statnn_q")
 
 #: The NG-GNN variants with neuron statistics, checked on the CNN zoos.
-_STATS = ("ng_gnn_stats", "ng_gnn_qstats")
+_STATS = ("ng_gnn_stats", "ng_gnn_qstats", "ng_gnn_qstats_ln")
 
 
 def _ran(results: dict, task: str, models: Sequence[str]) -> list[str]:

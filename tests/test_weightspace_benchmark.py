@@ -75,6 +75,7 @@ def test_opt_in_models_run_only_when_named(zoo_dir):
     assert set(results["tasks"]["cnn_digits"]["models"]) == set(named)
     claims = [c["claim"] for c in results["acceptance"]]
     assert "cnn_digits: NG-GNN +qstats tau >= StatNN + 0.015" in claims
+    assert "cnn_digits: NG-GNN +qstats +LN edges tau >= StatNN + 0.015" in claims
     from types import SimpleNamespace
 
     train = SimpleNamespace(edge_features=9, output_neurons=10)
@@ -84,6 +85,8 @@ def test_opt_in_models_run_only_when_named(zoo_dir):
     assert config.layer_normalised_edges and config.neuron_statistics
     assert config.statistics_scaling == "quantile"
     assert not made["ng_gnn_qstats_noact"]().config.activation_embedding
+    ablated = made["ng_gnn_qstats_ln_noact"]().config
+    assert not ablated.activation_embedding and ablated.layer_normalised_edges
 
 
 def test_report_and_acceptance_on_a_hand_made_result():
