@@ -19,9 +19,13 @@ run share one.
 
 Full zoos (seed 0): ``cnn_digits`` test accuracy q10 / median / q90 =
 0.08 / 0.48 / 0.95 (median by checkpoint: 0.12 at step 25 up to 0.92 at step
-800), no diverged run; ``cnn_wild`` 0.09 / 0.55 / 0.96 over 88 families, 22
-of them (27 architectures, 972 nets) test-only, 3 diverged runs. The
+800), no diverged run; ``cnn_wild`` 0.09 / 0.61 / 0.96 over 206 families, 52
+of them (75 architectures, 2,700 nets) test-only, 5 diverged runs. The
 histograms and quantiles per step, split and family are in ``zoo.json``.
+Until 2026-12-07 the full ``cnn_wild`` had 96 architectures (88 families, 22
+test-only; ``--set architectures=96`` rebuilds it): with 72 training families
+no model generalised to unseen ones much beyond StatNN's trees, and at 288
+(154 training families) every NG-GNN variant did (EXPERIMENTS.md W21).
 
 Training (many runs at once with vmap) lives in
 :mod:`lopt.weightspace.cnn_training`.
@@ -94,7 +98,7 @@ class WildZooConfig(TrainingConfig):
             are all test-only.
     """
 
-    architectures: int = 96
+    architectures: int = 288
     runs_per_architecture: int = 12
     checkpoints: tuple[int, ...] = (50, 150, 400)
     depths: tuple[int, ...] = (2, 3, 4, 5)

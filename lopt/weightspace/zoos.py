@@ -33,8 +33,8 @@ Build times, measured with ``--threads 1`` (faster than 2 on this shared
 2-core machine, where other engineers' jobs kept the load average at 1-3;
 during the full builds this repository's slow tests also ran for a few
 minutes; digits_inr re-timed at w0 = 8, 200 quick steps, next to a
-benchmark on the other core; the CNN zoos' ranges are two builds in two
-sessions, the faster side by side with each other only); peak RSS of the
+benchmark on the other core; the cnn_digits range is two builds in two
+sessions, the faster side by side with a cnn_wild build only); peak RSS of the
 whole process, torch included:
 
 =========== ============================ =============================================
@@ -43,7 +43,7 @@ zoo         quick                        full
 digits_inr  1,024 nets, 13 s, 609 MiB    35,940 nets, 633 s, 653 MiB, 190 MB
 mnist1d_inr 1,000 nets, 13 s, 502 MiB    50,000 nets, 734 s, 533 MiB, 241 MB
 cnn_digits  144 nets, 15 s, 483 MiB      6,144 nets, 444-903 s, 522-605 MiB, 92 MB
-cnn_wild    96 nets, 28 s, 394 MiB       3,456 nets, 754-1,279 s, 529-585 MiB, 111 MB
+cnn_wild    96 nets, 28 s, 394 MiB       10,368 nets, 2,044-2,434 s, 592-703 MiB, 376 MB
 =========== ============================ =============================================
 
 Quick: digits 256 images x 2 views x (image, dilated), 200 steps; mnist1d
@@ -51,10 +51,11 @@ Quick: digits 256 images x 2 views x (image, dilated), 200 steps; mnist1d
 8 architectures x 6 runs x 40/160 steps. Full: all 1,797 digits x 10 views x
 2, 300 steps (median PSNR 118 dB, min 42 dB); all
 5,000 mnist1d signals x 10 views, 300 steps; 1,024 runs x 6 checkpoints
-(25 to 800 steps); 96 architectures x 12 runs x 3 checkpoints (50/150/400).
-With ``--set architectures=288`` cnn_wild has 10,368 nets from 206 families
-(52 of them test-only) and built in 2,044-2,434 s at a peak of 592-703 MiB,
-376 MB on disk (three builds in two sessions, each beside a benchmark).
+(25 to 800 steps); 288 architectures x 12 runs x 3 checkpoints (50/150/400),
+206 families, 52 of them test-only (three builds in two sessions, each beside
+a benchmark). The earlier full cnn_wild, 96 architectures (``--set
+architectures=96``), had 3,456 nets and built in 754-1,279 s at 529-585 MiB,
+111 MB on disk.
 """
 
 from __future__ import annotations
