@@ -24,8 +24,8 @@ of them (75 architectures, 2,700 nets) test-only, 5 diverged runs. The
 histograms and quantiles per step, split and family are in ``zoo.json``.
 Until 2026-12-07 the full ``cnn_wild`` had 96 architectures (88 families, 22
 test-only; ``--set architectures=96`` rebuilds it): with 72 training families
-no model generalised to unseen ones much beyond StatNN's trees, and at 288
-(154 training families) every NG-GNN variant did (EXPERIMENTS.md W21).
+no model generalised to unseen ones much beyond StatNN's trees; at 288 (154
+training families) NG-GNN with neuron statistics did (EXPERIMENTS.md W21).
 
 Training (many runs at once with vmap) lives in
 :mod:`lopt.weightspace.cnn_training`.
