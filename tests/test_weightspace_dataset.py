@@ -205,7 +205,7 @@ def test_readme_example_runs_as_written():
     """The python block of the README's weight-space section."""
     readme = Path(__file__).resolve().parents[1] / "README.md"
     text = readme.read_text(encoding="utf-8")
-    start = text.index("## Weight-space learning (in progress)")
+    start = text.index("\n## Weight-space learning\n")
     section = text[start : text.index("\n## ", start + 1)]
     # The section's other block (train, predict) is run by test_readme_examples.
     (code,) = [
