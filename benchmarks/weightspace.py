@@ -363,30 +363,21 @@ def model_factories(task: str, settings: Settings, train) -> dict[str, Callable]
         # SIRENs: sin is odd, so each hidden neuron has a sign symmetry.
         models["ng_gnn_sign"] = gnn(replace(base, sign_canonical=True))
     if spec.zoo in ("cnn_digits", "cnn_wild"):
-        # StatNN's per-layer weight statistics, per neuron, as node inputs.
-        models["ng_gnn_stats"] = gnn(replace(base, neuron_statistics=True))
-        # The same, put on one scale through their quantiles (heavy tails).
-        models["ng_gnn_qstats"] = gnn(replace(base, **QSTATS))
-        # ... with each layer's edges divided by their RMS (scale in the stats).
-        models["ng_gnn_qstats_ln"] = gnn(
-            replace(base, layer_normalised_edges=True, **QSTATS)
-        )
-    if spec.zoo == "cnn_wild":
-        models["ng_gnn_noact"] = gnn(replace(base, activation_embedding=False))
-        models["ng_gnn_stats_noact"] = gnn(
-            replace(base, neuron_statistics=True, activation_embedding=False)
-        )
-        models["ng_gnn_qstats_noact"] = gnn(
-            replace(base, activation_embedding=False, **QSTATS)
-        )
-        models["ng_gnn_qstats_ln_noact"] = gnn(
-            replace(
-                base,
-                activation_embedding=False,
-                layer_normalised_edges=True,
-                **QSTATS,
-            )
-        )
+        variants = {
+            # StatNN's per-layer weight statistics, per neuron, as node inputs.
+            "ng_gnn_stats": replace(base, neuron_statistics=True),
+            # The same, put on one scale through their quantiles (heavy tails).
+            "ng_gnn_qstats": replace(base, **QSTATS),
+            # ... with each layer's edges divided by their RMS (scale in the stats).
+            "ng_gnn_qstats_ln": replace(base, layer_normalised_edges=True, **QSTATS),
+        }
+        models.update({key: gnn(config) for key, config in variants.items()})
+        if spec.zoo == "cnn_wild":
+            # The activation-embedding ablation of each NG-GNN variant.
+            for key, config in {"ng_gnn": base, **variants}.items():
+                models[f"{key}_noact"] = gnn(
+                    replace(config, activation_embedding=False)
+                )
     return models
 
 
