@@ -1,16 +1,15 @@
-"""Benchmarks for lopt: a held-out task suite, overhead and scaling studies.
+"""Benchmarks for lopt.
 
-Three commands, each a thin ``main(argv)`` over plain functions:
+* :mod:`benchmarks.optim`: the learned optimizer against the optimizers people
+  run (held-out suite, overhead, scaling, import time);
+* :mod:`benchmarks.weightspace`: the weight-space models against their
+  baselines on locally built zoos;
+* :mod:`benchmarks.common`: what both share (command line, tables, provenance,
+  timing).
 
-* ``python -m benchmarks.compare``: ``NGOptimizer`` against Adam at its default
-  learning rate and against Adam, AdamW and SGD-momentum tuned per task;
-* ``python -m benchmarks.overhead``: optimizer step time and peak memory against
-  ``torch.optim.Adam`` as the parameter count grows;
-* ``python -m benchmarks.scaling``: the advantage over Adam as MLP width and
-  depth grow past what meta-training saw.
-
-All data is embedded (scikit-learn toy sets, procedurally generated
-``mnist1d``, synthetic sequences): nothing is downloaded.
+Results live in ``benchmarks/results/``. The old commands
+(``python -m benchmarks.compare`` and the like) still run and say where they
+moved.
 """
 
 __all__: list[str] = []

@@ -1,7 +1,7 @@
 """Meta-training of lopt update rules by truncated unrolls."""
 
+from lopt.tasks.families import MLPFamily, Task, TaskConfig, TaskFamily, make_task
 from meta_train.config import PRESETS, MetaTrainConfig, preset
-from meta_train.tasks import MLPFamily, Task, TaskConfig, TaskFamily, make_task
 from meta_train.trainer import MetaTrainer, validate
 from meta_train.unroll import InnerState, new_inner_state, truncated_unroll
 

@@ -40,13 +40,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from lopt.features import FeatureState
-from lopt.functional import ng_step
 from lopt.graph import NeuralGraph
-from lopt.optimizer import resolve_rule
-from lopt.rule import UpdateRule, load_rule, save_rule
+from lopt.optim.features import FeatureState
+from lopt.optim.functional import ng_step
+from lopt.optim.optimizer import resolve_rule
+from lopt.optim.rule import UpdateRule, load_rule, save_rule
+from lopt.tasks.families import MLPFamily, TaskConfig
 from meta_train.evaluate import rule_trajectory
-from meta_train.tasks import MLPFamily, TaskConfig
 from meta_train.trainer import transplant
 
 __all__ = ["Snapshot", "collect_snapshots", "relative_update_error", "distil", "main"]

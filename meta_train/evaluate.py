@@ -2,7 +2,7 @@
 shared by the validation inside meta-training and by ``meta_train.select``,
 and the run's states step by step (:func:`rule_trajectory`, for
 ``meta_train.distill``). Both are the benchmarks' inner loop
-(:mod:`benchmarks.loop`) on the task's :class:`~benchmarks.tasks.Task`."""
+(:mod:`lopt.tasks.loop`) on the task's :class:`~lopt.tasks.task.Task`."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ from typing import NamedTuple
 
 import torch
 
-from benchmarks.loop import ModuleLearner, RuleLearner, run, trajectory
-from lopt.features import FeatureState
 from lopt.graph import NeuralGraph
-from lopt.rule import UpdateRule
-from meta_train.tasks import TaskConfig, make_task
+from lopt.optim.features import FeatureState
+from lopt.optim.rule import UpdateRule
+from lopt.tasks.families import TaskConfig, make_task
+from lopt.tasks.loop import ModuleLearner, RuleLearner, run, trajectory
 
 __all__ = [
     "RunState",
@@ -62,7 +62,7 @@ def loss_curve(
     stop_above: float | None = None,
 ) -> tuple[list[float], bool]:
     """Train the task of ``config`` for ``steps`` steps from its initial weights
-    (:func:`benchmarks.loop.run` on the task's batches of seed ``config.seed``).
+    (:func:`lopt.tasks.loop.run` on the task's batches of seed ``config.seed``).
 
     Args:
         rule: the learned rule (its reference step, :class:`RuleLearner`), or

@@ -16,9 +16,9 @@ from dataclasses import replace
 
 import torch
 
-from lopt.rule import load_rule
+from lopt.optim.rule import load_rule
+from lopt.tasks.families import MLPFamily, TaskConfig, describe
 from meta_train.evaluate import final_log_ratio, loss_curve
-from meta_train.tasks import MLPFamily, TaskConfig, describe
 
 __all__ = ["run_task", "main", "FAMILIES"]
 

@@ -17,14 +17,14 @@ import torch
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from tqdm import tqdm
 
-from lopt.features import FeatureState
 from lopt.graph import NeuralGraph
-from lopt.rule import RuleConfig, UpdateRule, load_rule, save_rule
+from lopt.optim.features import FeatureState
+from lopt.optim.rule import RuleConfig, UpdateRule, load_rule, save_rule
+from lopt.tasks.families import MLPFamily, TaskConfig, _log_uniform, make_task
 from meta_train.config import VAL_METRICS, MetaTrainConfig
 from meta_train.distributed import all_reduce_mean_, world
 from meta_train.estimators import PESSlot, pes_step
 from meta_train.evaluate import final_log_ratio, loss_curve
-from meta_train.tasks import MLPFamily, TaskConfig, _log_uniform, make_task
 from meta_train.unroll import (
     LOSS_CAP,
     InnerState,

@@ -6,9 +6,9 @@ meta-trained on every phase of training (early, middle, late), not only on the
 first ``T`` steps. Each truncation returns a meta-loss that is differentiable
 in the rule's weights (truncated backprop through time).
 
-The task is the shared :class:`~benchmarks.tasks.Task` (its batches and its
-:meth:`~benchmarks.tasks.Task.functional_loss` at the flat parameters). The
-loops here are not :mod:`benchmarks.loop`'s: they carry the rule's graph
+The task is the shared :class:`~lopt.tasks.task.Task` (its batches and its
+:meth:`~lopt.tasks.task.Task.functional_loss` at the flat parameters). The
+loops here are not :mod:`lopt.tasks.loop`'s: they carry the rule's graph
 across steps, add the task's gradient noise and measure divergence against
 the task's loss at the start of its horizon.
 """
@@ -21,11 +21,11 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from lopt.features import FeatureState
-from lopt.functional import init_state, ng_step
 from lopt.graph import NeuralGraph
-from lopt.rule import UpdateRule
-from meta_train.tasks import Task, TaskConfig, TaskFamily, _log_uniform, make_task
+from lopt.optim.features import FeatureState
+from lopt.optim.functional import init_state, ng_step
+from lopt.optim.rule import UpdateRule
+from lopt.tasks.families import Task, TaskConfig, TaskFamily, _log_uniform, make_task
 
 __all__ = [
     "InnerState",

@@ -12,8 +12,8 @@ split (classification, regression, editing).
 Imports ``torch_geometric``; ``import lopt`` alone does not.
 """
 
-from lopt.weightspace.convert import graph_state, to_graph
-from lopt.weightspace.data import (
+from lopt.weightspace.graph.convert import graph_state, to_graph
+from lopt.weightspace.graph.data import (
     ACTIVATIONS,
     LAYER_TYPES,
     NODE_FEATURES,
@@ -23,12 +23,12 @@ from lopt.weightspace.data import (
     apply_graph_delta,
     from_graph_outputs,
 )
-from lopt.weightspace.dataset import (
+from lopt.weightspace.graph.dataset import (
     NeuralGraphDataset,
     save_network,
     sequential_from_config,
 )
-from lopt.weightspace.features import (
+from lopt.weightspace.models.features import (
     NeuralGraphFeaturizer,
     RandomFourierFeatures,
     WeightSpaceConfig,
@@ -37,18 +37,18 @@ from lopt.weightspace.features import (
     neuron_statistics,
     quantile_scale,
 )
-from lopt.weightspace.models import NeuralGraphGNN
-from lopt.weightspace.probes import probe_activations
-from lopt.weightspace.readout import WeightSpaceOutput, WeightSpaceReadout
+from lopt.weightspace.models.gnn import NeuralGraphGNN
+from lopt.weightspace.models.probes import probe_activations
+from lopt.weightspace.models.readout import WeightSpaceOutput, WeightSpaceReadout
+from lopt.weightspace.models.transformer import (
+    NeuralGraphTransformer,
+    RelationalAttentionLayer,
+)
 from lopt.weightspace.training import (
     FitResult,
     GraphPredictor,
     WeightSpaceData,
     WeightSpaceTrainer,
-)
-from lopt.weightspace.transformer import (
-    NeuralGraphTransformer,
-    RelationalAttentionLayer,
 )
 
 __all__ = [

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lopt.weightspace.data import NODE_ROLES, NeuralGraphData
-from lopt.weightspace.dataset import NeuralGraphDataset
+from lopt.weightspace.graph.data import NODE_ROLES, NeuralGraphData
+from lopt.weightspace.graph.dataset import NeuralGraphDataset
 
 __all__ = ["WeightSpaceData", "float_state", "stack_deltas"]
 
@@ -117,7 +117,8 @@ class WeightSpaceData:
     @property
     def output_neurons(self) -> int:
         """The most output neurons of any network (what an ``"output"``
-        readout must read, see :func:`lopt.weightspace.readout.output_neurons`)."""
+        readout must read, see
+        :func:`lopt.weightspace.models.readout.output_neurons`)."""
         out = NODE_ROLES.index("output")
         return max(
             int(g.node_pos[g.node_role == out].max()) + 1

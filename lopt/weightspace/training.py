@@ -54,10 +54,10 @@ from torch.func import functional_call, vmap
 from torch_geometric.data import Batch
 from tqdm.auto import tqdm
 
-from lopt.weightspace.data import from_graph_outputs
-from lopt.weightspace.models import NeuralGraphGNN
+from lopt.weightspace.graph.data import from_graph_outputs
+from lopt.weightspace.models.gnn import NeuralGraphGNN
+from lopt.weightspace.models.transformer import NeuralGraphTransformer
 from lopt.weightspace.splits import WeightSpaceData, float_state, stack_deltas
-from lopt.weightspace.transformer import NeuralGraphTransformer
 
 __all__ = [
     "TASKS",

@@ -1,0 +1,477 @@
+"""``NGOptimizer``: the learned neural-graph optimizer, a ``torch.optim.Optimizer``."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch.autograd.graph import increment_version
+from torch.optim import Optimizer
+
+from lopt.graph import NeuralGraph
+from lopt.integrations.dtensor import copy_into, full_tensors, is_dtensor
+from lopt.optim.features import FeatureState
+from lopt.optim.functional import (
+    flat_gradients,
+    init_state,
+    initial_adapt_stats,
+    ng_step,
+)
+from lopt.optim.fused import cpu_kernel
+from lopt.optim.fused.dense import DensePlan, fused_step, fused_supported
+from lopt.optim.rule import UpdateRule, load_rule
+
+__all__ = ["NGOptimizer", "SHIPPED_RULES", "default_rule_path", "resolve_rule"]
+
+#: Rules inside the package, by name: ``"default"``, the lean rule (cheap
+#: step), and ``"full"``, the previous default it was distilled from (an edge
+#: MLP and a hidden layer in the edge head: about 1.8x the step's arithmetic).
+SHIPPED_RULES = ("default", "full")
+
+_NONFINITE_MODES = ("skip", "raise")
+
+
+def default_rule_path(name: str = "default") -> str:
+    """Directory of a rule that ships inside the package (see
+    :data:`SHIPPED_RULES`)."""
+    if name not in SHIPPED_RULES:
+        raise ValueError(f"Invalid rule: {name!r} (shipped: {SHIPPED_RULES})")
+    return os.path.join(os.path.dirname(__file__), "rules", name)
+
+
+def resolve_rule(rule: str | os.PathLike | UpdateRule) -> UpdateRule:
+    """A shipped rule's name (:data:`SHIPPED_RULES`), a rule directory, or an
+    :class:`UpdateRule` -> a rule."""
+    if isinstance(rule, UpdateRule):
+        return rule
+    if isinstance(rule, (str, os.PathLike)):
+        if isinstance(rule, str) and rule in SHIPPED_RULES:
+            return load_rule(default_rule_path(rule))
+        return load_rule(rule)
+    raise ValueError(
+        f"Invalid rule: {rule!r} (expected one of {SHIPPED_RULES}, a path or an "
+        "UpdateRule)"
+    )
+
+
+class NGOptimizer(Optimizer):
+    r"""Learned optimizer that sees the network as a neural graph.
+
+    Each step, the parameters of all param groups (in order), their gradients
+    and momenta become features on a :class:`~lopt.graph.NeuralGraph` (neurons
+    are nodes, weights are edges, built once); a graph network
+    (:class:`~lopt.optim.rule.UpdateRule`) predicts one update per weight and per
+    bias / norm parameter. The maths lives in :func:`lopt.optim.functional.ng_step`;
+    this class only gathers tensors and writes results back in place.
+
+    Args:
+        params: iterable of parameters or dicts defining param groups.
+        lr (float, optional): multiplier of the rule's step (the rule's own
+            scale is learned). LR schedulers act on it. (default: ``1.0``)
+        weight_decay (float, optional): decoupled weight decay, scaled like
+            AdamW at the rule's base step:
+            ``p -= lr * rule.config.step_scale * weight_decay * p``.
+            (default: ``0.0``)
+        rule (str, path or UpdateRule, optional): ``"default"`` for the rule
+            shipped with lopt (the lean rule), ``"full"`` for the larger rule
+            it was distilled from, a directory saved by
+            :func:`lopt.save_rule`, or a rule object. (default: ``"default"``)
+        nonfinite (str, optional): what to do when a gradient holds NaN or
+            inf: ``"skip"`` the step (parameters and state untouched, counted
+            in :attr:`skipped_steps`) or ``"raise"`` ``FloatingPointError``.
+            (default: ``"skip"``)
+        fused (bool, optional): run the step through the fused CPU kernel
+            (:mod:`lopt.optim.fused.dense`: dense layers as tensors, three passes over
+            memory; built with the system C compiler on first use), which
+            computes the reference step's updates to float32 rounding and is
+            several times faster. ``None`` uses it wherever it applies (CPU
+            parameters, a rule of the shipped widths, a C compiler) and
+            falls back to the reference path otherwise; ``True`` raises if it
+            does not apply; ``False`` always takes the reference path.
+            Steps where some parameter has no gradient take the reference
+            path. (default: ``None``)
+
+    State (per parameter, float32 whatever the parameter dtype; views into
+    flat buffers shared by all parameters):
+        - ``step``: number of steps applied (shared by all parameters);
+        - ``momenta``: ``(len(MOMENTUM_DECAYS), *shape)`` gradient EMAs;
+        - ``second_moment``: ``shape`` EMA of squared gradients;
+        - ``trace`` (``shape``) and ``log_step`` (a scalar), for rules that
+          adapt a step size per tensor (``rule.config.step_adapt_rate > 0``):
+          an EMA of the parameter's past values and the log of its step
+          multiplier (see :func:`lopt.optim.functional.adapt_step_sizes`);
+        - ``adapt_stats`` (``(3,)``), for those with
+          ``rule.config.step_adapt_norm > 0`` or ``step_adapt_spike > 0``:
+          EMAs of the cosine that moves the log step, of its square, and of
+          the squared gradient norm (see :func:`lopt.optim.functional.next_log_step`).
+
+    Example:
+        >>> opt = NGOptimizer(model.parameters())
+        >>> loss_fn(model(x), y).backward()
+        >>> opt.step()
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1.0,
+        *,
+        weight_decay: float = 0.0,
+        rule: str | os.PathLike | UpdateRule = "default",
+        nonfinite: str = "skip",
+        fused: bool | None = None,
+    ):
+        _check_number("learning rate", lr)
+        _check_number("weight_decay value", weight_decay)
+        if nonfinite not in _NONFINITE_MODES:
+            raise ValueError(
+                f"Invalid nonfinite: {nonfinite!r} (expected one of {_NONFINITE_MODES})"
+            )
+        if fused not in (None, True, False):
+            raise ValueError(f"Invalid fused: {fused!r} (expected None, True or False)")
+        self.rule = resolve_rule(rule)
+        self.nonfinite = nonfinite
+        self.fused = fused
+        self._plan: DensePlan | None = None
+        if fused:  # what can be checked before the graph exists
+            reason = fused_supported(
+                self.rule, NeuralGraph.from_shapes([]), torch.device("cpu")
+            )
+            if reason is None and cpu_kernel.load() is None:
+                reason = "the fused CPU kernel could not be built (see the warning)"
+            if reason is not None:
+                raise ValueError(f"NGOptimizer(fused=True) does not apply: {reason}")
+        #: Number of steps skipped because a gradient was not finite.
+        self.skipped_steps = 0
+        self._graph: NeuralGraph | None = None
+        self._flat: FeatureState | None = None
+        self._layout: tuple[int, ...] = ()
+        self._sharded = False
+        self._float64: list[int] = []
+        # ``momentum=None``: the rule reads its momenta as features and has no
+        # momentum hyperparameter. The key is there so that schedulers which
+        # cycle momentum (OneCycleLR, CyclicLR) get past their own check and
+        # the first step can say what to pass instead (_check_no_momentum).
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=None))
+
+    # --------------------------------------------------------------- groups
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        for key in ("lr", "weight_decay"):
+            if key in param_group:
+                name = "learning rate" if key == "lr" else "weight_decay value"
+                _check_number(name, param_group[key])
+        _check_no_momentum([param_group])
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        for p in params:
+            if isinstance(p, torch.Tensor) and not p.is_floating_point():
+                raise ValueError(
+                    f"Invalid parameter dtype: {p.dtype} (need a float dtype)"
+                )
+        super().add_param_group({**param_group, "params": params})
+        # The graph spans every group: rebuild it (keeping state) at the next step.
+        self._graph = None
+
+    def _all_params(self) -> list[torch.Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    @property
+    def graph(self) -> NeuralGraph:
+        """The neural graph of all parameters (built on first use)."""
+        self._ensure_graph(self._all_params())
+        assert self._graph is not None
+        return self._graph
+
+    def _ensure_graph(self, params: list[torch.Tensor]) -> None:
+        layout = tuple(id(p) for p in params)
+        if self._graph is not None and layout == self._layout:
+            return
+        devices = {p.device for p in params}
+        if len(devices) > 1:
+            raise ValueError(
+                f"Invalid parameters: all must be on one device, got {devices}"
+            )
+        self._rebuild({p: self.state.get(p, {}) for p in params}, params)
+
+    def _rebuild(self, source: dict[torch.Tensor, dict], params: list[torch.Tensor]):
+        """(Re)create the graph and the flat state buffers, filling them from
+        per-parameter state in ``source``; then point ``self.state`` at views."""
+        device = params[0].device if params else torch.device("cpu")
+        graph = NeuralGraph.from_parameters(params).to(device)
+        flat = init_state(graph, device)
+        steps = [float(s["step"]) for s in source.values() if "step" in s]
+        flat.step.fill_(max(steps, default=0.0))
+        for p, m, v in zip(
+            params, *self._views(graph, flat.momenta, flat.second_moment)
+        ):
+            saved = source.get(p, {})
+            if "momenta" in saved:
+                m.copy_(saved["momenta"].reshape(m.shape))
+                v.copy_(saved["second_moment"].reshape(v.shape))
+            self.state[p] = {"step": flat.step, "momenta": m, "second_moment": v}
+        if self.rule.config.adapts_steps:
+            flat = self._adaptation_state(graph, flat, source, params)
+        self._graph, self._flat = graph, flat
+        self._layout = tuple(id(p) for p in params)
+        # Checked once per layout, so the step pays nothing for these cases
+        # when they do not occur.
+        self._sharded = any(is_dtensor(p) for p in params)
+        self._float64 = [i for i, p in enumerate(params) if p.dtype == torch.float64]
+        self.rule.to(device)
+        self._plan = self._fused_plan(graph, torch.device(device))
+
+    def _adaptation_state(
+        self,
+        graph: NeuralGraph,
+        flat: FeatureState,
+        source: dict[torch.Tensor, dict],
+        params: list[torch.Tensor],
+    ) -> FeatureState:
+        """``flat`` with the step-size adaptation's buffers (see
+        :func:`lopt.optim.functional.adapt_step_sizes`), filled from ``source``;
+        a parameter without saved ones starts afresh: its trace at its
+        current value, its log step (and statistics) at zero. Adds
+        per-parameter views ``trace``, ``log_step`` (and ``adapt_stats``) to
+        :attr:`state`."""
+        values = full_tensors(params) if any(is_dtensor(p) for p in params) else params
+        device = flat.step.device
+        trace = graph.flatten([v.detach() for v in values]).to(device)
+        log_step = torch.zeros(len(params), device=device)
+        rows = self.rule.config.adapt_stats_rows
+        stats = initial_adapt_stats(self.rule.config, len(params), log_step)
+        position = graph.tensor_position.tolist()
+        for p, t, pos in zip(params, graph.unflatten(trace), position):
+            saved = source.get(p, {})
+            if "trace" in saved and "log_step" in saved:
+                t.copy_(saved["trace"].reshape(t.shape))
+                log_step[pos] = float(saved["log_step"])
+                saved_stats = saved.get("adapt_stats")
+                if rows and saved_stats is not None and saved_stats.numel() == rows:
+                    stats[:, pos] = saved_stats.reshape(rows)
+            self.state[p]["trace"] = t
+            self.state[p]["log_step"] = log_step[pos]
+            if rows:
+                self.state[p]["adapt_stats"] = stats[:, pos]
+        return flat._replace(trace=trace, log_step=log_step, adapt_stats=stats)
+
+    def _fused_plan(self, graph: NeuralGraph, device: torch.device):
+        """The dense plan of ``graph`` when this optimizer fuses its steps,
+        else ``None`` (see ``fused``); decided once per layout."""
+        if self.fused is False:
+            return None
+        reason = fused_supported(self.rule, graph, device)
+        if reason is None and cpu_kernel.load() is None:
+            reason = "the fused CPU kernel could not be built (see the warning)"
+        if reason is not None:
+            if self.fused:
+                raise ValueError(f"NGOptimizer(fused=True) does not apply: {reason}")
+            return None
+        return DensePlan(graph)
+
+    @staticmethod
+    def _views(graph: NeuralGraph, momenta: torch.Tensor, second: torch.Tensor):
+        return graph.unflatten(momenta), graph.unflatten(second)
+
+    # ----------------------------------------------------------------- step
+    def step(self, closure: Callable[[], torch.Tensor] | None = None):
+        """Perform one optimization step.
+
+        Under ``torch.compile`` (``torch.compile(opt.step)``, or a compiled
+        training step that calls it) the learned step runs eagerly, behind a
+        graph break: it builds its neural graph on first use and skips steps
+        on a data-dependent check, which TorchDynamo does not trace reliably,
+        so compiling it gives exactly the eager trajectory.
+
+        Args:
+            closure (Callable, optional): re-evaluates the model and returns
+                the loss.
+        """
+        if torch.compiler.is_compiling():
+            # Imported here: TorchDynamo is loaded by then, and importing it at
+            # module level would double the cost of ``import lopt``.
+            from torch._dynamo import disable
+
+            return disable(NGOptimizer._step)(self, closure)
+        return self._step(closure)
+
+    @torch.no_grad()
+    def _step(self, closure: Callable[[], torch.Tensor] | None):
+        _check_no_momentum(self.param_groups)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        params = self._all_params()
+        grads = [p.grad for p in params]
+        if all(g is None for g in grads):
+            return loss
+        if any(g is not None and g.is_sparse for g in grads):
+            raise RuntimeError("NGOptimizer does not support sparse gradients")
+        self._ensure_graph(params)
+        values = params
+        if self._sharded:  # DTensor (FSDP2): the step runs on full tensors
+            values, grads = full_tensors(params), full_tensors(grads)
+        graph, flat = self._graph, self._flat
+        lr, weight_decay = self._group_values(graph)
+        if self._plan is not None and all(g is not None for g in grads):
+            self._fused_step(params, values, grads, lr, weight_decay)
+            return loss
+        flat_grad, mask = flat_gradients(graph, values, grads)
+        if not gradient_is_finite(self, flat_grad):
+            return loss
+        new_params, new_state = ng_step(
+            self.rule,
+            graph,
+            graph.flatten(values),
+            flat_grad,
+            flat,
+            lr,
+            weight_decay,
+            mask,
+        )
+        self._write_back(params, values, graph.unflatten(new_params))
+        for old, new in zip(flat, new_state):
+            old.copy_(new)
+        return loss
+
+    def _fused_step(self, params, values, grads, lr, weight_decay) -> None:
+        """The step through the fused CPU kernel (every gradient present).
+
+        Float32 contiguous parameters and gradients are read where they are
+        and the parameters updated in place: no flat copies. Anything else
+        (other dtypes, strides, DTensors) goes through flat float32 copies
+        that the kernel updates, written back as on the reference path.
+        """
+        graph, order = self._graph, self._graph.tensor_order
+        ps = [values[i] for i in order]
+        gs = [grads[i] for i in order]
+        direct = not self._sharded and all(
+            p.dtype == torch.float32
+            and g.dtype == torch.float32
+            and p.is_contiguous()
+            and g.is_contiguous()
+            for p, g in zip(ps, gs)
+        )
+        lib = cpu_kernel.load()
+        if direct:
+            stepped = fused_step(
+                lib, self._plan, self.rule, ps, gs, self._flat, lr, weight_decay
+            )
+            if stepped:
+                increment_version(ps)  # in-place writes autograd did not see
+            else:
+                _skip_nonfinite_step(self)
+            return
+        flat_params = graph.flatten(values)
+        work = graph.unflatten(flat_params)
+        work_grads = graph.unflatten(graph.flatten(grads))
+        stepped = fused_step(
+            lib,
+            self._plan,
+            self.rule,
+            [work[i] for i in order],
+            [work_grads[i] for i in order],
+            self._flat,
+            lr,
+            weight_decay,
+        )
+        if stepped:
+            self._write_back(params, values, work)
+        else:
+            _skip_nonfinite_step(self)
+
+    def _write_back(
+        self,
+        params: list[torch.Tensor],
+        values: list[torch.Tensor],
+        new: list[torch.Tensor],
+    ) -> None:
+        """Write the step's float32 results ``new`` into ``params`` in place.
+
+        The step reads float32 copies of ``values`` (the parameters, full
+        tensors for DTensors): exact for float32 and 16-bit parameters, so
+        their float32 result is written as it is (a parameter without a
+        gradient gets its own value back, bit for bit). A float64 parameter
+        would lose its low bits, and move even with a zero step, so it gets
+        the float32 step added instead. Which parameters are float64 is fixed
+        per layout; the loop below runs over those only.
+        """
+        for i in self._float64:
+            new[i] = values[i] + (new[i] - values[i].float())
+        if self._sharded:
+            copy_into(params, new)
+        else:
+            torch._foreach_copy_(params, new)
+
+    def _group_values(self, graph: NeuralGraph):
+        lrs = [float(g["lr"]) for g in self.param_groups]
+        wds = [float(g["weight_decay"]) for g in self.param_groups]
+        if len(set(lrs)) == 1 and len(set(wds)) == 1:
+            return lrs[0], wds[0]
+        sizes = [len(g["params"]) for g in self.param_groups]
+        per_param = lambda values: [v for v, n in zip(values, sizes) for _ in range(n)]  # noqa: E731
+        return (
+            graph.per_scalar(per_param(lrs), torch.float32),
+            graph.per_scalar(per_param(wds), torch.float32),
+        )
+
+    # ----------------------------------------------------------- state dict
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["ng"] = {"skipped_steps": self.skipped_steps}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load state; momenta stay float32 even for low-precision parameters."""
+        saved_state = state_dict["state"]
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        super().load_state_dict(state_dict)
+        params = self._all_params()
+        source = {p: saved_state.get(i, {}) for i, p in zip(saved_ids, params)}
+        self._rebuild(source, params)
+        self.skipped_steps = int(state_dict.get("ng", {}).get("skipped_steps", 0))
+
+
+def gradient_is_finite(owner: Any, flat_grad: torch.Tensor) -> bool:
+    """Apply ``owner.nonfinite`` to a flat gradient: ``True`` to go on, ``False``
+    to skip the step (counted in ``owner.skipped_steps``), or raise.
+
+    Shared by :class:`NGOptimizer` and its ``higher`` counterpart.
+    """
+    if bool(torch.isfinite(flat_grad.detach()).all()):
+        return True
+    _skip_nonfinite_step(owner)
+    return False
+
+
+def _skip_nonfinite_step(owner: Any) -> None:
+    """A gradient was not finite: raise, or count the skipped step, as
+    ``owner.nonfinite`` says."""
+    if owner.nonfinite == "raise":
+        raise FloatingPointError("NGOptimizer: non-finite gradient")
+    owner.skipped_steps += 1
+
+
+def _check_no_momentum(param_groups: list[dict[str, Any]]) -> None:
+    """Refuse a momentum that something (a momentum-cycling LR scheduler) has
+    written into a param group: the learned rule has none to set."""
+    for group in param_groups:
+        if group.get("momentum") is not None:
+            raise ValueError(
+                f"Invalid momentum: {group['momentum']} (NGOptimizer has no "
+                "momentum hyperparameter: its momenta are inputs of the learned "
+                "rule). OneCycleLR and CyclicLR cycle momentum by default: pass "
+                "cycle_momentum=False to them."
+            )
+
+
+def _check_number(name: str, value: Any) -> None:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"Invalid {name}: {value}")
+        value = value.item()
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"Invalid {name}: {value}")
