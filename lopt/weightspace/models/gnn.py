@@ -11,18 +11,15 @@ channel-major ``(F, E)`` there) and the shared readouts after it
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-from torch import nn
+import torch
 
 from lopt.nn import GraphBackbone
-from lopt.weightspace.models.features import NeuralGraphFeaturizer, WeightSpaceConfig
-from lopt.weightspace.models.readout import WeightSpaceOutput, WeightSpaceReadout
+from lopt.weightspace.models.base import WeightSpaceModel
 
 __all__ = ["NeuralGraphGNN"]
 
 
-class NeuralGraphGNN(nn.Module):
+class NeuralGraphGNN(WeightSpaceModel):
     r"""NG-GNN (Kofinas et al. 2024) on :class:`lopt.nn.GraphBackbone`.
 
     Args:
@@ -46,58 +43,22 @@ class NeuralGraphGNN(nn.Module):
           of them (``x (N, F_node)``, ``edge_index (2, E)``,
           ``edge_attr (E, F_edge)``, ``batch (N,)``); with probes, the
           networks' architectures (one module, or one per graph)
-        - **output:** :class:`WeightSpaceOutput`: graph ``(B, graph_out)``,
-          node ``(N, F_node)``, edge ``(E, F_edge)``
+        - **output:** :class:`~lopt.weightspace.WeightSpaceOutput`: graph
+          ``(B, graph_out)``, node ``(N, F_node)``, edge ``(E, F_edge)``
     """
 
-    def __init__(
-        self,
-        edge_features: int,
-        graph_out: int = 1,
-        node_dim: int = 32,
-        edge_dim: int = 8,
-        num_layers: int = 2,
-        config: WeightSpaceConfig | None = None,
-        pooling: Sequence[str] = ("mean",),
-        output_neurons: int = 1,
-    ):
-        super().__init__()
-        if edge_features < 1:
-            raise ValueError(f"Invalid edge_features: {edge_features}")
-        self.edge_features, self.graph_out = edge_features, graph_out
-        self.features = NeuralGraphFeaturizer(edge_features, config)
+    def build_body(self, node_in: int, edge_in: int) -> None:
         self.backbone = GraphBackbone(
-            self.features.node_in,
-            self.features.edge_in,
-            node_dim=node_dim,
-            edge_dim=edge_dim,
-            num_layers=num_layers,
+            node_in,
+            edge_in,
+            node_dim=self.node_dim,
+            edge_dim=self.edge_dim,
+            num_layers=self.num_layers,
         )
-        self.readout = WeightSpaceReadout(
-            node_dim, edge_dim, edge_features, graph_out, pooling, output_neurons
-        )
-        self.reset_parameters()
 
-    @property
-    def config(self) -> WeightSpaceConfig:
-        return self.features.config
-
-    def reset_parameters(self) -> None:
-        self.features.reset_parameters()
+    def reset_body(self) -> None:
         self.backbone.reset_parameters()
-        self.readout.reset_parameters()
 
-    def forward(
-        self, data, networks: nn.Module | Sequence[nn.Module] | None = None
-    ) -> WeightSpaceOutput:
-        nodes, edges = self.features(data, networks)
+    def body(self, nodes, edges, data) -> tuple[torch.Tensor, torch.Tensor]:
         h, e = self.backbone(nodes, data.edge_index, edges.T.contiguous())
-        return self.readout(h, e.T, data.edge_index, data)
-
-    def __repr__(self) -> str:
-        b = self.backbone
-        return (
-            f"{self.__class__.__name__}(edge_features={self.edge_features}, "
-            f"graph_out={self.graph_out}, node_dim={b.node_dim}, "
-            f"edge_dim={b.edge_dim}, num_layers={b.num_layers})"
-        )
+        return h, e.T

@@ -23,12 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch_geometric.utils import to_dense_batch
 
-from lopt.weightspace.models.features import NeuralGraphFeaturizer, WeightSpaceConfig
-from lopt.weightspace.models.readout import (
-    WeightSpaceOutput,
-    WeightSpaceReadout,
-    graph_batch,
-)
+from lopt.weightspace.models.base import WeightSpaceModel
+from lopt.weightspace.models.features import WeightSpaceConfig
+from lopt.weightspace.models.readout import graph_batch
 
 __all__ = ["RelationalAttentionLayer", "NeuralGraphTransformer"]
 
@@ -172,7 +169,7 @@ class RelationalAttentionLayer(nn.Module):
         )
 
 
-class NeuralGraphTransformer(nn.Module):
+class NeuralGraphTransformer(WeightSpaceModel):
     r"""NG-T (Kofinas et al. 2024): input features, encoders, a stack of
     :class:`RelationalAttentionLayer`, and the readouts of
     :class:`~lopt.weightspace.NeuralGraphGNN`.
@@ -212,56 +209,46 @@ class NeuralGraphTransformer(nn.Module):
         pooling: Sequence[str] = ("mean",),
         output_neurons: int = 1,
     ):
-        super().__init__()
-        if edge_features < 1:
-            raise ValueError(f"Invalid edge_features: {edge_features}")
-        self.edge_features, self.graph_out = edge_features, graph_out
-        self.node_dim, self.edge_dim = node_dim, edge_dim
-        self.num_layers, self.num_heads = num_layers, num_heads
-        self.features = NeuralGraphFeaturizer(edge_features, config)
+        super().__init__(
+            edge_features,
+            graph_out,
+            node_dim,
+            edge_dim,
+            num_layers,
+            config,
+            pooling,
+            output_neurons,
+            num_heads=num_heads,
+        )
+
+    def build_body(self, node_in: int, edge_in: int, num_heads: int) -> None:
+        node_dim, edge_dim, self.num_heads = self.node_dim, self.edge_dim, num_heads
         self.node_encoder = nn.Sequential(
-            nn.Linear(self.features.node_in, node_dim),
+            nn.Linear(node_in, node_dim),
             nn.SiLU(),
             nn.Linear(node_dim, node_dim),
         )
-        self.edge_encoder = nn.Linear(self.features.edge_in, edge_dim)
+        self.edge_encoder = nn.Linear(edge_in, edge_dim)
         self.layers = nn.ModuleList(
             RelationalAttentionLayer(node_dim, edge_dim, num_heads)
-            for _ in range(num_layers)
+            for _ in range(self.num_layers)
         )
         self.node_norm = nn.LayerNorm(node_dim)
-        self.readout = WeightSpaceReadout(
-            node_dim, edge_dim, edge_features, graph_out, pooling, output_neurons
-        )
-        self.reset_parameters()
 
-    @property
-    def config(self) -> WeightSpaceConfig:
-        return self.features.config
-
-    def reset_parameters(self) -> None:
-        for module in (self.features, *self.node_encoder, self.edge_encoder):
+    def reset_body(self) -> None:
+        for module in (*self.node_encoder, self.edge_encoder):
             if hasattr(module, "reset_parameters"):
                 module.reset_parameters()
         for layer in self.layers:
             layer.reset_parameters()
         self.node_norm.reset_parameters()
-        self.readout.reset_parameters()
 
-    def forward(
-        self, data, networks: nn.Module | Sequence[nn.Module] | None = None
-    ) -> WeightSpaceOutput:
-        nodes, edges = self.features(data, networks)
+    def body(self, nodes, edges, data) -> tuple[torch.Tensor, torch.Tensor]:
         h, e = self.node_encoder(nodes), self.edge_encoder(edges)
         batch, num_graphs = graph_batch(data, h.shape[0])
         for layer in self.layers:
             h, e = layer(h, e, data.edge_index, batch, num_graphs)
-        return self.readout(self.node_norm(h), e, data.edge_index, data)
+        return self.node_norm(h), e
 
-    def __repr__(self) -> str:
-        return (
-            f"{self.__class__.__name__}(edge_features={self.edge_features}, "
-            f"graph_out={self.graph_out}, node_dim={self.node_dim}, "
-            f"edge_dim={self.edge_dim}, num_layers={self.num_layers}, "
-            f"num_heads={self.num_heads})"
-        )
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, num_heads={self.num_heads}"
