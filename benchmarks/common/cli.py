@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 __all__ = [
@@ -12,10 +13,25 @@ __all__ = [
     "add_peers_argument",
     "output_dir",
     "print_saved",
+    "quick_parser",
     "run_moved",
+    "save_and_print",
 ]
 
 RESULTS_DIR = Path(__file__).resolve().parents[1] / "results"
+
+
+def quick_parser(
+    prog: str, doc: str, quick_help: str, **kwargs
+) -> argparse.ArgumentParser:
+    """A parser for command ``prog``, described by the first paragraph of
+    its module docstring ``doc``, with a ``--quick`` flag (``quick_help``);
+    ``kwargs`` go to :class:`argparse.ArgumentParser`."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description=doc.split("\n\n")[0], **kwargs
+    )
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    return parser
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,6 +68,20 @@ def output_dir(args: argparse.Namespace) -> Path:
 def print_saved(paths: dict[str, Path]) -> None:
     for kind, path in paths.items():
         print(f"saved {kind}: {path}")
+
+
+def save_and_print(
+    results: dict,
+    out: Path,
+    write_outputs: Callable[[dict, Path], dict[str, Path]],
+    markdown_report: Callable[[dict], str],
+) -> None:
+    """The end of a benchmark command: ``write_outputs(results, out)``, then
+    ``markdown_report(results)`` and the paths written, on stdout."""
+    paths = write_outputs(results, out)
+    print()
+    print(markdown_report(results))
+    print_saved(paths)
 
 
 def run_moved(name: str, new: str) -> None:

@@ -39,7 +39,8 @@ from benchmarks.common.cli import (
     add_common_arguments,
     add_peers_argument,
     output_dir,
-    print_saved,
+    quick_parser,
+    save_and_print,
 )
 from benchmarks.common.provenance import run_metadata
 from benchmarks.optim.cache import RunCache
@@ -419,17 +420,13 @@ def write_outputs(results: dict, out_dir: str | Path) -> dict[str, Path]:
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.optim.compare",
-        description=__doc__.split("\n\n")[0],
+    parser = quick_parser(
+        "python -m benchmarks.optim.compare",
+        __doc__,
+        f"{QUICK.steps} steps, {QUICK.seeds} seeds, {QUICK.grid_points}-point "
+        f"grids (default: {FULL.steps}, {FULL.seeds}, {FULL.grid_points})",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"tasks: {', '.join(TASKS)}",
-    )
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help=f"{QUICK.steps} steps, {QUICK.seeds} seeds, {QUICK.grid_points}-point "
-        f"grids (default: {FULL.steps}, {FULL.seeds}, {FULL.grid_points})",
     )
     parser.add_argument("--steps", type=int, help="steps per run (overrides)")
     parser.add_argument("--seeds", type=int, help="number of seeds (overrides)")
@@ -489,10 +486,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"baseline and peer runs re-used from {args.cache}: {cache.hits}",
             flush=True,
         )
-    paths = write_outputs(results, output_dir(args))
-    print()
-    print(markdown_report(results))
-    print_saved(paths)
+    save_and_print(results, output_dir(args), write_outputs, markdown_report)
     if results["aggregate"]["failures"]:
         print(f"{len(results['aggregate']['failures'])} runs failed", file=sys.stderr)
         return 1

@@ -37,7 +37,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from benchmarks.common import report
-from benchmarks.common.cli import add_common_arguments, output_dir, print_saved
+from benchmarks.common.cli import (
+    add_common_arguments,
+    output_dir,
+    quick_parser,
+    save_and_print,
+)
 from benchmarks.common.memory import PeakMemory, run_isolated, tensor_bytes
 from benchmarks.common.provenance import run_metadata
 from benchmarks.common.timing import interleaved_times
@@ -373,11 +378,8 @@ def write_outputs(results: dict, out_dir: str | Path) -> dict[str, Path]:
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.optim.overhead", description=__doc__.split("\n\n")[0]
-    )
-    parser.add_argument(
-        "--quick", action="store_true", help="sizes up to 1e6, 5 repeats"
+    parser = quick_parser(
+        "python -m benchmarks.optim.overhead", __doc__, "sizes up to 1e6, 5 repeats"
     )
     parser.add_argument("--sizes", help="comma-separated parameter counts")
     parser.add_argument("--families", default="mlp,cnn", help="mlp,cnn")
@@ -427,10 +429,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
         "rows": rows,
     }
-    paths = write_outputs(results, output_dir(args))
-    print()
-    print(markdown_report(results))
-    print_saved(paths)
+    save_and_print(results, output_dir(args), write_outputs, markdown_report)
     return 0
 
 

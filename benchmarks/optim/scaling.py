@@ -39,7 +39,8 @@ from benchmarks.common.cli import (
     add_common_arguments,
     add_peers_argument,
     output_dir,
-    print_saved,
+    quick_parser,
+    save_and_print,
 )
 from benchmarks.common.provenance import run_metadata
 from benchmarks.optim.optimizers import (
@@ -398,13 +399,10 @@ def _shapes(text: str) -> tuple[tuple[int, int], ...]:
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.optim.scaling", description=__doc__.split("\n\n")[0]
-    )
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help=f"{QUICK.steps} steps, {QUICK.seeds} seed, widths {QUICK.widths}, "
+    parser = quick_parser(
+        "python -m benchmarks.optim.scaling",
+        __doc__,
+        f"{QUICK.steps} steps, {QUICK.seeds} seed, widths {QUICK.widths}, "
         f"depths {QUICK.depths}",
     )
     parser.add_argument("--widths", type=_ints, help="comma-separated widths")
@@ -444,10 +442,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     results = run_scaling(settings, rule_path=args.rule, progress=not args.no_progress)
-    paths = write_outputs(results, output_dir(args))
-    print()
-    print(markdown_report(results))
-    print_saved(paths)
+    save_and_print(results, output_dir(args), write_outputs, markdown_report)
     return 0
 
 

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import report
-from benchmarks.common.cli import RESULTS_DIR, print_saved
+from benchmarks.common.cli import RESULTS_DIR, quick_parser, save_and_print
 from benchmarks.common.provenance import run_metadata
 from benchmarks.weightspace.report import (
     LABELS,
@@ -515,11 +515,10 @@ def run_benchmark(
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.weightspace", description=__doc__.split("\n\n")[0]
-    )
-    parser.add_argument(
-        "--quick", action="store_true", help="quick zoos and short fits (about 5 min)"
+    parser = quick_parser(
+        "python -m benchmarks.weightspace",
+        __doc__,
+        "quick zoos and short fits (about 5 min)",
     )
     parser.add_argument(
         "--seeds", type=int, help="training seeds per model (default 3)"
@@ -657,10 +656,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     results["provenance"] = meta
-    paths = write_outputs(results, Path(out))
-    print()
-    print(markdown_report(results))
-    print_saved(paths)
+    save_and_print(results, Path(out), write_outputs, markdown_report)
     return 0
 
 
