@@ -11,7 +11,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ __all__ = [
     "json_safe",
     "write_json",
     "write_text",
+    "write_outputs",
     "markdown_table",
     "format_lr",
     "format_number",
@@ -71,6 +72,27 @@ def write_json(path: str | os.PathLike, obj: Any, compact: bool = False) -> Path
     else:
         text = json.dumps(obj, indent=1, allow_nan=False)
     return write_text(path, text + "\n")
+
+
+def write_outputs(
+    out_dir: str | os.PathLike,
+    stem: str,
+    results: Any,
+    markdown_report: Callable[[Any], str],
+    plot: Callable[[Path], Path],
+    plot_name: str | None = None,
+    compact: bool = False,
+) -> dict[str, Path]:
+    """A benchmark's result files in ``out_dir``: ``results`` as
+    ``{stem}.json`` (see :func:`write_json` for ``compact``), their
+    ``markdown_report`` as ``{stem}.md`` and the figure ``plot(path)`` draws
+    at ``plot_name`` (default ``{stem}.png``). Returns their paths by kind."""
+    out = Path(out_dir)
+    return {
+        "json": write_json(out / f"{stem}.json", results, compact=compact),
+        "markdown": write_text(out / f"{stem}.md", markdown_report(results)),
+        "plot": plot(out / (plot_name or f"{stem}.png")),
+    }
 
 
 def _umask() -> int:

@@ -30,6 +30,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -411,12 +412,16 @@ def markdown_report(results: dict) -> str:
 
 def write_outputs(results: dict, out_dir: str | Path) -> dict[str, Path]:
     """Write ``results.json``, ``results.md`` and ``loss_curves.png``."""
-    out = Path(out_dir)
-    return {
-        "json": report.write_json(out / "results.json", results, compact=True),
-        "markdown": report.write_text(out / "results.md", markdown_report(results)),
-        "plot": plot_loss_curves(results["tasks"], out / "loss_curves.png"),
-    }
+    plot = partial(plot_loss_curves, results["tasks"])
+    return report.write_outputs(
+        out_dir,
+        "results",
+        results,
+        markdown_report,
+        plot,
+        plot_name="loss_curves.png",
+        compact=True,
+    )
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -29,6 +29,7 @@ import argparse
 import gc
 import sys
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -369,12 +370,8 @@ def markdown_report(results: dict) -> str:
 
 def write_outputs(results: dict, out_dir: str | Path) -> dict[str, Path]:
     """Write ``overhead.json``, ``overhead.md`` and ``overhead.png``."""
-    out = Path(out_dir)
-    return {
-        "json": report.write_json(out / "overhead.json", results),
-        "markdown": report.write_text(out / "overhead.md", markdown_report(results)),
-        "plot": plot_overhead(results["rows"], out / "overhead.png"),
-    }
+    plot = partial(plot_overhead, results["rows"])
+    return report.write_outputs(out_dir, "overhead", results, markdown_report, plot)
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -29,6 +29,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -374,12 +375,8 @@ def markdown_report(results: dict) -> str:
 
 def write_outputs(results: dict, out_dir: str | Path) -> dict[str, Path]:
     """Write ``scaling.json``, ``scaling.md`` and ``scaling.png``."""
-    out = Path(out_dir)
-    return {
-        "json": report.write_json(out / "scaling.json", results),
-        "markdown": report.write_text(out / "scaling.md", markdown_report(results)),
-        "plot": plot_scaling(results["sweeps"], out / "scaling.png"),
-    }
+    plot = partial(plot_scaling, results["sweeps"])
+    return report.write_outputs(out_dir, "scaling", results, markdown_report, plot)
 
 
 def _ints(text: str) -> tuple[int, ...]:

@@ -4,6 +4,7 @@ results, Markdown tables and the plot (pure functions of the results dict)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -362,8 +363,5 @@ def plot_results(results: dict, path: Path) -> Path:
 
 def write_outputs(results: dict, out_dir: Path) -> dict[str, Path]:
     """``results.json``, ``results.md`` and ``results.png`` in ``out_dir``."""
-    return {
-        "json": report.write_json(out_dir / "results.json", results),
-        "markdown": report.write_text(out_dir / "results.md", markdown_report(results)),
-        "plot": plot_results(results, out_dir / "results.png"),
-    }
+    plot = partial(plot_results, results)
+    return report.write_outputs(out_dir, "results", results, markdown_report, plot)
