@@ -175,26 +175,14 @@ class NeuralGraphTransformer(WeightSpaceModel):
     :class:`~lopt.weightspace.NeuralGraphGNN`.
 
     Args:
-        edge_features (int): ``F_edge`` of the graphs (``prod(kernel_shape)``).
-        graph_out (int, optional): width of the graph-level output.
-            (default: ``1``)
-        node_dim (int, optional): node embedding width. (default: ``32``)
-        edge_dim (int, optional): edge embedding width. (default: ``8``)
         num_layers (int, optional): attention layers. (default: ``2``)
         num_heads (int, optional): attention heads. (default: ``4``)
-        config (WeightSpaceConfig, optional): input features.
-            (default: ``WeightSpaceConfig()``)
-        pooling (sequence of str, optional): graph-level aggregations of the
-            readout, from :data:`~lopt.weightspace.models.readout.POOLINGS`.
-            (default: ``("mean",)``)
-        output_neurons (int, optional): output neurons read by
-            ``"output"`` pooling. (default: ``1``)
+        edge_features, graph_out, node_dim, edge_dim, config, pooling,
+            output_neurons: as in :class:`~lopt.weightspace.NeuralGraphGNN`,
+            with the same defaults.
 
     Shapes:
-        - **input:** a :class:`~lopt.weightspace.NeuralGraphData` or a batch;
-          with probes, the networks' architectures
-        - **output:** :class:`~lopt.weightspace.WeightSpaceOutput`: graph
-          ``(B, graph_out)``, node ``(N, F_node)``, edge ``(E, F_edge)``
+        As :class:`~lopt.weightspace.NeuralGraphGNN`.
     """
 
     def __init__(
