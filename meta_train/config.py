@@ -37,6 +37,8 @@ class MetaTrainConfig:
     checkpoint_every: int = 10
     threads: int = 0  # torch threads; 0 leaves torch's default
     rule: dict = field(default_factory=dict)  # overrides of lopt.RuleConfig
+    # overrides of lopt.optim.step_size.StepSizeConfig (the rule's controller)
+    step_size: dict = field(default_factory=dict)
     init_rule: str = ""  # rule directory to start from (fine-tuning); "" = Adam init
     # With init_rule and rule overrides of another architecture: copy the
     # init rule's parameters whose names and shapes match, keep the rest at

@@ -45,6 +45,7 @@ from lopt.optim.features import FeatureState
 from lopt.optim.functional import ng_step
 from lopt.optim.optimizer import resolve_rule
 from lopt.optim.rule import UpdateRule, load_rule, save_rule
+from lopt.optim.step_size import split_legacy_fields
 from lopt.tasks.families import MLPFamily, TaskConfig
 from meta_train.evaluate import rule_trajectory
 from meta_train.trainer import transplant
@@ -245,16 +246,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds < 1 or args.iterations < 1:
         parser.error("--rounds and --iterations must be at least 1")
     teacher = resolve_rule(args.teacher)
+    # The student keeps the teacher's step-size controller unless --rule
+    # overrides it (by the controller's old step_adapt_* field names).
+    overrides, step_overrides = split_legacy_fields(overrides)
     config = replace(teacher.config, **overrides)
+    step_size = replace(teacher.step_size, **step_overrides)
     if args.student:
         student = load_rule(args.student)
-        if student.config != config:
+        if (student.config, student.step_size) != (config, step_size):
             parser.error(
-                f"--student {args.student} has config {student.config}, "
-                f"not the requested {config}"
+                f"--student {args.student} has config {student.config} and step "
+                f"size {student.step_size}, not the requested {config}, {step_size}"
             )
     else:
-        student = transplant(teacher, config)
+        student = transplant(teacher, config, step_size)
     family = MLPFamily(widths=widths)
     progress = not args.no_progress
     train: list[Snapshot] = []

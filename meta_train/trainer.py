@@ -20,6 +20,7 @@ from tqdm import tqdm
 from lopt.graph import NeuralGraph
 from lopt.optim.features import FeatureState
 from lopt.optim.rule import RuleConfig, UpdateRule, load_rule, save_rule
+from lopt.optim.step_size import StepSizeConfig, split_legacy_fields
 from lopt.tasks.families import MLPFamily, TaskConfig, _log_uniform, make_task
 from meta_train.config import VAL_METRICS, MetaTrainConfig
 from meta_train.distributed import all_reduce_mean_, world
@@ -116,7 +117,18 @@ def _trainable_names(rule: UpdateRule, prefixes: tuple[str, ...]) -> list[str]:
     return [n for n in names if n.startswith(tuple(prefixes))]
 
 
-def transplant(source: UpdateRule, config: RuleConfig) -> UpdateRule:
+def rule_configs(config: MetaTrainConfig) -> tuple[RuleConfig, StepSizeConfig]:
+    """The rule architecture and step-size controller ``config`` asks for:
+    its ``rule`` and ``step_size`` overrides of the defaults (``rule`` may
+    still name controller settings by their old ``step_adapt_*`` names, as
+    run configs written before the controller had its own config do)."""
+    fields, legacy = split_legacy_fields(config.rule)
+    return RuleConfig(**fields), StepSizeConfig(**{**legacy, **config.step_size})
+
+
+def transplant(
+    source: UpdateRule, config: RuleConfig, step_size: StepSizeConfig | None = None
+) -> UpdateRule:
     """A new rule of ``config`` holding ``source``'s parameters wherever a
     name and shape match and the parameter plays the same role (the edge
     head's output layer reads another input when the edge head's width
@@ -124,7 +136,7 @@ def transplant(source: UpdateRule, config: RuleConfig) -> UpdateRule:
     the others keep their initialisation. Output biases are constants of the
     update whatever feeds the layer, so they always carry over. Its metadata
     names what was copied and what was not."""
-    rule = UpdateRule(config)
+    rule = UpdateRule(config, step_size)
     theirs = source.state_dict()
     ours = rule.state_dict()
     other_role = []
@@ -182,20 +194,24 @@ class MetaTrainer:
         if config.threads:
             torch.set_num_threads(config.threads)
         torch.manual_seed(config.seed)
+        rule_config, step_size = rule_configs(config)
         if config.init_rule and config.init_partial:
-            self.rule = transplant(
-                load_rule(config.init_rule), RuleConfig(**config.rule)
-            )
+            self.rule = transplant(load_rule(config.init_rule), rule_config, step_size)
         elif config.init_rule:
             self.rule = load_rule(config.init_rule)
-            if config.rule and RuleConfig(**config.rule) != self.rule.config:
+            overridden = config.rule or config.step_size
+            if overridden and (rule_config, step_size) != (
+                self.rule.config,
+                self.rule.step_size,
+            ):
                 raise ValueError(
-                    f"Invalid rule overrides {config.rule}: init_rule "
-                    f"{config.init_rule} has config {self.rule.config}"
+                    f"Invalid rule overrides {config.rule} {config.step_size}: "
+                    f"init_rule {config.init_rule} has config {self.rule.config} "
+                    f"and step size {self.rule.step_size}"
                 )
             self.rule.metadata = {"fine_tuned_from": dict(self.rule.metadata)}
         else:
-            self.rule = UpdateRule(RuleConfig(**config.rule))
+            self.rule = UpdateRule(rule_config, step_size)
         self.family = MLPFamily(**_family_overrides(config.family))
         self.trainable_names = _trainable_names(self.rule, config.train_only)
         named = dict(self.rule.named_parameters())

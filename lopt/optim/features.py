@@ -68,13 +68,12 @@ _EMPTY = torch.zeros(0)
 class FeatureState(NamedTuple):
     """Optimizer state over the flat parameter vector (all float32).
 
-    ``trace``, ``log_step`` and ``adapt_stats`` belong to the per-tensor
-    step-size adaptation of rules that have it
-    (:attr:`lopt.optim.rule.RuleConfig.step_adapt_rate`, see
-    :func:`lopt.optim.functional.adapt_step_sizes`); they are empty (``(0,)``) for
-    rules without it and before the first step of rules with it, and
-    ``adapt_stats`` also for rules with neither ``step_adapt_norm`` nor
-    ``step_adapt_spike``.
+    ``trace``, ``log_step`` and ``adapt_stats`` are the state of the
+    per-tensor step-size controller of rules that have it on
+    (:class:`lopt.optim.step_size.StepSizeConfig`, see
+    :func:`lopt.optim.step_size.adapt_step_sizes`); they are empty (``(0,)``)
+    for rules without it and before the first step of rules with it, and
+    ``adapt_stats`` also for controllers with neither ``norm`` nor ``spike``.
     """
 
     step: torch.Tensor  # () number of updates applied so far

@@ -14,15 +14,11 @@ from torch.optim import Optimizer
 from lopt.graph import NeuralGraph
 from lopt.integrations.dtensor import copy_into, full_tensors, is_dtensor
 from lopt.optim.features import FeatureState
-from lopt.optim.functional import (
-    flat_gradients,
-    init_state,
-    initial_adapt_stats,
-    ng_step,
-)
+from lopt.optim.functional import flat_gradients, init_state, ng_step
 from lopt.optim.fused import cpu_kernel
 from lopt.optim.fused.dense import DensePlan, fused_step, fused_supported
 from lopt.optim.rule import UpdateRule, load_rule
+from lopt.optim.step_size import initial_adapt_stats
 
 __all__ = ["NGOptimizer", "SHIPPED_RULES", "default_rule_path", "resolve_rule"]
 
@@ -99,14 +95,14 @@ class NGOptimizer(Optimizer):
         - ``step``: number of steps applied (shared by all parameters);
         - ``momenta``: ``(len(MOMENTUM_DECAYS), *shape)`` gradient EMAs;
         - ``second_moment``: ``shape`` EMA of squared gradients;
-        - ``trace`` (``shape``) and ``log_step`` (a scalar), for rules that
-          adapt a step size per tensor (``rule.config.step_adapt_rate > 0``):
-          an EMA of the parameter's past values and the log of its step
-          multiplier (see :func:`lopt.optim.functional.adapt_step_sizes`);
-        - ``adapt_stats`` (``(3,)``), for those with
-          ``rule.config.step_adapt_norm > 0`` or ``step_adapt_spike > 0``:
-          EMAs of the cosine that moves the log step, of its square, and of
-          the squared gradient norm (see :func:`lopt.optim.functional.next_log_step`).
+        - ``trace`` (``shape``) and ``log_step`` (a scalar), for rules whose
+          step-size controller is on (``rule.step_size.enabled``): an EMA of
+          the parameter's past values and the log of its step multiplier
+          (see :func:`lopt.optim.step_size.adapt_step_sizes`);
+        - ``adapt_stats`` (``(3,)``), for those with ``rule.step_size.norm > 0``
+          or ``rule.step_size.spike > 0``: EMAs of the cosine that moves the
+          log step, of its square, and of the squared gradient norm (see
+          :func:`lopt.optim.step_size.next_log_step`).
 
     Example:
         >>> opt = NGOptimizer(model.parameters())
@@ -212,7 +208,7 @@ class NGOptimizer(Optimizer):
                 m.copy_(saved["momenta"].reshape(m.shape))
                 v.copy_(saved["second_moment"].reshape(v.shape))
             self.state[p] = {"step": flat.step, "momenta": m, "second_moment": v}
-        if self.rule.config.adapts_steps:
+        if self.rule.step_size.enabled:
             flat = self._adaptation_state(graph, flat, source, params)
         self._graph, self._flat = graph, flat
         self._layout = tuple(id(p) for p in params)
@@ -231,7 +227,7 @@ class NGOptimizer(Optimizer):
         params: list[torch.Tensor],
     ) -> FeatureState:
         """``flat`` with the step-size adaptation's buffers (see
-        :func:`lopt.optim.functional.adapt_step_sizes`), filled from ``source``;
+        :func:`lopt.optim.step_size.adapt_step_sizes`), filled from ``source``;
         a parameter without saved ones starts afresh: its trace at its
         current value, its log step (and statistics) at zero. Adds
         per-parameter views ``trace``, ``log_step`` (and ``adapt_stats``) to
@@ -240,8 +236,8 @@ class NGOptimizer(Optimizer):
         device = flat.step.device
         trace = graph.flatten([v.detach() for v in values]).to(device)
         log_step = torch.zeros(len(params), device=device)
-        rows = self.rule.config.adapt_stats_rows
-        stats = initial_adapt_stats(self.rule.config, len(params), log_step)
+        rows = self.rule.step_size.stats_rows
+        stats = initial_adapt_stats(self.rule.step_size, len(params), log_step)
         position = graph.tensor_position.tolist()
         for p, t, pos in zip(params, graph.unflatten(trace), position):
             saved = source.get(p, {})

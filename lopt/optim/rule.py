@@ -12,19 +12,16 @@ learned path starts at zero, so an untrained rule *is* Adam with learning rate
 ``step_scale``. Meta-training learns corrections from there; this keeps early
 meta-training stable and gives every rule a sane floor.
 
-A rule may also adapt a step size per tensor (``step_adapt_rate > 0``, see
-:func:`lopt.optim.functional.adapt_step_sizes`): each tensor's update is then
-multiplied by ``exp(s)``, where ``s`` follows a hypergradient of the loss
-through the tensor's recent steps. The untrained rule is then Adam with a
-per-tensor learning rate that tunes itself, and the learned corrections
-multiply a base that is already near the right scale. ``step_adapt_norm``
-moves ``s`` by the consistency of the hypergradient's sign instead of its
-size, and ``step_adapt_spike`` cuts ``s`` at once when a tensor's gradient
-norm jumps (the shipped default rule has both).
+A rule carries the per-tensor step-size controller it was tuned with
+(``UpdateRule.step_size``, a :class:`~lopt.optim.step_size.StepSizeConfig`;
+off unless given): a separate component that multiplies each tensor's update
+by a step size it adapts (the shipped default rule has it on).
 
 Rules are saved as a directory with ``weights.safetensors`` and
-``config.json`` (format version, feature set, widths, provenance). Loading
-never executes code from the files.
+``config.json`` (format version, feature set, widths, the controller's
+settings, provenance). Loading never executes code from the files; files
+written before the controller had its own config (format versions 1 and 2,
+``step_adapt_*`` fields in the rule config) load into the same two parts.
 """
 
 from __future__ import annotations
@@ -56,13 +53,16 @@ from lopt.optim.features import (
     NUM_TIME_FEATURES,
     TIME_SCALES,
 )
+from lopt.optim.step_size import LEGACY_FIELDS, StepSizeConfig, split_legacy_fields
 
 __all__ = ["RuleConfig", "UpdateRule", "save_rule", "load_rule", "FORMAT_VERSION"]
 
 #: Version 2 added ``weights_sha256`` (the SHA-256 of the weights file) to the
 #: config; version 1 files still load, with a warning that they are unverified.
-FORMAT_VERSION = 2
-_READABLE_VERSIONS = (1, 2)
+#: Version 3 moved the step-size controller's settings out of ``rule_config``
+#: (``step_adapt_*``) into their own ``step_size`` entry.
+FORMAT_VERSION = 3
+_READABLE_VERSIONS = (1, 2, 3)
 _FORMAT_NAME = "lopt-rule"
 WEIGHTS_FILE = "weights.safetensors"
 CONFIG_FILE = "config.json"
@@ -94,40 +94,6 @@ class RuleConfig:
     # embedding, plus the skip path from the features).
     edge_mlp: bool = True
     edge_head_hidden: int | None = None
-    # Per-tensor step-size adaptation (0: off; see
-    # lopt.optim.functional.adapt_step_sizes). Each tensor's update is multiplied by
-    # exp(s), and every step s moves by step_adapt_rate times the cosine
-    # between the negative gradient and the tensor's recent path (its value
-    # minus an EMA of its past values with decay step_adapt_decay), within
-    # [step_adapt_min, step_adapt_max]: a hypergradient on the log step.
-    step_adapt_rate: float = 0.0
-    step_adapt_decay: float = 0.99
-    step_adapt_min: float = -2.0
-    step_adapt_max: float = 8.0
-    # With step_adapt_norm > 0 the log step moves by step_adapt_rate times
-    # mean / RMS of the recent cosines (EMAs with this decay) instead of the
-    # cosine itself: the sign's consistency, not its size, sets the speed, so
-    # small but steady cosines (noisy tensors) still move the step at the full
-    # rate, and noise alone moves it little.
-    step_adapt_norm: float = 0.0
-    # With step_adapt_spike > 0, a tensor whose squared gradient norm exceeds
-    # step_adapt_spike times its recent mean (an EMA) has its log step cut by
-    # step_adapt_spike_cut at once: a blow-up grows faster than the cosine
-    # can shrink the step.
-    step_adapt_spike: float = 0.0
-    step_adapt_spike_cut: float = 2.0
-
-    @property
-    def adapt_stats_rows(self) -> int:
-        """Rows of per-tensor statistics the step-size adaptation keeps
-        (``FeatureState.adapt_stats``): 3 with ``step_adapt_norm`` or
-        ``step_adapt_spike``, else 0."""
-        return 3 if self.step_adapt_norm > 0 or self.step_adapt_spike > 0 else 0
-
-    @property
-    def adapts_steps(self) -> bool:
-        """Whether the rule adapts a step size per tensor."""
-        return self.step_adapt_rate > 0
 
     @property
     def edge_hidden(self) -> int:
@@ -154,48 +120,6 @@ class RuleConfig:
             isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 0
         ):
             raise ValueError(f"Invalid edge_head_hidden: {hidden!r}")
-        for name in (
-            "step_adapt_rate",
-            "step_adapt_decay",
-            "step_adapt_min",
-            "step_adapt_max",
-            "step_adapt_norm",
-            "step_adapt_spike",
-            "step_adapt_spike_cut",
-        ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not (
-                isinstance(value, (int, float)) and math.isfinite(value)
-            ):
-                raise ValueError(f"Invalid {name}: {value!r}")
-        if self.step_adapt_rate < 0:
-            raise ValueError(
-                f"Invalid step_adapt_rate: {self.step_adapt_rate} (need >= 0)"
-            )
-        if not 0.0 < self.step_adapt_decay < 1.0:
-            raise ValueError(
-                f"Invalid step_adapt_decay: {self.step_adapt_decay} "
-                "(need 0 < decay < 1)"
-            )
-        if not 0.0 <= self.step_adapt_norm < 1.0:
-            raise ValueError(
-                f"Invalid step_adapt_norm: {self.step_adapt_norm} "
-                "(need 0 <= decay < 1; 0 is off)"
-            )
-        if self.step_adapt_spike != 0.0 and self.step_adapt_spike <= 1.0:
-            raise ValueError(
-                f"Invalid step_adapt_spike: {self.step_adapt_spike} "
-                "(need 0 for off, or a ratio > 1)"
-            )
-        if self.step_adapt_spike_cut < 0:
-            raise ValueError(
-                f"Invalid step_adapt_spike_cut: {self.step_adapt_spike_cut} (need >= 0)"
-            )
-        if not self.step_adapt_min <= 0.0 <= self.step_adapt_max:
-            raise ValueError(
-                f"Invalid step_adapt_min/step_adapt_max: {self.step_adapt_min}, "
-                f"{self.step_adapt_max} (need min <= 0 <= max)"
-            )
         for name in ("step_scale", "magnitude_scale", "magnitude_clip"):
             value = getattr(self, name)
             if not (
@@ -245,6 +169,8 @@ class UpdateRule(nn.Module):
 
     Args:
         config (RuleConfig, optional): widths and output constants.
+        step_size (StepSizeConfig, optional): the per-tensor step-size
+            controller the rule's updates are scaled by (default: off).
 
     Shapes:
         - **input:** a :class:`~lopt.graph.NeuralGraph` with ``P`` scalars,
@@ -252,9 +178,12 @@ class UpdateRule(nn.Module):
         - **output:** updates :math:`(P,)` in graph order
     """
 
-    def __init__(self, config: RuleConfig | None = None):
+    def __init__(
+        self, config: RuleConfig | None = None, step_size: StepSizeConfig | None = None
+    ):
         super().__init__()
         self.config = config or RuleConfig()
+        self.step_size = step_size or StepSizeConfig()
         c = self.config
         self.backbone = GraphBackbone(
             c.node_in_dim, EDGE_IN_DIM, c.node_dim, c.edge_dim, c.num_layers, c.edge_mlp
@@ -318,7 +247,9 @@ class UpdateRule(nn.Module):
         return direction.mul_(-c.step_scale).mul_(log_scale.exp_())
 
     def extra_repr(self) -> str:
-        return f"config={self.config}"
+        if not self.step_size.enabled:
+            return f"config={self.config}"
+        return f"config={self.config}, step_size={self.step_size}"
 
 
 # --------------------------------------------------------------------- files
@@ -355,6 +286,7 @@ def save_rule(
         "format": _FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "rule_config": asdict(rule.config),
+        "step_size": asdict(rule.step_size),
         "features": _feature_spec(),
         "provenance": meta,
     }
@@ -393,6 +325,25 @@ def _read_config(path: Path) -> dict[str, Any]:
             f"lopt computes {_feature_spec()}"
         )
     return config
+
+
+def _configs(path: Path, config: dict[str, Any]) -> tuple[RuleConfig, StepSizeConfig]:
+    """The rule's architecture and its step-size controller from a config
+    file's contents (before version 3 the controller's settings were
+    ``step_adapt_*`` fields of ``rule_config``)."""
+    try:
+        fields = config["rule_config"]
+        if not isinstance(fields, dict):
+            raise TypeError(f"rule_config is {type(fields).__name__}, not an object")
+        old = sorted(k for k in fields if k in LEGACY_FIELDS)
+        fields, legacy = split_legacy_fields(fields)
+        if config["format_version"] >= 3:
+            if old:
+                raise TypeError(f"step-size fields {old} belong in step_size")
+            legacy = config["step_size"]
+        return RuleConfig(**fields), StepSizeConfig(**legacy)
+    except (TypeError, KeyError) as err:
+        raise ValueError(f"Rule {path} has an invalid rule_config: {err}") from err
 
 
 def _sha256(data: bytes) -> str:
@@ -439,10 +390,7 @@ def load_rule(path: str | os.PathLike) -> UpdateRule:
         if not (path / name).is_file():
             raise FileNotFoundError(f"No rule at {path}: missing {name}")
     config = _read_config(path)
-    try:
-        rule_config = RuleConfig(**config["rule_config"])
-    except (TypeError, KeyError) as err:
-        raise ValueError(f"Rule {path} has an invalid rule_config: {err}") from err
+    rule_config, step_size = _configs(path, config)
     data = (path / WEIGHTS_FILE).read_bytes()
     _verify_checksum(path, config, data)
     try:
@@ -455,7 +403,7 @@ def load_rule(path: str | os.PathLike) -> UpdateRule:
     # are overwritten below, and loading a rule must not change the random
     # stream of the user's program (dropout masks, data order).
     with torch.random.fork_rng(devices=[]):
-        rule = UpdateRule(rule_config)
+        rule = UpdateRule(rule_config, step_size)
     expected = rule.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))

@@ -139,7 +139,7 @@ class _WithWeights:
     """``rule`` with some of its weights replaced (for ``gradcheck`` inputs)."""
 
     def __init__(self, rule, names, weights):
-        self.rule, self.config = rule, rule.config
+        self.rule, self.config, self.step_size = rule, rule.config, rule.step_size
         self.weights = dict(zip(names, weights))
 
     def __call__(self, *args):

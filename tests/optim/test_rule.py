@@ -224,7 +224,7 @@ def test_not_a_rule_config(tmp_path):
 def test_wrong_format_version(tmp_path):
     save_rule(random_rule(), tmp_path)
     _edit_config(tmp_path, lambda c: c.update(format_version=FORMAT_VERSION + 1))
-    message = re.escape("has format version 3; this lopt reads versions [1, 2]")
+    message = re.escape("has format version 4; this lopt reads versions [1, 2, 3]")
     with pytest.raises(ValueError, match=message):
         load_rule(tmp_path)
 

@@ -1,5 +1,5 @@
-"""The per-tensor step-size adaptation of rules with ``step_adapt_rate > 0``
-(:func:`lopt.optim.functional.adapt_step_sizes`): its maths, its behaviour on
+"""The per-tensor step-size controller of rules whose ``step_size.rate > 0``
+(:func:`lopt.optim.step_size.adapt_step_sizes`): its maths, its behaviour on
 problems where the right answer is known, and the optimizer contract with it
 (fused and reference paths, state dicts, rule files, ``higher``)."""
 
@@ -7,18 +7,21 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import paired_step
 from torch import nn
 
-from lopt import NGOptimizer, load_rule, save_rule
+from lopt import NGOptimizer, default_rule_path, load_rule, save_rule
 from lopt.graph import NeuralGraph
 from lopt.optim.features import init_feature_state
 from lopt.optim.functional import ng_step
 from lopt.optim.fused import cpu_kernel
 from lopt.optim.rule import RuleConfig, UpdateRule
+from lopt.optim.step_size import LEGACY_FIELDS, StepSizeConfig
 
 RATE = 0.5  # large, so that a few steps move the log steps far
 
@@ -29,7 +32,9 @@ needs_kernel = pytest.mark.skipif(
 
 def _rule(rate: float = RATE, **kwargs) -> UpdateRule:
     torch.manual_seed(3)
-    rule = UpdateRule(RuleConfig(degree_features=True, step_adapt_rate=rate, **kwargs))
+    rule = UpdateRule(
+        RuleConfig(degree_features=True), StepSizeConfig(rate=rate, **kwargs)
+    )
     with torch.no_grad():  # a rule whose learned part is not zero
         for p in rule.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -38,7 +43,7 @@ def _rule(rate: float = RATE, **kwargs) -> UpdateRule:
 
 def _without_adaptation(rule: UpdateRule) -> UpdateRule:
     plain = copy.deepcopy(rule)
-    plain.config = dataclasses.replace(rule.config, step_adapt_rate=0.0)
+    plain.step_size = dataclasses.replace(rule.step_size, rate=0.0)
     return plain
 
 
@@ -64,22 +69,22 @@ def _log_steps(opt: NGOptimizer, model: nn.Module) -> torch.Tensor:
 @pytest.mark.parametrize(
     "field, value, message",
     [
-        ("step_adapt_rate", -0.1, "step_adapt_rate"),
-        ("step_adapt_rate", float("nan"), "step_adapt_rate"),
-        ("step_adapt_decay", 1.0, "step_adapt_decay"),
-        ("step_adapt_decay", 0.0, "step_adapt_decay"),
-        ("step_adapt_min", 0.5, "step_adapt_min"),
-        ("step_adapt_max", -1.0, "step_adapt_max"),
-        ("step_adapt_max", True, "step_adapt_max"),
-        ("step_adapt_norm", 1.0, "step_adapt_norm"),
-        ("step_adapt_norm", -0.1, "step_adapt_norm"),
-        ("step_adapt_spike", 0.5, "step_adapt_spike"),
-        ("step_adapt_spike_cut", -1.0, "step_adapt_spike_cut"),
+        ("rate", -0.1, r"step_size\.rate"),
+        ("rate", float("nan"), r"step_size\.rate"),
+        ("decay", 1.0, r"step_size\.decay"),
+        ("decay", 0.0, r"step_size\.decay"),
+        ("log_min", 0.5, r"step_size\.log_min"),
+        ("log_max", -1.0, r"step_size\.log_max"),
+        ("log_max", True, r"step_size\.log_max"),
+        ("norm", 1.0, r"step_size\.norm"),
+        ("norm", -0.1, r"step_size\.norm"),
+        ("spike", 0.5, r"step_size\.spike"),
+        ("spike_cut", -1.0, r"step_size\.spike_cut"),
     ],
 )
 def test_invalid_adaptation_settings_are_named(field, value, message):
     with pytest.raises(ValueError, match=message):
-        RuleConfig(**{field: value})
+        StepSizeConfig(**{field: value})
 
 
 def test_first_step_is_the_rules_own_step():
@@ -135,12 +140,12 @@ def test_log_steps_move_by_the_rate_times_the_cosine_with_the_path():
 
 
 def test_normalised_log_steps_move_by_the_mean_over_rms_of_the_cosines():
-    """With ``step_adapt_norm`` the log step moves by the rate times m / sqrt(v)
+    """With ``step_size.norm`` the log step moves by the rate times m / sqrt(v)
     (EMAs of the cosine and its square), checked over three steps against the
     recurrence written out, and a tensor with a vanishing gradient keeps its
     moments and its step."""
     beta = 0.9
-    rule = _rule(step_adapt_norm=beta)
+    rule = _rule(norm=beta)
     shapes = [torch.Size([5, 4]), torch.Size([5]), torch.Size([3, 5])]
     graph = NeuralGraph.from_shapes(shapes)
     gen = torch.Generator().manual_seed(0)
@@ -182,7 +187,7 @@ def test_normalised_steps_grow_at_the_full_rate_on_small_steady_cosines():
 
     def run(norm: float) -> float:
         w = nn.Parameter(torch.zeros(64))
-        opt = NGOptimizer([w], rule=_rule(0.05, step_adapt_norm=norm), fused=False)
+        opt = NGOptimizer([w], rule=_rule(0.05, norm=norm), fused=False)
         for k in range(200):
             opt.zero_grad()
             # a steady pull along +1 plus a large orthogonal wobble
@@ -202,9 +207,7 @@ def test_a_gradient_spike_cuts_the_log_step_at_once():
     that same step and resets the cosine's mean; a lasting change of scale is
     absorbed after a few steps instead of cutting forever."""
     w = nn.Parameter(torch.zeros(10))
-    rule = _rule(
-        0.05, step_adapt_norm=0.9, step_adapt_spike=1e3, step_adapt_spike_cut=2.0
-    )
+    rule = _rule(0.05, norm=0.9, spike=1e3, spike_cut=2.0)
     opt = NGOptimizer([w], rule=rule, fused=False)
 
     def step(scale: float) -> float:
@@ -289,7 +292,7 @@ def test_vanishing_gradients_on_the_fused_path():
 
 def test_the_clip_bounds_the_log_step():
     w = nn.Parameter(torch.zeros(4))
-    opt = NGOptimizer([w], rule=_rule(1.0, step_adapt_max=2.0), fused=False)
+    opt = NGOptimizer([w], rule=_rule(1.0, log_max=2.0), fused=False)
     for _ in range(10):
         opt.zero_grad()
         w.sum().backward()
@@ -299,7 +302,7 @@ def test_the_clip_bounds_the_log_step():
 
 def test_log_steps_do_not_depend_on_the_loss_scale():
     # untrained (Adam with adaptation): no learned part that could see scales
-    rule = UpdateRule(RuleConfig(step_adapt_rate=RATE))
+    rule = UpdateRule(step_size=StepSizeConfig(rate=RATE))
     a, b = _mlp(), _mlp()
     opt_a = NGOptimizer(a.parameters(), rule=rule, fused=False)
     opt_b = NGOptimizer(b.parameters(), rule=rule, fused=False)
@@ -313,7 +316,7 @@ def test_log_steps_do_not_depend_on_the_loss_scale():
 @needs_kernel
 @pytest.mark.parametrize("weight_decay, norm", [(0.0, 0.0), (0.1, 0.0), (0.1, 0.9)])
 def test_fused_step_matches_the_reference(weight_decay, norm):
-    rule = _rule(step_adapt_norm=norm, step_adapt_spike=1e3 if norm else 0.0)
+    rule = _rule(norm=norm, spike=1e3 if norm else 0.0)
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(36, 5), nn.LayerNorm(5)
@@ -352,7 +355,7 @@ def test_fused_step_matches_the_reference(weight_decay, norm):
 @pytest.mark.parametrize("norm", [0.0, 0.9])
 @pytest.mark.parametrize("fused", [False, pytest.param(True, marks=needs_kernel)])
 def test_state_dict_round_trip_continues_identically(fused, norm):
-    rule = _rule(step_adapt_norm=norm)
+    rule = _rule(norm=norm)
     model = _mlp()
     opt = NGOptimizer(model.parameters(), rule=rule, fused=fused)
     _train(model, opt, 5)
@@ -397,10 +400,11 @@ def test_state_without_adaptation_starts_it_afresh():
 
 
 def test_rule_files_keep_the_adaptation(tmp_path):
-    rule = _rule(0.07, step_adapt_decay=0.95, step_adapt_min=-1.0, step_adapt_norm=0.9)
+    rule = _rule(0.07, decay=0.95, log_min=-1.0, norm=0.9)
     loaded = load_rule(save_rule(rule, tmp_path / "rule"))
     assert loaded.config == rule.config
-    assert loaded.config.adapts_steps
+    assert loaded.step_size == rule.step_size
+    assert loaded.step_size.enabled
 
 
 @pytest.mark.parametrize("guarded", [False, True])
@@ -408,7 +412,7 @@ def test_meta_gradient_flows_through_adapted_steps(guarded):
     """With autograd on (meta-training), three steps threaded through the
     state give a finite, non-zero gradient in the rule's weights (also with
     the normalised signal and the spike guard, as the default rule has)."""
-    extra = {"step_adapt_norm": 0.95, "step_adapt_spike": 1e3} if guarded else {}
+    extra = {"norm": 0.95, "spike": 1e3} if guarded else {}
     rule = _rule(**extra)
     graph = NeuralGraph.from_shapes([torch.Size([4, 3]), torch.Size([4])])
     gen = torch.Generator().manual_seed(0)
@@ -447,3 +451,72 @@ def test_higher_follows_the_optimizer():
             diffopt.ng_state.log_step[diffopt.graph.tensor_position],
             _log_steps(opt, model),
         )
+
+
+# ------------------------------------------------ the controller's own config
+def test_rule_config_describes_the_network_only():
+    names = {f.name for f in dataclasses.fields(RuleConfig)}
+    assert not {n for n in names if n.startswith("step_adapt")}
+    with pytest.raises(TypeError, match="step_adapt_rate"):
+        RuleConfig(step_adapt_rate=0.1)
+
+
+def _as_format_2(path):
+    """Rewrite a saved rule's config as lopt wrote it before the controller
+    had its own config: ``step_adapt_*`` fields inside ``rule_config``."""
+    config_file = path / "config.json"
+    config = json.loads(config_file.read_text())
+    step_size = config.pop("step_size")
+    config["format_version"] = 2
+    config["rule_config"].update(
+        {old: step_size[new] for old, new in LEGACY_FIELDS.items()}
+    )
+    config_file.write_text(json.dumps(config))
+
+
+def test_format_2_rule_files_load_with_their_controller(tmp_path):
+    rule = _rule(0.07, decay=0.95, log_min=-1.0, norm=0.9, spike=50.0)
+    path = save_rule(rule, tmp_path / "rule")
+    _as_format_2(path)
+    loaded = load_rule(path)
+    assert loaded.config == rule.config
+    assert loaded.step_size == rule.step_size
+    a, b = _mlp(), _mlp()
+    opt_a = NGOptimizer(a.parameters(), rule=rule, fused=False)
+    opt_b = NGOptimizer(b.parameters(), rule=loaded, fused=False)
+    _train(a, opt_a, 5)
+    _train(b, opt_b, 5)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_shipped_default_rule_keeps_its_controller():
+    # rules/default/config.json is a format-2 file: its step_adapt_* fields
+    # become the rule's StepSizeConfig.
+    config = json.loads(Path(default_rule_path(), "config.json").read_text())
+    saved = config["rule_config"]
+    rule = load_rule(default_rule_path())
+    assert rule.step_size.enabled
+    for old, new in LEGACY_FIELDS.items():
+        assert getattr(rule.step_size, new) == saved[old]
+
+
+def test_format_3_rule_with_controller_fields_in_rule_config_is_rejected(tmp_path):
+    path = save_rule(_rule(), tmp_path / "rule")
+    config = json.loads((path / "config.json").read_text())
+    config["rule_config"]["step_adapt_rate"] = 0.1
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="invalid rule_config.*step_adapt_rate"):
+        load_rule(path)
+
+
+def test_meta_training_reads_old_controller_overrides():
+    from meta_train.config import MetaTrainConfig
+    from meta_train.trainer import rule_configs
+
+    old = MetaTrainConfig(rule={"degree_features": True, "step_adapt_rate": 0.1})
+    new = MetaTrainConfig(rule={"degree_features": True}, step_size={"rate": 0.1})
+    assert rule_configs(old) == rule_configs(new)
+    assert rule_configs(new) == (
+        RuleConfig(degree_features=True),
+        StepSizeConfig(rate=0.1),
+    )

@@ -56,7 +56,7 @@ from lopt.optim.features import (
     FeatureState,
     time_features,
 )
-from lopt.optim.functional import adaptation_started, next_log_step
+from lopt.optim.step_size import adaptation_started, next_log_step
 
 __all__ = ["DenseBlock", "DensePlan", "dense_layout", "fused_supported", "fused_step"]
 
@@ -275,8 +275,10 @@ def fused_step(
     if P == 0:  # only empty tensors: nothing to update (as ng_step)
         return True
     nb = len(plan.blocks)
-    if c.adapts_steps:
-        lr_blocks, lr_slots = _adapt_step_sizes(lib, plan, c, pa, ga, state, sums)
+    if rule.step_size.enabled:
+        lr_blocks, lr_slots = _adapt_step_sizes(
+            lib, plan, rule.step_size, pa, ga, state, sums
+        )
     t = state.step
     betas = torch.tensor(MOMENTUM_DECAYS, dtype=torch.float32)
     lib.ng_moments(
@@ -325,7 +327,7 @@ def fused_step(
         es = layer.edge_src(h).T.contiguous()
         ed = layer.edge_dst(h).T.contiguous()
         lr_b, wd_b = _per_block(lr, plan), _per_block(weight_decay, plan)
-        if c.adapts_steps:
+        if rule.step_size.enabled:
             lr_b = lr_b * lr_blocks
         update_edges = lib.ng_update if c.edge_mlp else lib.ng_update_lean
         update_edges(
@@ -345,7 +347,7 @@ def fused_step(
         if isinstance(weight_decay, torch.Tensor) or weight_decay != 0.0:
             update = update - c.step_scale * _slots(weight_decay, E) * p_slots
         lr_s = _slots(lr, E)
-        if c.adapts_steps:
+        if rule.step_size.enabled:
             lr_s = lr_s * lr_slots
         new = p_slots + lr_s * update
         torch._foreach_copy_(
@@ -355,7 +357,7 @@ def fused_step(
 
 
 def _adapt_step_sizes(lib, plan: DensePlan, config, pa, ga, state, sums):
-    """:func:`lopt.optim.functional.adapt_step_sizes` on the fused path: the dots
+    """:func:`lopt.optim.step_size.adapt_step_sizes` on the fused path: the dots
     per tensor from the kernel (which also moves the trace in place), the
     new log steps and statistics written into ``state.log_step`` and
     ``state.adapt_stats``. Returns the step multipliers of the dense blocks
@@ -366,7 +368,7 @@ def _adapt_step_sizes(lib, plan: DensePlan, config, pa, ga, state, sums):
     dots = torch.zeros(nseg, 2, dtype=torch.float64)
     lib.ng_trace(
         _ptr(plan.segments), nseg, _ptr(pa), _ptr(ga), _ptr(state.trace),
-        1.0 - config.step_adapt_decay, _ptr(dots),
+        1.0 - config.decay, _ptr(dots),
     )  # fmt: skip
     log_step, adapt_stats = next_log_step(
         config, state.log_step, dots[:, 0], sums[:, 1], dots[:, 1], state.adapt_stats

@@ -160,7 +160,7 @@ int ng_norms(const int64_t *restrict seg_off, int64_t nseg, const int64_t *restr
     return bad != bad;
 }
 
-/* Step-size adaptation (rules with step_adapt_rate > 0), after ng_norms:
+/* Step-size control (rules whose StepSizeConfig has rate > 0), after ng_norms:
    per tensor, <g, p - trace> and |p - trace|^2 with the trace before this
    step, then the trace moved towards the parameters in place:
    trace = lerp(trace, p, w). trace is flat in graph order. */
