@@ -57,9 +57,6 @@ __all__ = [
     "plan_inr_zoo",
 ]
 
-_SPLIT_FRACTIONS = (0.7, 0.1)  # train, val; the rest is test
-
-
 @dataclass(frozen=True)
 class InrZooConfig:
     """How an INR zoo is built.

@@ -28,7 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,7 +52,6 @@ __all__ = [
     "chunk_is_complete",
     "derive_seed",
     "describe",
-    "iter_chunks",
     "load_zoo",
     "read_chunk",
     "read_header",
@@ -292,13 +291,6 @@ def read_chunk(path: str | os.PathLike, index: int) -> Chunk:
 
 def _rows(state: dict[str, torch.Tensor]) -> int:
     return next(iter(state.values())).shape[0]
-
-
-def iter_chunks(path: str | os.PathLike) -> Iterator[Chunk]:
-    """The chunks of a zoo one at a time (memory bounded by one chunk)."""
-    header = read_header(path)
-    for index in range(header["num_chunks"]):
-        yield read_chunk(path, index)
 
 
 @dataclass
