@@ -12,7 +12,7 @@ from torch.autograd.graph import increment_version
 from torch.optim import Optimizer
 
 from lopt.graph import NeuralGraph
-from lopt.integrations.dtensor import copy_into, full_tensors, is_dtensor
+from lopt.optim.dtensor import copy_into, full_tensors, is_dtensor
 from lopt.optim.features import FeatureState
 from lopt.optim.functional import flat_gradients, init_state, ng_step
 from lopt.optim.fused import cpu_kernel
