@@ -28,19 +28,14 @@ from higher.optim import DifferentiableOptimizer
 from lopt.graph import NeuralGraph
 from lopt.optim.features import MOMENTUM_DECAYS, FeatureState
 from lopt.optim.functional import flat_gradients, init_state, ng_step
-from lopt.optim.optimizer import NGOptimizer, gradient_is_finite
+from lopt.optim.optimizer import (
+    NGOptimizer,
+    as_param_dtype,
+    gradient_is_finite,
+    group_values,
+)
 
 __all__ = ["DifferentiableNGOptimizer"]
-
-
-def _as_param_dtype(new: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """The float32 result ``new`` of a step from ``p``, in ``p``'s dtype. A
-    float64 parameter gets the float32 step added (as in NGOptimizer), so that
-    it keeps its low bits and stays exactly in place where its step is zero;
-    the derivative is that of ``new`` (``p - p.float()`` has zero gradient)."""
-    if p.dtype == torch.float64:
-        return p + (new - p.float())
-    return new.to(p.dtype)
 
 
 class DifferentiableNGOptimizer(DifferentiableOptimizer):
@@ -131,7 +126,7 @@ class DifferentiableNGOptimizer(DifferentiableOptimizer):
         flat_grad, mask = flat_gradients(graph, params, grads)
         if not gradient_is_finite(self, flat_grad):
             return
-        lr, weight_decay = self._group_values(graph)
+        lr, weight_decay = group_values(self.param_groups, graph)
         new_params, state = ng_step(
             self.rule,
             graph,
@@ -151,37 +146,13 @@ class DifferentiableNGOptimizer(DifferentiableOptimizer):
         k = 0
         for group_idx, group in enumerate(self.param_groups):
             for p_idx, p in enumerate(group["params"]):
-                group["params"][p_idx] = _as_param_dtype(new_list[k], p)
+                group["params"][p_idx] = as_param_dtype(new_list[k], p)
                 self.state[group_idx][p_idx] = {
                     "step": state.step,
                     "momenta": momenta[k],
                     "second_moment": second[k],
                 }
                 k += 1
-
-    def _group_values(self, graph: NeuralGraph):
-        """``lr`` and ``weight_decay`` as ``ng_step`` takes them: the groups'
-        common value, or one value per scalar (differentiable for tensors)."""
-        groups = self.param_groups
-        values = []
-        for key in ("lr", "weight_decay"):
-            per_group = [group[key] for group in groups]
-            if all(not isinstance(v, torch.Tensor) for v in per_group) and (
-                len({float(v) for v in per_group}) == 1
-            ):
-                values.append(float(per_group[0]))
-            elif len(groups) == 1:
-                values.append(per_group[0])
-            else:
-                device = graph.tensor_id.device
-                per_param = [
-                    torch.as_tensor(v, dtype=torch.float32, device=device).reshape(())
-                    for v, group in zip(per_group, groups)
-                    for _ in group["params"]
-                ]
-                blocks = zip(graph.tensor_order, graph.numels)
-                values.append(torch.cat([per_param[i].expand(n) for i, n in blocks]))
-        return values[0], values[1]
 
 
 def _initial_state(

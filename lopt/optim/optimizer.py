@@ -311,7 +311,7 @@ class NGOptimizer(Optimizer):
         if self._sharded:  # DTensor (FSDP2): the step runs on full tensors
             values, grads = full_tensors(params), full_tensors(grads)
         graph, flat = self._graph, self._flat
-        lr, weight_decay = self._group_values(graph)
+        lr, weight_decay = group_values(self.param_groups, graph)
         if self._plan is not None and all(g is not None for g in grads):
             self._fused_step(params, values, grads, lr, weight_decay)
             return loss
@@ -396,23 +396,11 @@ class NGOptimizer(Optimizer):
         per layout; the loop below runs over those only.
         """
         for i in self._float64:
-            new[i] = values[i] + (new[i] - values[i].float())
+            new[i] = as_param_dtype(new[i], values[i])
         if self._sharded:
             copy_into(params, new)
         else:
             torch._foreach_copy_(params, new)
-
-    def _group_values(self, graph: NeuralGraph):
-        lrs = [float(g["lr"]) for g in self.param_groups]
-        wds = [float(g["weight_decay"]) for g in self.param_groups]
-        if len(set(lrs)) == 1 and len(set(wds)) == 1:
-            return lrs[0], wds[0]
-        sizes = [len(g["params"]) for g in self.param_groups]
-        per_param = lambda values: [v for v, n in zip(values, sizes) for _ in range(n)]  # noqa: E731
-        return (
-            graph.per_scalar(per_param(lrs), torch.float32),
-            graph.per_scalar(per_param(wds), torch.float32),
-        )
 
     # ----------------------------------------------------------- state dict
     def state_dict(self) -> dict[str, Any]:
@@ -429,6 +417,54 @@ class NGOptimizer(Optimizer):
         source = {p: saved_state.get(i, {}) for i, p in zip(saved_ids, params)}
         self._rebuild(source, params)
         self.skipped_steps = int(state_dict.get("ng", {}).get("skipped_steps", 0))
+
+
+def group_values(
+    param_groups: list[dict[str, Any]], graph: NeuralGraph
+) -> tuple[float | torch.Tensor, float | torch.Tensor]:
+    """``lr`` and ``weight_decay`` as :func:`~lopt.optim.functional.ng_step`
+    takes them: each the groups' common value as a float, or ``(P,)`` with
+    one value per scalar in graph order. Values that are tensors requiring
+    grad (``higher``'s differentiable hyperparameters) stay tensors, so that
+    gradients reach them.
+
+    Shared by :class:`NGOptimizer` and its ``higher`` counterpart.
+    """
+    sizes = [len(group["params"]) for group in param_groups]
+    out = []
+    for key in ("lr", "weight_decay"):
+        values = [group[key] for group in param_groups]
+        tracked = any(isinstance(v, torch.Tensor) and v.requires_grad for v in values)
+        if not tracked and len({float(v) for v in values}) == 1:
+            out.append(float(values[0]))
+        elif len(values) == 1:
+            out.append(values[0])
+        elif not tracked:
+            per_param = [float(v) for v, n in zip(values, sizes) for _ in range(n)]
+            out.append(graph.per_scalar(per_param, torch.float32))
+        else:
+            device = graph.tensor_id.device
+            per_param = [
+                torch.as_tensor(v, dtype=torch.float32, device=device).reshape(())
+                for v, n in zip(values, sizes)
+                for _ in range(n)
+            ]
+            blocks = zip(graph.tensor_order, graph.numels)
+            out.append(torch.cat([per_param[i].expand(n) for i, n in blocks]))
+    return out[0], out[1]
+
+
+def as_param_dtype(new: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """The float32 result ``new`` of a step from ``value``, in ``value``'s
+    dtype. A float64 parameter gets the float32 step added instead, so that
+    it keeps its low bits and stays exactly in place where its step is zero
+    (differentiably: ``value - value.float()`` has zero gradient).
+
+    Shared by :class:`NGOptimizer` and its ``higher`` counterpart.
+    """
+    if value.dtype == torch.float64:
+        return value + (new - value.float())
+    return new.to(value.dtype)
 
 
 def gradient_is_finite(owner: Any, flat_grad: torch.Tensor) -> bool:
