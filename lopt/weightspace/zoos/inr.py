@@ -57,6 +57,7 @@ __all__ = [
     "plan_inr_zoo",
 ]
 
+
 @dataclass(frozen=True)
 class InrZooConfig:
     """How an INR zoo is built.
