@@ -8,10 +8,8 @@ wrong fan-out sum) shows up as an update difference far above rounding.
 
 from __future__ import annotations
 
+import collections
 import copy
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -20,8 +18,8 @@ from torch import nn
 
 from lopt import NGOptimizer
 from lopt.graph import NeuralGraph
-from lopt.optim.fused import cpu_kernel
-from lopt.optim.fused.dense import dense_layout, fused_supported
+from lopt.optim.fused import cpu_kernel, dense
+from lopt.optim.fused.dense import dense_layout, fused_supported, pack_weights
 from lopt.optim.rule import RuleConfig, UpdateRule
 
 pytestmark = pytest.mark.skipif(
@@ -187,13 +185,86 @@ def test_in_place_step_is_seen_by_autograd():
         loss.backward()
 
 
-def test_fused_path_is_the_default_and_is_taken():
+class _CountingKernel:
+    """The kernel library, counting the calls of each entry point."""
+
+    def __init__(self, lib):
+        self._lib, self.calls = lib, collections.Counter()
+
+    def __getattr__(self, name):
+        entry = getattr(self._lib, name)
+
+        def call(*args):
+            self.calls[name] += 1
+            return entry(*args)
+
+        return call
+
+
+#: The kernel entry points that read or write the step's tensors.
+STEP_ENTRIES = ("ng_norms", "ng_moments", "ng_messages", "ng_update", "ng_update_lean")
+
+
+def _step_entries(rule) -> tuple[str, ...]:
+    """The entry points each fused step of ``rule`` runs on a graph with edges."""
+    return STEP_ENTRIES[:3] + (STEP_ENTRIES[3 if rule.config.edge_mlp else 4],)
+
+
+def test_fused_path_is_the_default_and_is_taken(monkeypatch):
+    kernel = _CountingKernel(cpu_kernel.load())
+    monkeypatch.setattr(cpu_kernel, "load", lambda: kernel)
     model = _models()["mlp"][0]
     opt = NGOptimizer(model.parameters())
     model(torch.randn(4, 20)).sum().backward()
-    opt.step()
-    assert opt._plan is not None
-    assert NGOptimizer(model.parameters(), fused=False)._plan is None
+    before = [p.detach().clone() for p in model.parameters()]
+    entries = _step_entries(opt.rule)
+    for steps in (1, 2):
+        opt.step()
+        assert opt._plan is not None
+        ran = {name: kernel.calls[name] for name in STEP_ENTRIES}
+        assert ran == {name: steps * (name in entries) for name in STEP_ENTRIES}, ran
+    assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    # fused=False never calls the kernel
+    kernel.calls.clear()
+    ref = NGOptimizer(model.parameters(), fused=False)
+    ref.step()
+    assert ref._plan is None and not kernel.calls, kernel.calls
+
+
+@pytest.mark.parametrize("rule", ["default", "lean"])
+def test_a_packing_the_kernel_does_not_expect_raises_before_it_reads(monkeypatch, rule):
+    """``ng_weight_count`` / ``ng_lean_weight_count`` are what the kernel
+    reads of the packed rule weights; a packing of another size raises
+    before any kernel call, instead of reading out of bounds."""
+    lib = cpu_kernel.load()
+    rule = _lean_rule() if rule == "lean" else UpdateRule(RuleConfig())
+    lean = not rule.config.edge_mlp
+    count = lib.ng_lean_weight_count() if lean else lib.ng_weight_count()
+    assert pack_weights(rule).numel() == count
+    cpu_kernel.check_weights(lib, pack_weights(rule), lean=lean)
+    with pytest.raises(ValueError, match=f"hold {count - 1} values .* reads {count}"):
+        cpu_kernel.check_weights(lib, pack_weights(rule)[:-1], lean=lean)
+    with pytest.raises(ValueError, match=f"hold {count + 1} values"):
+        cpu_kernel.check_weights(lib, torch.zeros(count + 1), lean=lean)
+
+    model, shape = _models()["cnn"]
+    opt = NGOptimizer(model.parameters(), rule=rule, fused=True)
+    model(torch.randn(shape)).square().mean().backward()
+    opt.step()  # state exists
+    params, state = _snapshot(model, opt)
+    short = dense.pack_weights
+    monkeypatch.setattr(dense, "pack_weights", lambda r: short(r)[:-1])
+    kernel = _CountingKernel(lib)
+    monkeypatch.setattr(cpu_kernel, "load", lambda: kernel)
+    with pytest.raises(ValueError, match="packed rule weights"):
+        opt.step()
+    assert not set(kernel.calls) & set(STEP_ENTRIES), kernel.calls
+    after_params, after_state = _snapshot(model, opt)
+    for p0, p1 in zip(params, after_params):
+        assert torch.equal(p0, p1)
+    for key, s0 in state["state"].items():
+        for name, value in s0.items():
+            assert torch.equal(value, after_state["state"][key][name]), name
 
 
 def test_param_groups_lr_and_weight_decay():
@@ -271,30 +342,3 @@ def test_every_shape_inferred_graph_is_dense():
     assert blocks is not None and len(blocks) == 3
     flatten = blocks[2]
     assert (flatten.sources, flatten.inner) == (16, 4)  # 4 features per channel
-
-
-def test_without_a_compiler_the_reference_path_runs(tmp_path):
-    code = (
-        "import warnings, torch\n"
-        "from torch import nn\n"
-        "from lopt import NGOptimizer\n"
-        "m = nn.Linear(3, 2)\n"
-        "with warnings.catch_warnings(record=True) as w:\n"
-        "    warnings.simplefilter('always')\n"
-        "    o = NGOptimizer(m.parameters())\n"
-        "    m(torch.randn(2, 3)).sum().backward(); o.step()\n"
-        "assert o._plan is None\n"
-        "messages = [str(x.message) for x in w]\n"
-        "assert any('fused CPU kernel' in x for x in messages), messages\n"
-        "print('ok')\n"
-    )
-    env = {
-        **os.environ,
-        "CC": str(tmp_path / "no-such-compiler"),
-        "LOPT_KERNEL_CACHE": str(tmp_path / "cache"),
-    }
-    out = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True
-    )
-    assert out.returncode == 0, out.stderr
-    assert "ok" in out.stdout

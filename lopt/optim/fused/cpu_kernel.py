@@ -25,7 +25,7 @@ import warnings
 from functools import lru_cache
 from pathlib import Path
 
-__all__ = ["load", "available", "SOURCE", "FLAGS"]
+__all__ = ["load", "available", "check_weights", "SOURCE", "FLAGS"]
 
 SOURCE = Path(__file__).with_name("csrc") / "ng_dense.c"
 #: -fno-trapping-math lets the compiler turn the clamps of exp into vector
@@ -155,3 +155,19 @@ def load() -> ctypes.CDLL | None:
 def available() -> bool:
     """Whether the fused CPU kernel can be used on this machine."""
     return load() is not None
+
+
+def check_weights(lib: ctypes.CDLL, weights, lean: bool) -> None:
+    """Raise :class:`ValueError` unless the packed rule weights ``weights``
+    (a float32 tensor, see :func:`lopt.optim.fused.dense.pack_weights`) hold
+    exactly as many values as the kernel reads: ``ng_lean_weight_count()``
+    for the lean rule, else ``ng_weight_count()``. A packing that disagrees
+    with ``ng_dense.c`` would otherwise be read out of bounds."""
+    name = "ng_lean_weight_count" if lean else "ng_weight_count"
+    expected = getattr(lib, name)()
+    if weights.numel() != expected:
+        raise ValueError(
+            f"lopt: the packed rule weights hold {weights.numel()} values but the "
+            f"fused kernel reads {expected} ({name}): lopt/optim/fused/dense.py "
+            "packs them in an order ng_dense.c does not expect"
+        )

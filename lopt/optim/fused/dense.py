@@ -56,6 +56,7 @@ from lopt.optim.features import (
     FeatureState,
     time_features,
 )
+from lopt.optim.fused import cpu_kernel
 from lopt.optim.step_size import adaptation_started, next_log_step
 
 __all__ = ["DenseBlock", "DensePlan", "dense_layout", "fused_supported", "fused_step"]
@@ -261,9 +262,16 @@ def fused_step(
         ``False``, having changed nothing, when some gradient is not finite;
         ``True`` after a step. The updates equal the reference path's within
         float32 rounding (tested).
+
+    Raises:
+        ValueError: before the kernel reads anything, when the packed rule
+            weights are not the size the kernel reads
+            (:func:`~lopt.optim.fused.cpu_kernel.check_weights`).
     """
     graph = plan.graph
     c = rule.config
+    weights = pack_weights(rule)
+    cpu_kernel.check_weights(lib, weights, lean=not c.edge_mlp)  # before any read
     P, E, N = graph.num_scalars, graph.num_edges, graph.num_nodes
     momenta, second = state.momenta, state.second_moment
     nseg = len(plan.numels)
@@ -302,7 +310,6 @@ def fused_step(
     backbone = rule.backbone
     layer = backbone.layers[0]
     h = backbone.node_encoder(rule.node_inputs(graph, slot_feats, time))
-    weights = pack_weights(rule)
     kc = (
         backbone.edge_encoder.weight[:, NUM_FEATURES:] @ plan.kernel_attr
         if plan.has_kernel_attr
