@@ -1,5 +1,6 @@
 """What ``import lopt`` and using the optimizer cost a process: no heavy
-imports nobody uses, and nothing written to disk.
+imports nobody uses, and nothing written to disk but the fused kernel,
+built once into its cache.
 
 Each check runs in a fresh interpreter, since this test process has long
 imported everything."""
