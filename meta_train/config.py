@@ -3,12 +3,38 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any
 
 __all__ = ["MetaTrainConfig", "PRESETS", "preset", "VAL_METRICS"]
 
 VAL_METRICS = ("tail", "final")
+
+
+def _check_overrides(config: MetaTrainConfig) -> None:
+    """Each override dict names only fields of the class it overrides (the
+    rule's may also use the step-size controller's old ``step_adapt_*``
+    names), so that a typo fails here, not hours into a run."""
+    from lopt.optim.rule import RuleConfig
+    from lopt.optim.step_size import LEGACY_FIELDS, StepSizeConfig
+    from lopt.tasks.families import MLPFamily
+
+    known = {
+        "rule": {f.name for f in fields(RuleConfig)} | set(LEGACY_FIELDS),
+        "step_size": {f.name for f in fields(StepSizeConfig)},
+        "family": {f.name for f in fields(MLPFamily)},
+        "val_family": {f.name for f in fields(MLPFamily)},
+    }
+    for name, allowed in known.items():
+        value = getattr(config, name)
+        if not isinstance(value, dict):
+            raise ValueError(f"Invalid {name}: {value!r} (expected a dict)")
+        unknown = sorted(set(value) - allowed)
+        if unknown:
+            raise ValueError(
+                f"Invalid {name} overrides: {unknown} (known: {sorted(allowed)})"
+            )
 
 
 @dataclass(frozen=True)
@@ -33,18 +59,19 @@ class MetaTrainConfig:
     val_steps: int = 300  # inner steps per validation task
     val_tasks: int = 4
     val_metric: str = "tail"  # "tail" or "final", see meta_train.trainer.validate
-    val_family: dict = field(default_factory=dict)  # overrides of family for validation
+    # overrides of MLPFamily fields for validation tasks
+    val_family: dict[str, Any] = field(default_factory=dict)
     checkpoint_every: int = 10
     threads: int = 0  # torch threads; 0 leaves torch's default
-    rule: dict = field(default_factory=dict)  # overrides of lopt.RuleConfig
+    rule: dict[str, Any] = field(default_factory=dict)  # overrides of RuleConfig
     # overrides of lopt.optim.step_size.StepSizeConfig (the rule's controller)
-    step_size: dict = field(default_factory=dict)
+    step_size: dict[str, Any] = field(default_factory=dict)
     init_rule: str = ""  # rule directory to start from (fine-tuning); "" = Adam init
     # With init_rule and rule overrides of another architecture: copy the
     # init rule's parameters whose names and shapes match, keep the rest at
     # their (Adam-equivalent) initialisation.
     init_partial: bool = False
-    family: dict = field(default_factory=dict)  # overrides of MLPFamily
+    family: dict[str, Any] = field(default_factory=dict)  # overrides of MLPFamily
     # Meta-train only the rule parameters whose names start with one of these
     # (e.g. the heads' output layers, for a low-variance PES fine-tune); () = all.
     train_only: tuple[str, ...] = ()
@@ -74,6 +101,8 @@ class MetaTrainConfig:
                 f"Invalid warm_start: {self.warm_start} (expected (0, 0) or "
                 "(low, high) with 1 <= low <= high)"
             )
+
+        _check_overrides(self)
 
         if self.val_metric not in VAL_METRICS:
             raise ValueError(
