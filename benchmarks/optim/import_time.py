@@ -2,8 +2,8 @@
 
 The two imports are timed side by side: every repeat starts one interpreter
 per statement, in turn, so background load hits both. The first repeats only
-warm the file cache and are not counted. The bar (issue 9) is ``import lopt``
-at most 1.5x ``import torch``.
+warm the file cache and are not counted. The bar is ``import lopt`` at most
+1.5x ``import torch``.
 
     python -m benchmarks.optim.import_time --repeats 10
 """

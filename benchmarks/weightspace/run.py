@@ -1,5 +1,5 @@
 """Weight-space benchmark: NG-GNN, NG-T and the baselines on the locally
-built zoos (issue 10).
+built zoos.
 
     python -m benchmarks.weightspace [--quick] [--seeds 3] [--zoo-dir DIR] [--out DIR]
 
@@ -88,9 +88,8 @@ class Settings:
         fourier: random Fourier features per weight of NG-GNN and NG-T
             (:attr:`lopt.weightspace.WeightSpaceConfig.fourier_features`) on
             graphs of scalar weights (INRs), where without them NG-GNN's
-            training loss sat at ln 10 (see
-            ``benchmarks/results/weightspace/EXPERIMENTS.md``, W2). Conv
-            kernels are left raw: their edge input would grow 33-fold.
+            training loss did not fall below chance (ln 10). Conv kernels are
+            left raw: their edge input would grow 33-fold.
         pooling: graph-level readout aggregations of NG-GNN and NG-T,
             comma-separated (see :data:`lopt.weightspace.models.readout.POOLINGS`).
         tree_iters: boosting iterations of StatNN (GBT).
@@ -280,8 +279,8 @@ def no_edit_mse(data) -> float:
 
 
 # -------------------------------------------------------------------- models
-#: Models trained only when ``--models`` names them (experiments of
-#: EXPERIMENTS.md W18-W20), so that a default run keeps its measured cost.
+#: Models trained only when ``--models`` names them (experimental variants),
+#: so that a default run keeps its cost.
 OPT_IN = frozenset(
     {
         "ng_gnn_qstats",

@@ -19,22 +19,15 @@ in registers, reading the parameters and gradients where they are and
 writing the parameters in place (no flat copies: the step adds about one
 byte per parameter to peak memory); node-level work (few rows) stays in
 PyTorch and reuses the rule's own modules. Its updates equal the
-reference path's to float32 rounding (``tests/test_fused.py``).
+reference path's to float32 rounding (``tests/optim/test_fused.py``).
 Meta-training differentiates through the reference path, which computes
 the same function.
 
-TorchInductor was tried first (in a throwaway experiment, not kept):
-``torch.compile`` of the same computation realised intermediates and looped
-over channels, was slower than this kernel and compiled for minutes per
-model, so the kernel is hand-written.
-
-The kernel runs at the machine's floating-point throughput: ``ng_update`` is
-about 450 vector multiply-adds and exp/reciprocal steps per 8 edges, and on
-the 2-core development CPU (one 256-bit FMA per cycle, measured) that is the
-22 ms it takes for 1e6 weights. A hand-vectorised AVX2 version of it
-(weights broadcast once, features in a stack buffer) measured no faster and
-was not kept. A cheaper step needs less work per edge, i.e. a different
-rule, not a better kernel.
+The kernel is hand-written C, not ``torch.compile`` output. It is bound by
+floating-point throughput: ``ng_update`` is about 450 vector multiply-adds
+and exp/reciprocal steps per 8 edges, so a cheaper step needs less work per
+edge (a different rule), not a better kernel. Why, and the measurements
+behind it: ``docs/design-notes-code.md``.
 """
 
 from __future__ import annotations

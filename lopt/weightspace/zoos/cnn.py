@@ -22,10 +22,9 @@ Full zoos (seed 0): ``cnn_digits`` test accuracy q10 / median / q90 =
 800), no diverged run; ``cnn_wild`` 0.09 / 0.61 / 0.96 over 206 families, 52
 of them (75 architectures, 2,700 nets) test-only, 5 diverged runs. The
 histograms and quantiles per step, split and family are in ``zoo.json``.
-Until 2026-12-07 the full ``cnn_wild`` had 96 architectures (88 families, 22
-test-only; ``--set architectures=96`` rebuilds it): with 72 training families
-no model generalised to unseen ones much beyond StatNN's trees; at 288 (154
-training families) NG-GNN with neuron statistics did (EXPERIMENTS.md W21).
+``--set architectures=96`` builds the smaller full ``cnn_wild`` of 96
+architectures (88 families, 22 test-only); why the preset has 288:
+``docs/design-notes-code.md``.
 
 Training (many runs at once with vmap) lives in
 :mod:`lopt.weightspace.zoos.cnn_training`.

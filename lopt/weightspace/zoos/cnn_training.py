@@ -9,14 +9,10 @@ per-net subsets of the training set. A run whose update makes a weight or
 buffer non-finite keeps its last finite state from then on (``diverged_at``
 records the step), so no zoo holds NaNs.
 
-Measured (2 shared cores, other jobs running, [8, 16, 16] channels, strides
-[1, 2, 2], batch 32): ``vmap(functional_call)`` 0.9-1.3 ms per net-step
-(64-256 nets), a hand-written grouped convolution the same (1.2-2.0 ms), an
-im2col + ``bmm`` model 1.6-4.3 ms, one plain net at a time 3.0 ms at 1 thread
-(23 ms at 2 threads: tiny convolutions lose to thread overhead). So vmap,
-about 3x one process per net at equal cores. With other jobs on the machine,
-1 torch thread is the faster setting: a quick ``cnn_digits`` build took 19 s
-at 1 thread and 55 s at 2 (load average ~3 on 2 cores).
+``vmap(functional_call)`` is as fast per net-step as a hand-written grouped
+convolution and faster than an im2col + ``bmm`` model or one net at a time;
+these tiny convolutions lose to thread overhead, so one torch thread is
+usually the faster setting (measurements: ``docs/design-notes-code.md``).
 """
 
 from __future__ import annotations

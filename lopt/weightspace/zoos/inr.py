@@ -12,25 +12,11 @@ Many SIRENs train at once: ``torch.func.vmap`` over ``functional_call`` of one
 module on the meta device, with the stacked parameters of the whole chunk and
 one ``torch.optim.Adam`` over the stacks (Adam is elementwise and the loss is
 a sum of per-net losses, so every net trains exactly as it would alone).
+It is as fast as a hand-written stacked model (``einsum`` + ``baddbmm``), and
+the trained weights are those of ``build_module(spec)`` by construction.
 
-Measured on this machine (2 shared cores, other engineers' jobs running,
-[2, 32, 32, 1], 64 pixels, 1,797 nets, Adam): ``vmap(functional_call)``
-77 ms/step at 2 threads and 125 ms/step at 1; a hand-written stacked model
-(``einsum`` + ``baddbmm``) 81 and 134 ms/step. They are equal within noise, so
-the module route is used: the trained weights are those of
-``build_module(spec)`` by construction.
-
-Fit (digits, w0 = 30, lr 1e-3, 512 nets): 100 steps reach a mean PSNR of
-61 dB (min 56 dB), far beyond what an 8x8 image needs; w0 = 10 needs ~200
-steps for the same; lr 3e-3 or 1e-2 with w0 = 30 stalls at ~50 dB with
-outliers below 35 dB. With w0 = 8 (the digits presets, see
-:data:`DIGITS_W0`) fits need more steps: the quick zoo (200 steps) has a
-PSNR median of 53 dB (min 30 dB). Full zoos (300 steps): digits at w0 = 8 PSNR
-median 118 dB (min 42 dB; MSE at most 4e-4 of the image variance), at
-w0 = 30 median 139 dB (min 68 dB); mnist1d (lr 3e-3, peak = each signal's
-range) median 59 dB, min 30 dB, MSE / signal variance median 2.4e-5, max
-0.02. At 1 thread a chunk of 1,000 SIRENs x 300 steps takes ~24 s (digits)
-and ~15 s (mnist1d).
+Fit quality (PSNR) of the presets, of the w0 and learning rates tried
+before them, and fit times: ``docs/design-notes-code.md``.
 """
 
 from __future__ import annotations
@@ -95,9 +81,8 @@ class InrZooConfig:
 #: fastest initial sine turns by 30 * 0.5 * 2/27 = 1.1 rad from pixel to
 #: pixel. On the 8x8 grid (spacing 2/7) w0 = 30 turns by 4.3 rad, beyond
 #: pi: the fits alias, oscillating between pixels, and every weight-space
-#: model stayed near chance on them (NG-GNN 0.19, StatNN 0.15). w0 = 8 keeps
-#: the paper's 1.1 rad per pixel; on those SIRENs NG-GNN reaches 0.28 and
-#: StatNN 0.19 (EXPERIMENTS.md W12 in benchmarks/results/weightspace).
+#: model stayed near chance on them. w0 = 8 keeps the paper's 1.1 rad per
+#: pixel (the accuracies on both: ``docs/design-notes-code.md``).
 DIGITS_W0 = 8.0
 
 PRESETS: dict[str, dict[str, InrZooConfig]] = {
