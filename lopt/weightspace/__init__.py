@@ -32,10 +32,7 @@ from lopt.weightspace.models.features import (
     NeuralGraphFeaturizer,
     RandomFourierFeatures,
     WeightSpaceConfig,
-    canonical_signs,
-    layer_rms,
     neuron_statistics,
-    quantile_scale,
 )
 from lopt.weightspace.models.gnn import NeuralGraphGNN
 from lopt.weightspace.models.probes import probe_activations
@@ -65,10 +62,7 @@ __all__ = [
     "NeuralGraphTransformer",
     "RelationalAttentionLayer",
     "WeightSpaceConfig",
-    "canonical_signs",
     "neuron_statistics",
-    "layer_rms",
-    "quantile_scale",
     "WeightSpaceOutput",
     "WeightSpaceReadout",
     "NeuralGraphFeaturizer",

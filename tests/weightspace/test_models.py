@@ -621,7 +621,7 @@ def test_neuron_statistics_are_standardised_once_fitted_and_widen_node_inputs():
 
 
 def test_quantile_scale_maps_each_column_through_its_distribution():
-    from lopt.weightspace import quantile_scale
+    from lopt.weightspace.models.features import quantile_scale
 
     r3 = 3.0**0.5
     # Column 0: knots 0, 1, 2, 3, 4; column 1: 0, 0, 0, 1, 5 (a tie at 0).
@@ -707,7 +707,7 @@ def test_a_fitted_model_loads_into_a_fresh_one(scaling):
 
 
 def test_layer_rms_is_each_layers_own_and_layer_normalised_edges_drop_the_scale():
-    from lopt.weightspace import layer_rms
+    from lopt.weightspace.models.features import layer_rms
 
     nets = [mlp(seed=0), mlp(seed=1)]
     batch = Batch.from_data_list([to_graph(n) for n in nets])

@@ -297,7 +297,8 @@ class StatNN(FeaturePredictor):
         out_dim (int): classes (classification) or 1.
         scaling (str, optional): ``"standard"`` (standardised inputs) or
             ``"quantile"`` (each feature then mapped through its quantiles on
-            the training networks, :func:`~lopt.weightspace.quantile_scale`:
+            the training networks,
+            :func:`~lopt.weightspace.models.features.quantile_scale`:
             robust to the heavy tails of weight statistics). (default:
             ``"standard"``)
         **kwargs: the MLP's (:class:`FeaturePredictor`).
