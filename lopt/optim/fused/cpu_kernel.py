@@ -8,9 +8,9 @@ the source, the compiler flags, the compiler's version and the CPU's feature
 flags (it is built with ``-march=native``), written to a temporary name and
 renamed, so concurrent processes never load a half-written file.
 
-Nothing here is imported by ``import lopt``; :func:`load` returns ``None``
-when no compiler is available (or ``LOPT_DISABLE_KERNEL=1``), and the
-optimizer then takes the reference path.
+``import lopt`` neither builds nor loads the kernel (the first step does);
+:func:`load` returns ``None`` when no compiler is available (or
+``LOPT_DISABLE_KERNEL=1``), and the optimizer then takes the reference path.
 """
 
 from __future__ import annotations
