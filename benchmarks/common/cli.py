@@ -84,16 +84,18 @@ def save_and_print(
     print_saved(paths)
 
 
-def run_moved(name: str, new: str) -> None:
+def run_moved(name: str, new: str, note: bool = True) -> None:
     """Run command ``new`` for an old ``python -m`` command that moved there.
 
     Called from the old module with its ``__name__``; does nothing on import,
     so only ``python -m OLD`` runs ``new`` (with the same arguments), after a
-    line on stderr saying where the command went.
+    line on stderr saying where the command went (``note=False``: a short
+    alias, run silently).
     """
     if name != "__main__":
         return
     import runpy
 
-    print(f"note: this command moved to `python -m {new}`", file=sys.stderr)
+    if note:
+        print(f"note: this command moved to `python -m {new}`", file=sys.stderr)
     runpy.run_module(new, run_name="__main__", alter_sys=True)
