@@ -28,7 +28,13 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.optim.optimizers import NG, PEER_SPECS, OptimizerConfig, peer_version
+from benchmarks.optim.optimizers import (
+    NG,
+    PEER_SPECS,
+    UNTRAINED,
+    OptimizerConfig,
+    peer_version,
+)
 from benchmarks.optim.training import RunResult
 
 __all__ = ["RunCache"]
@@ -53,7 +59,7 @@ class RunCache:
     @staticmethod
     def cacheable(config: OptimizerConfig) -> bool:
         """Baselines and peers: the learned optimizer's runs depend on the rule."""
-        return config.name != NG
+        return config.name not in (NG, UNTRAINED)
 
     def _key(
         self, task: str, config: OptimizerConfig, seed: int, steps: int, factor: float

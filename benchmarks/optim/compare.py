@@ -49,6 +49,7 @@ from benchmarks.optim.optimizers import (
     BASELINES,
     PEER_SPECS,
     PEERS,
+    UNTRAINED,
     MissingPeerError,
     check_peers,
     load_ng_rule,
@@ -82,7 +83,15 @@ __all__ = [
 ]
 
 #: Column order of the tables (columns of entries no task has are left out).
-ENTRY_ORDER = ("ng", "adam_default", *PEERS, "adam_tuned", "adamw_tuned", "sgd_tuned")
+ENTRY_ORDER = (
+    "ng",
+    UNTRAINED,
+    "adam_default",
+    *PEERS,
+    "adam_tuned",
+    "adamw_tuned",
+    "sgd_tuned",
+)
 
 
 @dataclass(frozen=True)
@@ -94,12 +103,15 @@ class Settings:
         seeds: number of seeds (``0 .. seeds - 1``).
         grid_points: learning rates per tuned baseline (0: none tuned).
         peers: untuned peers run beside NG and Adam(1e-3) (all by default).
+        ablation: run NG's untrained ablation too (the shipped config with fresh
+            weights: Adam plus the step-size controller).
     """
 
     steps: int
     seeds: int
     grid_points: int
     peers: tuple[str, ...] = PEERS
+    ablation: bool = True
 
 
 FULL = Settings(steps=1000, seeds=3, grid_points=9)
@@ -118,6 +130,7 @@ def make_protocol(settings: Settings) -> Protocol:
             if settings.grid_points > 0
         },
         peers=settings.peers,
+        ablation=settings.ablation,
     )
 
 
@@ -156,6 +169,7 @@ def run_compare(
             "steps": protocol.steps,
             "seeds": list(protocol.seeds),
             "grids": {k: list(v) for k, v in protocol.grids.items()},
+            "ablation": protocol.ablation,
             "peers": {
                 name: {**PEER_SPECS[name].settings(), "version": peer_version(name)}
                 for name in protocol.peers
@@ -309,7 +323,8 @@ def markdown_report(results: dict) -> str:
         f"{cfg['date']}; {_peers_text(cfg.get('peers', {}))}.",
         "",
         "`*` = tuned per task (lr after `@`; `†` = at the edge of the grid); "
-        "NG, Adam(1e-3) and the peers are untuned; "
+        "NG, NG untrained (its config with fresh weights), Adam(1e-3) and the "
+        "peers are untuned; "
         "**bold** = best in the row; "
         "`div.` = diverged runs (non-finite loss or loss > "
         f"{cfg['divergence_factor']:g}x the initial loss).",
@@ -442,6 +457,11 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "(NG, Adam(1e-3) and the peers only)",
     )
     add_peers_argument(parser)
+    parser.add_argument(
+        "--no-ablation",
+        action="store_true",
+        help="do not run NG's untrained ablation (Adam plus the step-size control)",
+    )
     parser.add_argument("--tasks", help="comma-separated task names (default: all)")
     parser.add_argument(
         "--cache",
@@ -465,6 +485,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 base.grid_points if args.grid_points is None else args.grid_points
             ),
             peers=parse_peers(args.peers),
+            ablation=not args.no_ablation,
         )
         tasks = get_tasks(args.tasks.split(",") if args.tasks else None)
         protocol = make_protocol(settings)

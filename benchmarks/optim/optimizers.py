@@ -35,6 +35,7 @@ from lopt.tasks.loop import EvalWeights
 
 __all__ = [
     "NG",
+    "UNTRAINED",
     "BASELINES",
     "PEERS",
     "PEER_SPECS",
@@ -56,6 +57,9 @@ __all__ = [
 
 #: Name of the learned optimizer.
 NG = "ng"
+#: Its untrained ablation: the rule's config with fresh weights (Adam plus the
+#: step-size controller), the floor the learned part must beat.
+UNTRAINED = "untrained"
 #: Tunable baselines, in table order.
 BASELINES = ("adam", "adamw", "sgd")
 #: How to install the peers' packages.
@@ -126,6 +130,7 @@ PEERS = tuple(PEER_SPECS)
 #: Names used in tables and plots.
 DISPLAY_NAMES = {
     NG: "NG",
+    UNTRAINED: "NG untrained",
     "adam": "Adam",
     "adamw": "AdamW",
     "sgd": "SGD-m",
@@ -228,6 +233,14 @@ def load_ng_rule(rule: str | os.PathLike | None = None) -> UpdateRule:
         raise ValueError(f"Invalid rule: {err}") from err
 
 
+def untrained_like(rule: UpdateRule) -> UpdateRule:
+    """``rule``'s architecture and step-size controller with fresh weights: its
+    learned output is zero, so it steps as Adam scaled by the controller.
+    Drawn without touching torch's global random stream."""
+    with torch.random.fork_rng(devices=[]):
+        return UpdateRule(rule.config, rule.step_size)
+
+
 class ScheduleFreeEval(EvalWeights):
     """Schedule-Free: the optimizer in train mode for steps, in eval mode (its
     ``x`` sequence in the parameters) for every evaluation, as its docs ask."""
@@ -287,11 +300,11 @@ class OptimizerConfig:
     lr: float | None = None
 
     def __post_init__(self):
-        if self.name != NG and self.name not in BASELINES + PEERS:
+        if self.name not in (NG, UNTRAINED, *BASELINES, *PEERS):
             raise ValueError(f"Invalid optimizer: {self.name!r}")
         if self.name in BASELINES and self.lr is None:
             raise ValueError(f"Invalid learning rate: {self.lr}")
-        if self.name in PEERS and self.lr is not None:
+        if self.name in (*PEERS, UNTRAINED) and self.lr is not None:
             raise ValueError(
                 f"Invalid learning rate: {self.lr} ({self.name} runs at its defaults)"
             )
@@ -317,6 +330,8 @@ class OptimizerConfig:
         """
         if self.name == NG:
             return NGOptimizer(params, rule=rule if rule is not None else "default")
+        if self.name == UNTRAINED:
+            return NGOptimizer(params, rule=untrained_like(rule or load_ng_rule()))
         if self.name in PEER_SPECS:
             spec = PEER_SPECS[self.name]
             factory = getattr(_import_peer(self.name), spec.factory)

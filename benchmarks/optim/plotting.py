@@ -32,6 +32,7 @@ __all__ = [
 #: Colour of each summary entry, shared by all figures.
 ENTRY_COLORS = {
     "ng": "tab:red",
+    "untrained": "tab:pink",
     "adam_default": "tab:gray",
     "adam_tuned": "tab:blue",
     "adamw_tuned": "tab:green",
@@ -41,8 +42,9 @@ ENTRY_COLORS = {
     "ldog": "tab:brown",
 }
 #: Line style of each summary entry (solid when absent): the untuned peers are
-#: dash-dotted, apart from the tuned baselines (diverged runs are dashed).
-ENTRY_STYLES = {"prodigy": "-.", "schedulefree": "-.", "ldog": "-."}
+#: dash-dotted, apart from the tuned baselines, and NG's untrained ablation dotted
+#: (diverged runs are dashed).
+ENTRY_STYLES = {"prodigy": "-.", "schedulefree": "-.", "ldog": "-.", "untrained": ":"}
 _FLOOR = 1e-12  # log axes cannot show zero losses
 
 

@@ -23,7 +23,13 @@ from tqdm.auto import tqdm
 from benchmarks.common.report import format_lr
 from benchmarks.optim import curves
 from benchmarks.optim.cache import RunCache
-from benchmarks.optim.optimizers import DISPLAY_NAMES, NG, PEERS, OptimizerConfig
+from benchmarks.optim.optimizers import (
+    DISPLAY_NAMES,
+    NG,
+    PEERS,
+    UNTRAINED,
+    OptimizerConfig,
+)
 from benchmarks.optim.training import DIVERGENCE_FACTOR, RunResult, train
 from lopt import UpdateRule
 from lopt.tasks.suite import Task
@@ -60,6 +66,7 @@ class Protocol:
         default_adam_lr: the untuned Adam reference.
         smoothing: fraction of steps averaged for the final loss.
         divergence_factor: see :func:`benchmarks.optim.training.train`.
+        ablation: also run NG's untrained ablation (entry ``"untrained"``).
     """
 
     steps: int
@@ -69,6 +76,7 @@ class Protocol:
     default_adam_lr: float = DEFAULT_ADAM_LR
     smoothing: float = curves.SMOOTHING_FRACTION
     divergence_factor: float = DIVERGENCE_FACTOR
+    ablation: bool = False
 
     def __post_init__(self):
         if self.steps < 1:
@@ -87,6 +95,8 @@ class Protocol:
     def configs(self) -> list[OptimizerConfig]:
         """Every optimizer configuration run on each task, without repeats."""
         out = [OptimizerConfig(NG), OptimizerConfig("adam", self.default_adam_lr)]
+        if self.ablation:
+            out.append(OptimizerConfig(UNTRAINED))
         out += [OptimizerConfig(peer) for peer in self.peers]
         for name, grid in self.grids.items():
             out += [OptimizerConfig(name, lr) for lr in grid]
@@ -177,7 +187,7 @@ def entry_label(key: str, lr: float | None = None) -> str:
     ``"adam_default"`` -> ``"Adam(1e-3)"``, ``"prodigy"`` -> ``"Prodigy"``)."""
     name, _, kind = key.partition("_")
     display = DISPLAY_NAMES[name]
-    if not kind:  # NG and the peers: untuned, at their defaults
+    if not kind:  # NG, its ablation and the peers: untuned, at their defaults
         return display
     if kind == "default":
         return f"{display}({format_lr(lr)})" if lr is not None else display
@@ -193,8 +203,9 @@ def reference_name(key: str, lr: float | None = None) -> str:
 
 def reference_keys(entries: Mapping[str, dict]) -> list[str]:
     """The entries NG is compared against, in report order: Adam(1e-3), tuned
-    Adam, then the peers present."""
-    return [k for k in ("adam_default", "adam_tuned", *PEERS) if k in entries]
+    Adam, the peers present, then NG's untrained ablation."""
+    keys = ("adam_default", "adam_tuned", *PEERS, UNTRAINED)
+    return [k for k in keys if k in entries]
 
 
 def _config_of(entry: dict) -> OptimizerConfig:
@@ -284,6 +295,10 @@ def summarise_task(task: Task, runs: Sequence[RunResult], protocol: Protocol) ->
     }
     for peer in protocol.peers:
         entries[peer] = _summary(_runs_of(runs, OptimizerConfig(peer)), window)
+    if protocol.ablation:
+        entries[UNTRAINED] = _summary(
+            _runs_of(runs, OptimizerConfig(UNTRAINED)), window
+        )
     tuning: dict[str, list[dict]] = {}
     best_lr: dict[str, float] = {}
     for name, grid in protocol.grids.items():

@@ -31,7 +31,15 @@ from lopt.tasks.suite import TASKS, Task, get_tasks
 
 torch.set_num_threads(1)
 
-ENTRIES = ("ng", "adam_default", *PEERS, "adam_tuned", "adamw_tuned", "sgd_tuned")
+ENTRIES = (
+    "ng",
+    "untrained",
+    "adam_default",
+    *PEERS,
+    "adam_tuned",
+    "adamw_tuned",
+    "sgd_tuned",
+)
 PEER_LABELS = ("Prodigy", "SF-AdamW", "LDoG")
 
 
@@ -166,17 +174,29 @@ def test_compare_main_writes_well_formed_outputs(tmp_path, capsys):
             assert math.isfinite(entry["ms_per_step_mean"])
         speedup = task["speedup"]["adam_tuned"]
         assert speedup["value"] > 0 and isinstance(speedup["censored"], bool)
-        # 1 NG + 3 baselines x 2 grid points + Adam(1e-3) + 3 peers, one seed.
-        assert len(task["runs"]) == 11
+        # NG, its untrained ablation, 3 baselines x 2 grid points, Adam(1e-3)
+        # and 3 peers, one seed.
+        assert len(task["runs"]) == 12
         curve = task["runs"][0]["curve"]
         assert len(curve["step"]) == len(curve["loss"]) == 20
-        assert set(task["outcome"]) == {"adam_default", "adam_tuned", *PEERS}
+        assert set(task["outcome"]) == {
+            "adam_default",
+            "adam_tuned",
+            *PEERS,
+            "untrained",
+        }
     assert set(results["config"]["peers"]) == set(PEERS)
     assert all(p["version"] for p in results["config"]["peers"].values())
     agg = results["aggregate"]
-    assert agg["num_tasks"] == 2 and agg["runs_total"] == 22
+    assert results["config"]["ablation"] is True
+    assert agg["num_tasks"] == 2 and agg["runs_total"] == 24
     assert sum(agg["outcome_vs_adam_default"].values()) == 2
-    assert list(agg["outcome_vs"]) == ["adam_default", "adam_tuned", *PEERS]
+    assert list(agg["outcome_vs"]) == [
+        "adam_default",
+        "adam_tuned",
+        *PEERS,
+        "untrained",
+    ]
     assert all(sum(c.values()) == 2 for c in agg["outcome_vs"].values())
     assert agg["median_speedup_vs_adam_tuned"] > 0
 
@@ -186,8 +206,9 @@ def test_compare_main_writes_well_formed_outputs(tmp_path, capsys):
     assert "## Aggregate" in markdown
     header = next(line for line in markdown.splitlines() if line.startswith("| task"))
     assert all(f"| {label} |" in header for label in PEER_LABELS)
-    # A final-loss cell per peer in each task row.
-    assert _table_rows(markdown, "wine_logreg")[0].count("|") == 11
+    assert "| NG untrained |" in header
+    # A final-loss cell per entry in each task row.
+    assert _table_rows(markdown, "wine_logreg")[0].count("|") == 12
     (beats,) = [line for line in markdown.splitlines() if "NG beats" in line]
     for label, key in zip(PEER_LABELS, PEERS):
         count = agg["outcome_vs"][key]["win"]
@@ -519,15 +540,22 @@ def test_compare_with_no_tuned_baselines_runs_the_peers(tmp_path):
     argv += ["wine_logreg", "--no-progress"]
     assert compare.main([*argv, "--out", str(tmp_path / "all")]) == 0
     results = json.loads((tmp_path / "all" / "results.json").read_text())
-    assert set(results["tasks"][0]["entries"]) == {"ng", "adam_default", *PEERS}
+    assert set(results["tasks"][0]["entries"]) == {
+        "ng",
+        "untrained",
+        "adam_default",
+        *PEERS,
+    }
     assert results["config"]["grids"] == {}
     markdown = (tmp_path / "all" / "results.md").read_text()
     header = next(line for line in markdown.splitlines() if line.startswith("| task"))
     assert "Adam*" not in header and "| LDoG |" in header
 
-    assert compare.main([*argv, "--peers", "none", "--out", str(tmp_path / "no")]) == 0
+    argv += ["--peers", "none", "--no-ablation"]
+    assert compare.main([*argv, "--out", str(tmp_path / "no")]) == 0
     results = json.loads((tmp_path / "no" / "results.json").read_text())
     assert set(results["tasks"][0]["entries"]) == {"ng", "adam_default"}
+    assert results["config"]["ablation"] is False
     assert results["config"]["peers"] == {}
     assert "Prodigy" not in (tmp_path / "no" / "results.md").read_text()
 

@@ -6,8 +6,10 @@ metric and wall-clock.
     python -m benchmarks.workloads [--quick] [--workloads gpt,resnet,...]
         [--recipes ng,adamw,...] [--seeds 1] [--cache DIR] [--out DIR]
 
-Every finished run is cached (``--cache``, default ``runs/workloads_cache``),
-so a full benchmark can span sittings and a rerun only reports. Results:
+Every finished run is cached (``--cache``): a full run's in
+``benchmarks/results/workloads/cache`` (committed, so the benchmark can span
+sittings and machines of the same kind, and a rerun only reports), a quick
+run's in ``benchmarks/results/quick/workloads_cache`` (not committed). Results:
 ``workloads.{json,md,png}`` in ``benchmarks/results/workloads`` (``.../quick``
 with ``--quick``).
 """
@@ -64,7 +66,9 @@ def _parse(argv):
     )
     parser.add_argument("--recipes", help=f"comma-separated ({','.join(RECIPES)})")
     parser.add_argument("--seeds", type=int, default=1)
-    parser.add_argument("--cache", default="runs/workloads_cache", help="'' for none")
+    parser.add_argument(
+        "--cache", help="run cache directory ('' for none; default: see above)"
+    )
     parser.add_argument("--out", help="output directory")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--no-progress", action="store_true")
@@ -87,6 +91,9 @@ def _parse(argv):
 def main(argv: list[str] | None = None) -> int:
     args, workloads, recipes = _parse(argv)
     torch.set_num_threads(args.threads)
+    if args.cache is None:
+        where = ("quick", "workloads_cache") if args.quick else ("workloads", "cache")
+        args.cache = str(RESULTS_DIR.joinpath(*where))
     cache = RunCache(args.cache) if args.cache else None
     start = time.perf_counter()
     records = run_all(
