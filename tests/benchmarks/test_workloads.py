@@ -226,3 +226,36 @@ def test_command_writes_its_outputs_and_reuses_the_cache(tmp_path, capsys):
     assert (tmp_path / "o" / "workloads.png").stat().st_size > 0
     assert bench.main(argv) == 0
     assert "3 runs from the cache" in capsys.readouterr().out
+
+
+def test_trace_reports_the_controller_and_honours_the_floor(capsys):
+    from benchmarks.optim.workloads import trace
+
+    argv = ["--workload", "tabular", "--recipe", "ng", "--steps", "6", "--every", "3"]
+    assert trace.main([*argv, "--log-min", "0"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["step"] for r in rows] == [1, 3, 6]
+    assert all(r["log_step"][0] >= 0.0 for r in rows)  # the floor holds
+    assert all(len(r["rel_update"]) == 3 and r["rel_update"][1] > 0 for r in rows)
+    argv = ["--workload", "tabular", "--recipe", "adamw", "--lr", "1e-3"]
+    assert trace.main([*argv, "--steps", "2", "--log-min", "0"]) == 2
+    assert "--log-min applies to the NG recipes" in capsys.readouterr().err
+
+
+def test_muon_is_skipped_where_it_does_not_apply(tmp_path):
+    from benchmarks.optim.workloads.bench import run_all
+    from benchmarks.optim.workloads.recipes import NotApplicable
+
+    def no_matrices(seed, quick):
+        job = _make(seed, quick)
+        job.matrices = []
+        return job
+
+    flat = Workload("flat", "", "val_loss", False, 40, 6, 3, 0.0, no_matrices)
+    with pytest.raises(NotApplicable, match="no hidden 2-D matrices"):
+        Trainer(Recipe("muon", 0.02), no_matrices(0, True), flat, 6)
+    records = run_all([flat], ["ng", "muon"], 1, True, RunCache(tmp_path), False)
+    assert [r.recipe for r in records] == ["ng"]
+    assert "better than Muon+AdamW* on 0/0 (1 without it)" in "\n".join(
+        counts(summarise(records, [flat]))
+    )

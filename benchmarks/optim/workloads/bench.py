@@ -27,7 +27,7 @@ from benchmarks.common.cli import RESULTS_DIR, print_saved
 from benchmarks.common.provenance import run_metadata
 from benchmarks.common.report import write_outputs
 from benchmarks.optim.workloads import WORKLOAD_NAMES, get_workloads
-from benchmarks.optim.workloads.recipes import RECIPES, Recipe, lr_grid
+from benchmarks.optim.workloads.recipes import RECIPES, NotApplicable, Recipe, lr_grid
 from benchmarks.optim.workloads.report import markdown, plot, summarise
 from benchmarks.optim.workloads.runner import RunCache, train_run
 
@@ -35,7 +35,8 @@ __all__ = ["main", "run_all"]
 
 
 def run_all(workloads, recipes, seeds, quick, cache, progress=True):
-    """Every (workload, recipe, lr, seed) run, from the cache where done."""
+    """Every (workload, recipe, lr, seed) run, from the cache where done;
+    runs whose recipe does not apply to the workload are skipped."""
     plan = [
         (w, Recipe(r, lr), seed)
         for w in workloads
@@ -49,7 +50,10 @@ def run_all(workloads, recipes, seeds, quick, cache, progress=True):
         bar.set_postfix_str(f"{w.name} {recipe.label} seed {seed}")
         record = cache.get(w, recipe, seed, quick) if cache else None
         if record is None:
-            record = train_run(w, recipe, seed, quick)
+            try:
+                record = train_run(w, recipe, seed, quick)
+            except NotApplicable:
+                continue
             if cache:
                 cache.put(w, recipe, seed, quick, record)
         records.append(record)

@@ -30,7 +30,15 @@ import torch
 from benchmarks.optim.workloads.spec import Job, Workload
 from lopt import NGOptimizer, UpdateRule, default_rule_path, load_rule
 
-__all__ = ["RECIPES", "TUNED", "Recipe", "Trainer", "lr_grid", "DISPLAY"]
+__all__ = [
+    "RECIPES",
+    "TUNED",
+    "DISPLAY",
+    "NotApplicable",
+    "Recipe",
+    "Trainer",
+    "lr_grid",
+]
 
 #: Recipes in table order.
 RECIPES = ("ng", "ng_untrained", "adamw", "muon", "schedulefree", "prodigy")
@@ -92,6 +100,13 @@ class Recipe:
         return DISPLAY[self.name] + ("" if self.lr is None else f"@{self.lr:g}")
 
 
+class NotApplicable(ValueError):
+    """The recipe does not apply to the job (Muon on a job without hidden
+    2-D matrices: ``torch.optim.Muon`` takes 2-D parameters only, so a CNN's
+    conv kernels are not its own). Such a run is skipped, not faked with
+    another optimizer."""
+
+
 class Trainer:
     """The optimizers of one run, their schedules, and which weights are
     evaluated (:meth:`evaluation`)."""
@@ -113,6 +128,8 @@ class Trainer:
             opt = torch.optim.AdamW(groups, lr=recipe.lr)
             self._schedule(opt, total)
         elif name == "muon":
+            if not job.matrices:
+                raise NotApplicable(f"{workload.name} has no hidden 2-D matrices")
             matrices = {id(p) for p in job.matrices}
             rest = [
                 {**g, "params": [p for p in g["params"] if id(p) not in matrices]}

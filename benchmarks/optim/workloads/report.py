@@ -190,16 +190,22 @@ def counts(summary: dict) -> list[str]:
     out = []
     n = len(summary)
     for other in ("adamw", "muon", "schedulefree", "prodigy", "ng_untrained"):
-        wins = sum(
-            1
+        both = [
+            s
             for s in summary.values()
-            if "ng" in s["recipes"]
-            and other in s["recipes"]
-            and _better(
+            if "ng" in s["recipes"] and other in s["recipes"]
+        ]
+        wins = sum(
+            _better(
                 s["workload"], s["recipes"]["ng"]["final"], s["recipes"][other]["final"]
             )
+            for s in both
         )
-        out.append(f"NG final metric better than {DISPLAY[other]} on {wins}/{n}")
+        absent = f" ({n - len(both)} without it)" if len(both) < n else ""
+        out.append(
+            f"NG final metric better than {DISPLAY[other]} on {wins}/{len(both)}"
+            + absent
+        )
     no_worse = sum(
         1
         for s in summary.values()
