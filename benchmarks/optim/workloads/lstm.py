@@ -1,0 +1,112 @@
+"""A character-level LSTM language model on Python's reference docs.
+
+Data: :mod:`.text` (the ``pydoc_data`` topics text, last 10% held out).
+Model: an embedding, a 2-layer ``nn.LSTM`` and an untied linear head, at
+PyTorch's default initialisation, no dropout (the char-rnn recipe). Decay on
+every 2-D weight (the embedding, the LSTM's ``weight_ih`` / ``weight_hh``,
+the head), none on biases; weight decay 0.01, gradient clip 1.0.
+
+Muon gets nothing here (``matrices`` is empty). Its update orthogonalises a
+whole matrix, but an LSTM's ``weight_ih`` / ``weight_hh`` stack the four gate
+matrices into one, so it would balance the gates' updates against each other
+rather than treat each gate as the layer it is; and ``weight_hh`` is applied
+at every time step, so the per-application bound on the output change that
+motivates the spectral-norm step compounds over the sequence. Its authors
+apply it to the hidden layers of feed-forward stacks; the embedding and the
+head are left to AdamW as in every workload.
+
+Sizes: full embedding 64, hidden 224, context 64, batch 16 (0.69M
+parameters), 1500 steps, evaluated every 100 on 256 validation windows;
+quick embedding 32, hidden 128, context 32, batch 32 (0.23M), 100 steps,
+every 25.
+
+Cost, measured on the shared 2-core CPU this was written on, one torch
+thread, while other jobs ran (load average 2-3.5, so slower than an idle
+core): a full step (batch, forward, backward, clip, step) 52-87 ms with
+AdamW, 71-117 ms with NGOptimizer, an evaluation 0.25-0.45 s; a full NG run
+took 184 s (177 s training, 8 s evaluating) at load 3.5, AdamW 121 s. A
+quick step 27-35 ms with AdamW, 37-51 ms with NG: a quick NG run takes about
+5 s. The step is sequential in time, so a shorter context costs less than a
+smaller batch; hidden 256 (0.89M) took 85-140 ms a step with NG, over
+budget.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from benchmarks.optim.workloads.spec import Job, Workload
+from benchmarks.optim.workloads.text import corpus, language_model_job
+
+__all__ = ["WORKLOAD", "LSTMConfig", "CharLSTM"]
+
+
+@dataclass(frozen=True)
+class LSTMConfig:
+    """Shape of the model and of its batches."""
+
+    embed: int
+    hidden: int
+    layers: int
+    context: int
+    batch: int
+    val_windows: int
+
+
+FULL = LSTMConfig(embed=64, hidden=224, layers=2, context=64, batch=16, val_windows=256)
+QUICK = LSTMConfig(
+    embed=32, hidden=128, layers=2, context=32, batch=32, val_windows=128
+)
+
+
+class CharLSTM(nn.Module):
+    """Embedding, stacked LSTM, linear head; ``forward`` returns logits."""
+
+    def __init__(self, vocab_size: int, config: LSTMConfig):
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_size, config.embed)
+        self.lstm = nn.LSTM(
+            config.embed, config.hidden, num_layers=config.layers, batch_first=True
+        )
+        self.head = nn.Linear(config.hidden, vocab_size)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        # Every window starts from a zero state (no state carried across
+        # batches), so windows are independent samples like the GPT's.
+        out, _ = self.lstm(self.embedding(idx))
+        return self.head(out)
+
+
+def _make(seed: int, quick: bool) -> Job:
+    config = QUICK if quick else FULL
+    # The model draws from its own fork of the global generator: the init is
+    # a function of the seed alone and the caller's RNG state is untouched.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CharLSTM(corpus().vocab_size, config)
+    return language_model_job(
+        model,
+        seed=seed,
+        context=config.context,
+        batch=config.batch,
+        val_windows=config.val_windows,
+        matrices=[],  # see the module docstring
+    )
+
+
+WORKLOAD = Workload(
+    name="lstm",
+    description="2-layer LSTM 224, char-level LM on Python's pydoc text",
+    metric="val_loss",
+    higher_is_better=False,
+    steps=1500,
+    quick_steps=100,
+    eval_every=100,
+    quick_eval_every=25,
+    weight_decay=0.01,
+    clip=1.0,
+    make=_make,
+)
