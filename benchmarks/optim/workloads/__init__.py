@@ -15,7 +15,7 @@ from benchmarks.optim.workloads.spec import Workload
 __all__ = ["WORKLOAD_NAMES", "get_workloads"]
 
 #: Workload names, in table order; each is the module defining it.
-WORKLOAD_NAMES = ("resnet", "vit", "finetune", "tabular")
+WORKLOAD_NAMES = ("gpt", "resnet", "lstm", "vit", "finetune", "tabular")
 
 
 def get_workloads(names=None) -> list[Workload]:

@@ -9,7 +9,8 @@ finite or exceeds :data:`DIVERGENCE_FACTOR` times its first value.
 
 Finished runs are cached as one JSON file each (loading never executes
 code), named by a hash of everything the run depends on: workload, quick,
-recipe, learning rate, seed, steps, torch version and threads, the peer
+recipe, learning rate, seed, steps, Python version (the text workloads read
+Python's own documentation), torch version and threads, the peer
 package's version, and for the NG recipes the rule's weights checksum. A
 full benchmark can therefore span sittings: a rerun skips what is done.
 """
@@ -21,6 +22,7 @@ import importlib.metadata
 import json
 import math
 import os
+import platform
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -136,6 +138,7 @@ class RunCache:
             "recipe": recipe.name,
             "lr": recipe.lr,
             "seed": seed,
+            "python": platform.python_version(),
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
         }
