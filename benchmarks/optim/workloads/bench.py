@@ -121,6 +121,12 @@ def main(argv: list[str] | None = None) -> int:
         "`*` = learning rate tuned per workload on the held-out metric (the lr "
         "after `@`); everything else untuned. **bold** = best final metric."
     )
+    if args.quick:
+        header += (
+            "\n\n**Quick run: small jobs of 60-100 steps, early training only.** "
+            "It checks that everything runs; optimizers are judged on the full run "
+            "(`python -m benchmarks.workloads`), where the horizons are 500-1500 steps."
+        )
     results = {
         "meta": meta,
         "runs": [r.__dict__ for r in records],

@@ -180,7 +180,7 @@ def markdown(summary: dict, header: str) -> str:
             f"{_fmt(s['target'])} | {steps if steps is not None else 'not reached'} | "
             f"{ratio:.2f}x |"
         )
-    lines += ["", "## Counts (the acceptance of issue 28)", ""]
+    lines += ["", "## Counts", ""]
     lines += [f"- {line}" for line in counts(summary)]
     return "\n".join(lines) + "\n"
 

@@ -94,7 +94,7 @@ def train_run(workload: Workload, recipe: Recipe, seed: int, quick: bool) -> Run
         batch = job.next_batch()
         trainer.zero_grad()
         loss = job.loss(model, batch)
-        value = float(loss)
+        value = float(loss.detach())
         first = value if first is None else first
         if not math.isfinite(value) or abs(value) > DIVERGENCE_FACTOR * abs(first):
             record.diverged_at = step
