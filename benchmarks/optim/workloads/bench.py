@@ -10,8 +10,8 @@ Every finished run is cached (``--cache``): a full run's in
 ``benchmarks/results/workloads/cache`` (committed, so the benchmark can span
 sittings and machines of the same kind, and a rerun only reports), a quick
 run's in ``benchmarks/results/quick/workloads_cache`` (not committed). Results:
-``workloads.{json,md,png}`` in ``benchmarks/results/workloads`` (``.../quick``
-with ``--quick``).
+``workloads.{json,md,png}`` in ``benchmarks/results/workloads``
+(``benchmarks/results/quick/workloads`` with ``--quick``).
 """
 
 from __future__ import annotations
@@ -131,7 +131,9 @@ def main(argv: list[str] | None = None) -> int:
         "meta": meta,
         "runs": [r.__dict__ for r in records],
     }
-    out = args.out or RESULTS_DIR / "workloads" / ("quick" if args.quick else "")
+    out = args.out or (
+        RESULTS_DIR / "quick" / "workloads" if args.quick else RESULTS_DIR / "workloads"
+    )
     text = markdown(summary, header)
     paths = write_outputs(
         out, "workloads", results, lambda _: text, lambda p: plot(summary, p)
