@@ -176,3 +176,16 @@ def format_bytes(num: float | None) -> str:
             return f"{num:.0f} {unit}" if unit == "B" else f"{num:.1f} {unit}"
         num /= 1024
     raise AssertionError("unreachable")
+
+
+def cache_directory(directory: str | os.PathLike) -> Path:
+    """``directory`` for a cache of result files, created when missing.
+
+    Raises:
+        ValueError: it exists and is not a directory.
+    """
+    path = Path(directory)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"Invalid cache directory (not a directory): {directory}")
+    path.mkdir(parents=True, exist_ok=True)
+    return path

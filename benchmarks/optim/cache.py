@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common.report import cache_directory
 from benchmarks.optim.optimizers import (
     NG,
     PEER_SPECS,
@@ -50,10 +51,7 @@ class RunCache:
     """
 
     def __init__(self, directory: str | os.PathLike):
-        self.directory = Path(directory)
-        if self.directory.exists() and not self.directory.is_dir():
-            raise ValueError(f"Invalid cache directory (not a directory): {directory}")
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.directory = cache_directory(directory)
         self.hits = 0
 
     @staticmethod

@@ -50,14 +50,14 @@ from torch import nn
 from benchmarks.optim.workloads.images import (
     SPLIT_SEED,
     BatchStream,
-    classifier_evaluation,
+    classifier_job,
     cross_entropy,
     digits,
     seeded_init,
     subset,
 )
 from benchmarks.optim.workloads.resnet import AUGMENTATION, ResNet
-from benchmarks.optim.workloads.spec import Job, Workload, hidden_matrices, split_decay
+from benchmarks.optim.workloads.spec import Job, hidden_matrices, split_decay, workload
 
 __all__ = [
     "WORKLOAD",
@@ -226,27 +226,12 @@ def _make(seed: int, quick: bool) -> Job:
     x, y = subset(data.x_train, data.y_train, TARGET_CLASSES, PER_CLASS)
     x_val, y_val = subset(data.x_val, data.y_val, TARGET_CLASSES)
     stream = BatchStream(data, x, y, FINETUNE_BATCH, seed, AUGMENTATION)
-    decay, no_decay = split_decay(model)
-    return Job(
-        model,
-        stream,
-        cross_entropy,
-        classifier_evaluation(x_val, y_val),
-        decay,
-        no_decay,
-        hidden_matrices(model, exclude=[model.head]),
-    )
+    matrices = hidden_matrices(model, exclude=[model.head])
+    return classifier_job(model, stream, x_val, y_val, split_decay(model), matrices)
 
 
-WORKLOAD = Workload(
-    name="finetune",
-    description="ResNet-14 pretrained on digits 0-4, fine-tuned to 5-9 (20/class)",
-    metric="accuracy",
-    higher_is_better=True,
-    steps=500,
-    quick_steps=60,
-    eval_every=50,
-    quick_eval_every=20,
-    weight_decay=1e-2,
-    make=_make,
+WORKLOAD = workload(
+    "finetune",
+    "ResNet-14 pretrained on digits 0-4, fine-tuned to 5-9 (20/class)",
+    _make,
 )

@@ -32,22 +32,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.optim.workloads.spec import Job, Workload, hidden_matrices
-from benchmarks.optim.workloads.text import corpus, language_model_job
+from benchmarks.optim.workloads.spec import Job, hidden_matrices, workload
+from benchmarks.optim.workloads.text import Windows, language_model_job
 
 __all__ = ["WORKLOAD", "GPTConfig", "GPT"]
 
 
 @dataclass(frozen=True)
-class GPTConfig:
-    """Shape of the model and of its batches."""
+class GPTConfig(Windows):
+    """Shape of the model (and, from :class:`Windows`, of its batches)."""
 
     layers: int
     width: int
     heads: int
-    context: int
-    batch: int
-    val_windows: int
 
 
 FULL = GPTConfig(layers=3, width=128, heads=4, context=64, batch=16, val_windows=256)
@@ -119,32 +116,13 @@ class GPT(nn.Module):
 
 def _make(seed: int, quick: bool) -> Job:
     config = QUICK if quick else FULL
-    # The model draws from its own fork of the global generator: the init is
-    # a function of the seed alone and the caller's RNG state is untouched.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = GPT(corpus().vocab_size, config)
     return language_model_job(
-        model,
-        seed=seed,
-        context=config.context,
-        batch=config.batch,
-        val_windows=config.val_windows,
+        lambda vocab: GPT(vocab, config),
+        config,
+        seed,
         # The blocks' Linear weights; the tied embedding/head stays with AdamW.
-        matrices=hidden_matrices(model, exclude=[model.token, model.head]),
+        lambda model: hidden_matrices(model, exclude=[model.token, model.head]),
     )
 
 
-WORKLOAD = Workload(
-    name="gpt",
-    description="GPT 3x128, char-level LM on Python's pydoc text",
-    metric="val_loss",
-    higher_is_better=False,
-    steps=1500,
-    quick_steps=100,
-    eval_every=100,
-    quick_eval_every=25,
-    weight_decay=0.1,
-    clip=1.0,
-    make=_make,
-)
+WORKLOAD = workload("gpt", "GPT 3x128, char-level LM on Python's pydoc text", _make)

@@ -29,7 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from benchmarks.optim.workloads.spec import Job
+
 __all__ = [
+    "classifier_job",
     "Digits",
     "digits",
     "subset",
@@ -272,3 +275,19 @@ def seeded_init(seed: int):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
+
+
+def classifier_job(
+    model: nn.Module,
+    stream: BatchStream,
+    x_val: torch.Tensor,
+    y_val: torch.Tensor,
+    groups: tuple[list[nn.Parameter], list[nn.Parameter]],
+    matrices: list[nn.Parameter],
+) -> Job:
+    """The :class:`Job` of an image classifier: ``stream``'s batches, the
+    cross-entropy train loss, held-out loss and accuracy on ``(x_val, y_val)``,
+    the ``(decay, no_decay)`` groups and Muon's ``matrices``."""
+    decay, no_decay = groups
+    evaluate = classifier_evaluation(x_val, y_val)
+    return Job(model, stream, cross_entropy, evaluate, decay, no_decay, matrices)

@@ -38,28 +38,24 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from benchmarks.optim.workloads.spec import Job, Workload
-from benchmarks.optim.workloads.text import corpus, language_model_job
+from benchmarks.optim.workloads.spec import Job, workload
+from benchmarks.optim.workloads.text import Windows, language_model_job
 
 __all__ = ["WORKLOAD", "LSTMConfig", "CharLSTM"]
 
 
 @dataclass(frozen=True)
-class LSTMConfig:
-    """Shape of the model and of its batches."""
+class LSTMConfig(Windows):
+    """Shape of the model (and, from :class:`Windows`, of its batches)."""
 
     embed: int
     hidden: int
-    layers: int
-    context: int
-    batch: int
-    val_windows: int
 
 
-FULL = LSTMConfig(embed=64, hidden=224, layers=2, context=64, batch=16, val_windows=256)
-QUICK = LSTMConfig(
-    embed=32, hidden=128, layers=2, context=32, batch=32, val_windows=128
-)
+#: Two stacked LSTM layers, full and quick.
+LAYERS = 2
+FULL = LSTMConfig(embed=64, hidden=224, context=64, batch=16, val_windows=256)
+QUICK = LSTMConfig(embed=32, hidden=128, context=32, batch=32, val_windows=128)
 
 
 class CharLSTM(nn.Module):
@@ -69,7 +65,7 @@ class CharLSTM(nn.Module):
         super().__init__()
         self.embedding = nn.Embedding(vocab_size, config.embed)
         self.lstm = nn.LSTM(
-            config.embed, config.hidden, num_layers=config.layers, batch_first=True
+            config.embed, config.hidden, num_layers=LAYERS, batch_first=True
         )
         self.head = nn.Linear(config.hidden, vocab_size)
 
@@ -82,31 +78,10 @@ class CharLSTM(nn.Module):
 
 def _make(seed: int, quick: bool) -> Job:
     config = QUICK if quick else FULL
-    # The model draws from its own fork of the global generator: the init is
-    # a function of the seed alone and the caller's RNG state is untouched.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = CharLSTM(corpus().vocab_size, config)
-    return language_model_job(
-        model,
-        seed=seed,
-        context=config.context,
-        batch=config.batch,
-        val_windows=config.val_windows,
-        matrices=[],  # see the module docstring
-    )
+    # No Muon share: see the module docstring.
+    return language_model_job(lambda vocab: CharLSTM(vocab, config), config, seed)
 
 
-WORKLOAD = Workload(
-    name="lstm",
-    description="2-layer LSTM 224, char-level LM on Python's pydoc text",
-    metric="val_loss",
-    higher_is_better=False,
-    steps=1500,
-    quick_steps=100,
-    eval_every=100,
-    quick_eval_every=25,
-    weight_decay=0.01,
-    clip=1.0,
-    make=_make,
+WORKLOAD = workload(
+    "lstm", "2-layer LSTM 224, char-level LM on Python's pydoc text", _make
 )

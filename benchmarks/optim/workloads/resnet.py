@@ -30,12 +30,11 @@ from torch import nn
 
 from benchmarks.optim.workloads.images import (
     BatchStream,
-    classifier_evaluation,
-    cross_entropy,
+    classifier_job,
     digits,
     seeded_init,
 )
-from benchmarks.optim.workloads.spec import Job, Workload, hidden_matrices, split_decay
+from benchmarks.optim.workloads.spec import Job, hidden_matrices, split_decay, workload
 
 __all__ = ["WORKLOAD", "ResNet", "ResNetSize", "FULL", "QUICK"]
 
@@ -128,27 +127,12 @@ def _make(seed: int, quick: bool) -> Job:
     stream = BatchStream(
         data, data.x_train, data.y_train, size.batch, seed, AUGMENTATION
     )
-    decay, no_decay = split_decay(model)
-    return Job(
-        model,
-        stream,
-        cross_entropy,
-        classifier_evaluation(data.x_val, data.y_val),
-        decay,
-        no_decay,
-        hidden_matrices(model, exclude=[model.head]),
+    matrices = hidden_matrices(model, exclude=[model.head])
+    return classifier_job(
+        model, stream, data.x_val, data.y_val, split_decay(model), matrices
     )
 
 
-WORKLOAD = Workload(
-    name="resnet",
-    description="ResNet-20 (BN, 16-32-64) on augmented 16x16 digits",
-    metric="accuracy",
-    higher_is_better=True,
-    steps=800,
-    quick_steps=80,
-    eval_every=100,
-    quick_eval_every=20,
-    weight_decay=5e-4,
-    make=_make,
+WORKLOAD = workload(
+    "resnet", "ResNet-20 (BN, 16-32-64) on augmented 16x16 digits", _make
 )

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.common.report import cache_directory
 from benchmarks.optim.workloads.recipes import Recipe, Trainer
 from benchmarks.optim.workloads.spec import Workload
 from lopt import default_rule_path
@@ -123,10 +124,7 @@ class RunCache:
     """Finished runs as JSON files in ``directory`` (created when missing)."""
 
     def __init__(self, directory: str | os.PathLike):
-        self.directory = Path(directory)
-        if self.directory.exists() and not self.directory.is_dir():
-            raise ValueError(f"Invalid cache directory (not a directory): {directory}")
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.directory = cache_directory(directory)
         self.hits = 0
 
     def key(self, workload: Workload, recipe: Recipe, seed: int, quick: bool) -> dict:

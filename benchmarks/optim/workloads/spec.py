@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["Job", "Workload", "split_decay", "hidden_matrices"]
+__all__ = ["Job", "Workload", "SETTINGS", "workload", "split_decay", "hidden_matrices"]
 
 
 @dataclass
@@ -112,3 +112,34 @@ def hidden_matrices(
             if w.requires_grad and id(w) not in skip:
                 out.append(w)
     return out
+
+
+#: How each workload is run and judged, one line each: metric,
+#: higher_is_better, steps, quick_steps, eval_every, quick_eval_every,
+#: weight_decay, clip (the training script's; ``None``: no clip).
+SETTINGS: dict[str, tuple] = {
+    "gpt": ("val_loss", False, 1500, 100, 100, 25, 0.1, 1.0),
+    "resnet": ("accuracy", True, 800, 80, 100, 20, 5e-4, None),
+    "lstm": ("val_loss", False, 1500, 100, 100, 25, 0.01, 1.0),
+    "vit": ("accuracy", True, 800, 100, 100, 25, 0.05, 1.0),
+    "finetune": ("accuracy", True, 500, 60, 50, 20, 1e-2, None),
+    "tabular": ("accuracy", True, 1500, 100, 100, 25, 1e-2, None),
+}
+
+
+def workload(name: str, description: str, make: Callable[[int, bool], Job]) -> Workload:
+    """The :class:`Workload` ``name`` with its :data:`SETTINGS`."""
+    metric, higher, steps, quick, every, quick_every, decay, clip = SETTINGS[name]
+    return Workload(
+        name,
+        description,
+        metric,
+        higher,
+        steps,
+        quick,
+        every,
+        decay,
+        make,
+        clip,
+        quick_eval_every=quick_every,
+    )

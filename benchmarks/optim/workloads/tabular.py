@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.optim.workloads.spec import Job, Workload, hidden_matrices, split_decay
+from benchmarks.optim.workloads.spec import Job, hidden_matrices, split_decay, workload
 
 __all__ = ["WORKLOAD"]
 
@@ -28,16 +28,11 @@ BATCH = 128
 def _data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     from sklearn.datasets import make_classification
 
-    x, y = make_classification(
-        n_samples=TRAIN + HELD_OUT,
-        n_features=FEATURES,
-        n_informative=12,
-        n_redundant=8,
-        n_clusters_per_class=4,
-        flip_y=0.1,
-        class_sep=1.0,
-        random_state=2026,
-    )
+    # 12 informative features, 8 linear mixtures of them, the rest noise; 4
+    # clusters per class; 10% of the labels flipped.
+    shape = {"n_informative": 12, "n_redundant": 8, "n_clusters_per_class": 4}
+    n = TRAIN + HELD_OUT
+    x, y = make_classification(n, FEATURES, **shape, flip_y=0.1, random_state=2026)
     x = torch.tensor(x, dtype=torch.float32)
     y = torch.tensor(y, dtype=torch.long)
     mean, std = x[:TRAIN].mean(0), x[:TRAIN].std(0)
@@ -86,15 +81,4 @@ def _make(seed: int, quick: bool) -> Job:
     )
 
 
-WORKLOAD = Workload(
-    name="tabular",
-    description="MLP 40-512-512-2, dropout 0.3, 2k noisy rows",
-    metric="accuracy",
-    higher_is_better=True,
-    steps=1500,
-    quick_steps=100,
-    eval_every=100,
-    quick_eval_every=25,
-    weight_decay=1e-2,
-    make=_make,
-)
+WORKLOAD = workload("tabular", "MLP 40-512-512-2, dropout 0.3, 2k noisy rows", _make)

@@ -21,7 +21,7 @@ windows as ``val_loss``. The GPT and LSTM workloads share all of it.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +30,19 @@ from torch import nn
 
 from benchmarks.optim.workloads.spec import Job, split_decay
 
-__all__ = ["Corpus", "corpus", "language_model_job", "VAL_FRACTION"]
+__all__ = ["Corpus", "Windows", "corpus", "language_model_job", "VAL_FRACTION"]
+
+
+@dataclass(frozen=True)
+class Windows:
+    """How a language model job cuts the text: ``context`` characters per
+    window, ``batch`` windows per training batch, ``val_windows`` held-out
+    windows per evaluation."""
+
+    context: int
+    batch: int
+    val_windows: int
+
 
 #: Share of the characters (the tail of the text) held out for validation.
 VAL_FRACTION = 0.1
@@ -84,32 +96,36 @@ def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def language_model_job(
-    model: nn.Module,
-    *,
+    build: Callable[[int], nn.Module],
+    config: Windows,
     seed: int,
-    context: int,
-    batch: int,
-    val_windows: int,
-    matrices: Sequence[nn.Parameter],
+    matrices: Callable[[nn.Module], list[nn.Parameter]] = lambda model: [],
 ) -> Job:
-    """A :class:`Job` training ``model`` on the corpus.
+    """A :class:`Job` training the model ``build(vocab_size)`` on the corpus.
 
     Args:
-        model: maps ``(batch, context)`` token ids to ``(batch, context,
-            vocab)`` logits.
-        seed: seeds the train-window generator (offset from the model's seed).
-        context: characters per window.
-        batch: windows per training batch.
-        val_windows: how many validation windows ``evaluate`` averages over;
-            their starts are evenly spaced over the held-out split, the same
-            for every seed and optimizer (capped by the split's length).
-        matrices: the job's Muon share (the caller decides what is hidden).
+        build: makes the model, mapping ``(batch, context)`` token ids to
+            ``(batch, context, vocab)`` logits; called inside a fork of the
+            global generator seeded with ``seed``, so the init is a function
+            of the seed alone and the caller's random state is untouched.
+        config: has ``context`` (characters per window), ``batch`` (windows
+            per training batch) and ``val_windows`` (how many validation
+            windows ``evaluate`` averages over; their starts are evenly spaced
+            over the held-out split, the same for every seed and optimizer,
+            capped by the split's length).
+        seed: the model's seed; the train-window generator's is offset from it.
+        matrices: the job's Muon share, from the model (the caller decides what
+            is hidden; none by default).
 
     Returns:
         The job; decay / no-decay follow :func:`split_decay` (2-D weights,
         embeddings included, are decayed, as nanoGPT groups them).
     """
     data = corpus()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build(data.vocab_size)
+    context, batch, val_windows = config.context, config.batch, config.val_windows
     train, val = data.train, data.val
     gen = torch.Generator().manual_seed(_DATA_SEED_OFFSET + seed)
     last_start = len(train) - context - 1
@@ -137,4 +153,4 @@ def language_model_job(
         return {"val_loss": total / val_y.numel()}
 
     decay, no_decay = split_decay(model)
-    return Job(model, next_batch, loss, evaluate, decay, no_decay, list(matrices))
+    return Job(model, next_batch, loss, evaluate, decay, no_decay, matrices(model))

@@ -33,12 +33,11 @@ from torch import nn
 
 from benchmarks.optim.workloads.images import (
     BatchStream,
-    classifier_evaluation,
-    cross_entropy,
+    classifier_job,
     digits,
     seeded_init,
 )
-from benchmarks.optim.workloads.spec import Job, Workload, hidden_matrices
+from benchmarks.optim.workloads.spec import Job, hidden_matrices, workload
 
 __all__ = ["WORKLOAD", "ViT", "ViTSize", "FULL", "QUICK", "vit_param_groups"]
 
@@ -173,28 +172,13 @@ class ViTSize:
     augmentation: dict
 
 
-FULL = ViTSize(
-    image=16,
-    patch=4,
-    dim=128,
-    depth=4,
-    heads=4,
-    mlp_ratio=2,
-    batch=128,
-    augmentation={"shift": 2, "degrees": 10.0, "scale": 0.1, "noise": 0.03},
-)
 # Milder augmentation in quick runs: a ViT (no translation equivariance)
 # learns through the full one too slowly for 100 steps to say anything.
-QUICK = ViTSize(
-    image=16,
-    patch=4,
-    dim=64,
-    depth=2,
-    heads=4,
-    mlp_ratio=2,
-    batch=64,
-    augmentation={"shift": 1, "degrees": 5.0, "scale": 0.05, "noise": 0.03},
-)
+FULL_AUGMENTATION = {"shift": 2, "degrees": 10.0, "scale": 0.1, "noise": 0.03}
+QUICK_AUGMENTATION = {"shift": 1, "degrees": 5.0, "scale": 0.05, "noise": 0.03}
+# image, patch, dim, depth, heads, mlp_ratio, batch, augmentation
+FULL = ViTSize(16, 4, 128, 4, 4, 2, 128, FULL_AUGMENTATION)
+QUICK = ViTSize(16, 4, 64, 2, 4, 2, 64, QUICK_AUGMENTATION)
 
 
 def _make(seed: int, quick: bool) -> Job:
@@ -207,28 +191,11 @@ def _make(seed: int, quick: bool) -> Job:
     stream = BatchStream(
         data, data.x_train, data.y_train, size.batch, seed, size.augmentation
     )
-    decay, no_decay = vit_param_groups(model)
-    return Job(
-        model,
-        stream,
-        cross_entropy,
-        classifier_evaluation(data.x_val, data.y_val),
-        decay,
-        no_decay,
-        hidden_matrices(model.blocks),
-    )
+    groups = vit_param_groups(model)
+    matrices = hidden_matrices(model.blocks)
+    return classifier_job(model, stream, data.x_val, data.y_val, groups, matrices)
 
 
-WORKLOAD = Workload(
-    name="vit",
-    description="ViT (4x4 patches, 4 pre-LN blocks, width 128) on augmented digits",
-    metric="accuracy",
-    higher_is_better=True,
-    steps=800,
-    quick_steps=100,
-    eval_every=100,
-    quick_eval_every=25,
-    weight_decay=0.05,
-    make=_make,
-    clip=1.0,
+WORKLOAD = workload(
+    "vit", "ViT (4x4 patches, 4 pre-LN blocks, width 128) on augmented digits", _make
 )
