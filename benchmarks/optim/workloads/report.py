@@ -27,6 +27,16 @@ from benchmarks.optim.workloads.spec import Workload
 __all__ = ["summarise", "markdown", "plot"]
 
 BASELINES = ("adamw", "muon", "schedulefree", "prodigy")
+#: One colour per recipe in every panel (a recipe absent from a panel, Muon on
+#: the ResNet, must not shift the others' colours).
+COLORS = {
+    "ng": "tab:blue",
+    "ng_untrained": "tab:orange",
+    "adamw": "tab:green",
+    "muon": "tab:red",
+    "schedulefree": "tab:purple",
+    "prodigy": "tab:brown",
+}
 
 
 def _better(workload: Workload, a: float, b: float) -> bool:
@@ -248,15 +258,16 @@ def plot(summary: dict, path: Path) -> Path:
             seconds = np.mean([r.eval_seconds for r in runs], axis=0)
             label = DISPLAY[recipe] + ("" if e["lr"] is None else f" {e['lr']:g}")
             style = "-" if recipe.startswith("ng") else "--"
-            axes[0, col].plot(runs[0].eval_steps, values, style, label=label)
-            axes[1, col].plot(seconds, values, style, label=label)
+            kwargs = {"label": label, "color": COLORS[recipe]}
+            axes[0, col].plot(runs[0].eval_steps, values, style, **kwargs)
+            axes[1, col].plot(seconds, values, style, **kwargs)
         axes[0, col].set_title(f"{name} ({w.metric})", fontsize=9)
         axes[0, col].set_xlabel("step")
         axes[1, col].set_xlabel("training seconds")
         if w.metric == "val_loss":
             for row in (0, 1):
                 axes[row, col].set_yscale("log")
-    axes[0, 0].legend(fontsize=7)
+        axes[0, col].legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return path
