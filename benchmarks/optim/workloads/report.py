@@ -182,14 +182,17 @@ def markdown(summary: dict, header: str) -> str:
         if "ng" not in rec:
             continue
         adamw = rec.get("adamw")
-        ratio = rec["ng"]["seconds"] / adamw["seconds"] if adamw else math.nan
+        has_target = any(b in rec for b in BASELINES)
         steps = s["steps_to_target"]
-        lines.append(
-            f"| {name} | {_fmt(rec['ng']['final'])} | "
-            f"{_fmt(adamw['final']) if adamw else ''} | {_fmt(s['equal_time'])} | "
-            f"{_fmt(s['target'])} | {steps if steps is not None else 'not reached'} | "
-            f"{ratio:.2f}x |"
-        )
+        cells = [
+            _fmt(rec["ng"]["final"]),
+            _fmt(adamw["final"]) if adamw else "",
+            _fmt(s["equal_time"]) if adamw else "",
+            _fmt(s["target"]) if has_target else "",
+            ("not reached" if steps is None else str(steps)) if has_target else "",
+            f"{rec['ng']['seconds'] / adamw['seconds']:.2f}x" if adamw else "",
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "## Counts", ""]
     lines += [f"- {line}" for line in counts(summary)]
     return "\n".join(lines) + "\n"
