@@ -2,18 +2,9 @@
 regime where small steps are needed and a rule that pushes hard forgets what
 pretraining learned and overfits.
 
-Measured (shared 2-core CPU, 1 torch thread, load 2-3 from other jobs;
-a step is batch + forward + backward + optimizer step):
-
-- full: ResNet-14 (16-32-64), 174,645 parameters, batch 25, 500 steps.
-  Pretraining (500 AdamW steps, once): 41 s, 99.4% held-out accuracy on
-  0-4. Step: AdamW 25-54 ms, NGOptimizer 30-56 ms; evaluation 0.07-0.11 s;
-  a full NG run 18-21 s. Held-out accuracy at the end: AdamW + cosine at
-  1e-3 98.9%, at 1e-2 97.8% (75% after 50 steps), NG 97.2% with held-out
-  loss up to 3.8 on the way (0.05-0.06 for AdamW): large steps hurt.
-- quick: ResNet-8 (8-16-32), 19,645 parameters, 60 steps. Pretraining (150
-  steps): 7 s, 96.7% on 0-4. Step: AdamW 13-20 ms, NG 16-23 ms; a quick run
-  1 s (accuracy at step 60: AdamW 1e-3 + cosine 60.3%, NG 91.1%; chance 20%).
+Sizes: full ResNet-14 (16-32-64, 175k parameters), batch 25, 500 steps,
+pretrained for 500 AdamW steps; quick ResNet-8 (8-16-32, 20k), 60 steps,
+pretrained for 150.
 
 Pretraining (once, then cached): the ResNet of :mod:`.resnet` (smaller) is
 trained on digits 0-4 of the training split with a fixed AdamW recipe. Its

@@ -12,15 +12,6 @@ gets the blocks' Linear weights only.
 Sizes: full 3 layers x width 128, 4 heads, context 64, batch 16 (0.62M
 parameters), 1500 steps, evaluated every 100 on 256 validation windows;
 quick 2 x 64, context 64, batch 16 (0.11M), 100 steps, every 25.
-
-Cost, measured on the shared 2-core CPU this was written on, one torch
-thread, while other jobs ran (load average 2-3.5, so slower than an idle
-core): a full step (batch, forward, backward, clip, step) 65-80 ms with
-AdamW, 78-113 ms with NGOptimizer, an evaluation 0.5-0.65 s; a full NG run
-took 140 s (130 s training, 10 s evaluating). A quick step 16-17 ms with
-AdamW, 25-34 ms with NG, an evaluation 0.06-0.08 s: a quick NG run takes
-about 4 s. Four layers with batch 32 (0.81M) took 0.18 s a step: over the
-3-minute budget of a full run, hence the smaller shape.
 """
 
 from __future__ import annotations

@@ -19,16 +19,6 @@ Sizes: full embedding 64, hidden 224, context 64, batch 16 (0.69M
 parameters), 1500 steps, evaluated every 100 on 256 validation windows;
 quick embedding 32, hidden 128, context 32, batch 32 (0.23M), 100 steps,
 every 25.
-
-Cost, measured on the shared 2-core CPU this was written on, one torch
-thread, while other jobs ran (load average 2-3.5, so slower than an idle
-core): a full step (batch, forward, backward, clip, step) 52-87 ms with
-AdamW, 71-117 ms with NGOptimizer, an evaluation 0.25-0.45 s; a full NG run
-took 184 s (177 s training, 8 s evaluating) at load 3.5, AdamW 121 s. A
-quick step 27-35 ms with AdamW, 37-51 ms with NG: a quick NG run takes about
-5 s. The step is sequential in time, so a shorter context costs less than a
-smaller batch; hidden 256 (0.89M) took 85-140 ms a step with NG, over
-budget.
 """
 
 from __future__ import annotations

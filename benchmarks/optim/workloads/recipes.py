@@ -27,8 +27,9 @@ from dataclasses import dataclass
 
 import torch
 
+from benchmarks.optim.optimizers import load_ng_rule, untrained_like
 from benchmarks.optim.workloads.spec import Job, Workload
-from lopt import NGOptimizer, UpdateRule, default_rule_path, load_rule
+from lopt import NGOptimizer
 
 __all__ = [
     "RECIPES",
@@ -155,9 +156,7 @@ class Trainer:
         elif name == "ng":
             self.optimizers.append(NGOptimizer(groups))
         else:  # ng_untrained: the shipped config with fresh weights
-            shipped = load_rule(default_rule_path())
-            with torch.random.fork_rng(devices=[]):
-                fresh = UpdateRule(shipped.config, shipped.step_size)
+            fresh = untrained_like(load_ng_rule())
             self.optimizers.append(NGOptimizer(groups, rule=fresh))
 
     def _schedule(self, opt: torch.optim.Optimizer, total: int) -> None:

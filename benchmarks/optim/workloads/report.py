@@ -88,9 +88,6 @@ def summarise(records: list[RunRecord], workloads: Sequence[Workload]) -> dict:
                 "val_loss": _mean([r.final("val_loss") for r in chosen]),
                 "seconds": float(np.mean([r.seconds for r in chosen])),
                 "diverged": sum(r.diverged_at is not None for r in chosen),
-                "grid": sorted(
-                    scores.items(), key=lambda kv: (kv[0] is None, kv[0] or 0)
-                ),
             }
         out[w.name] = {"workload": w, "recipes": by_recipe}
         out[w.name].update(_rankings(w, by_recipe))

@@ -1,16 +1,8 @@
 """A small ResNet with BatchNorm on augmented digits: the CNN recipe people
 train (conv + BN + residual blocks, weight decay 5e-4, augmentation).
 
-Measured (shared 2-core CPU, 1 torch thread, load 2-3 from other jobs;
-a step is batch + forward + backward + optimizer step):
-
-- full: ResNet-20, 272,186 parameters, batch 128, 800 steps. Step: AdamW
-  137-171 ms, NGOptimizer 158-160 ms; evaluation 0.13-0.18 s. A full NG run
-  (800 steps + 8 evaluations) took 150 s of training (154 s wall), 99.2%
-  held-out accuracy (AdamW at 1e-3 + warmup + cosine: 115 s, 97.5%).
-- quick: ResNet-8, 77,754 parameters, batch 64, 80 steps. Step: AdamW
-  25-35 ms, NG 28-30 ms; evaluation 0.03-0.09 s. A quick run: 4 s
-  (accuracy at step 80: AdamW 1e-3 + cosine 83.6%, NG 89.4%; chance 10%).
+Sizes: full ResNet-20 (272k parameters), batch 128, 800 steps; quick
+ResNet-8 (78k), batch 64, 80 steps.
 
 Data: :mod:`.images` (scikit-learn digits upsampled to 16x16, 20% held
 out). Model: a 3x3 stem, three stages of basic residual blocks (two 3x3

@@ -23,7 +23,6 @@ import json
 import math
 import os
 import platform
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,7 +30,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common.report import cache_directory
+from benchmarks.common.report import cache_directory, write_text
 from benchmarks.optim.workloads.recipes import Recipe, Trainer
 from benchmarks.optim.workloads.spec import Workload
 from lopt import default_rule_path
@@ -168,8 +167,4 @@ class RunCache:
     def put(self, workload, recipe, seed, quick, record: RunRecord) -> None:
         key = self.key(workload, recipe, seed, quick)
         path = self._path(key)
-        text = json.dumps({"key": key, "record": asdict(record)})
-        fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
+        write_text(path, json.dumps({"key": key, "record": asdict(record)}))

@@ -2,18 +2,9 @@
 train (pre-LN blocks, AdamW-style weight decay 0.05 with no decay on norms,
 biases, position embeddings and the class token, gradient clip 1.0).
 
-Measured (shared 2-core CPU, 1 torch thread, load 2-3 from other jobs;
-a step is batch + forward + backward + clip + optimizer step):
-
-- full: width 128, 4 blocks, 4 heads, MLP 256, 535,946 parameters, batch
-  128, 800 steps. Step: AdamW 129-162 ms, NGOptimizer 142-175 ms;
-  evaluation 0.12-0.15 s: a full NG run 115-145 s. A 1000-step NG run (on
-  a busier machine, 209 s) reached 96.4% held-out accuracy at step 300
-  and 97.2% at the end.
-- quick: width 64, 2 blocks, 69,962 parameters, batch 64, 100 steps, milder
-  augmentation. Step: AdamW 16 ms, NG 19-26 ms; evaluation 0.03-0.05 s. A
-  quick run: 3 s (accuracy at step 100: AdamW 1e-3 + cosine 39.6%, NG 67.7%;
-  chance 10%).
+Sizes: full width 128, 4 blocks, 4 heads, MLP 256 (536k parameters), batch
+128, 800 steps; quick width 64, 2 blocks (70k), batch 64, 100 steps, milder
+augmentation.
 
 Data: :mod:`.images` (scikit-learn digits upsampled to 16x16, 20% held
 out). Model: 4x4 patches embedded by a strided conv, a class token and
