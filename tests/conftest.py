@@ -70,11 +70,12 @@ def train(model, opt, x, y, steps, loss_fn=nn.functional.mse_loss) -> list[float
     return losses
 
 
-def paired_step(fused_model, fused_opt, ref_model, ref_opt, x) -> None:
+def paired_step(fused_model, fused_opt, ref_model, ref_opt, x, rel=1e-4) -> None:
     """One step of a fused and a reference optimizer from the same point: the
     reference model's weights and gradients (of ``mean(model(x)^2)``) are copied
     into the fused one, both step, and every parameter must move and the two
-    updates agree to float32 rounding of the parameter plus 1e-4 of the step."""
+    updates agree to float32 rounding of the parameter plus ``rel`` of the
+    step."""
     before = [p.detach().clone() for p in ref_model.parameters()]
     ref_opt.zero_grad()
     ref_model(x).square().mean().backward()
@@ -86,5 +87,5 @@ def paired_step(fused_model, fused_opt, ref_model, ref_opt, x) -> None:
     for p, q, q0 in zip(fused_model.parameters(), ref_model.parameters(), before):
         step = (q - q0).abs().max()
         assert step > 0
-        tol = 1e-4 * step + 4 * torch.finfo(torch.float32).eps * q0.abs().max()
+        tol = rel * step + 4 * torch.finfo(torch.float32).eps * q0.abs().max()
         assert (p - q).abs().max() <= tol

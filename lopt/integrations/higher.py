@@ -31,7 +31,9 @@ from lopt.optim.functional import flat_gradients, init_state, ng_step
 from lopt.optim.optimizer import (
     NGOptimizer,
     as_param_dtype,
+    cooldown_factor,
     gradient_is_finite,
+    group_ortho_plan,
     group_values,
 )
 
@@ -109,6 +111,8 @@ class DifferentiableNGOptimizer(DifferentiableOptimizer):
             device = original[0].device if original else torch.device("cpu")
         self.graph = NeuralGraph.from_parameters(original).to(device)
         self.ng_state = _initial_state(other, original, self.graph, device)
+        self.total_steps = other.total_steps
+        self.ortho = group_ortho_plan(other.param_groups, self.graph, other.orthogonal)
 
     def _update(self, grouped_grads: list[list[torch.Tensor | None]], **kwargs) -> None:
         """One :func:`~lopt.optim.functional.ng_step` over all groups' fast weights.
@@ -127,6 +131,7 @@ class DifferentiableNGOptimizer(DifferentiableOptimizer):
         if not gradient_is_finite(self, flat_grad):
             return
         lr, weight_decay = group_values(self.param_groups, graph)
+        lr = lr * cooldown_factor(int(self.ng_state.step), self.total_steps)
         new_params, state = ng_step(
             self.rule,
             graph,
@@ -136,6 +141,7 @@ class DifferentiableNGOptimizer(DifferentiableOptimizer):
             lr,
             weight_decay,
             mask,
+            self.ortho,
         )
         if not self._track_higher_grads:
             state = state.detach()

@@ -20,6 +20,7 @@ from lopt.optim.features import (
     time_features,
     update_feature_state,
 )
+from lopt.optim.orthogonal import OrthoPlan, orthogonalize_flat
 from lopt.optim.rule import UpdateRule
 from lopt.optim.step_size import adapt_step_sizes, adaptation_started
 
@@ -65,6 +66,7 @@ def ng_step(
     lr: float | torch.Tensor = 1.0,
     weight_decay: float | torch.Tensor = 0.0,
     update_mask: torch.Tensor | None = None,
+    ortho: OrthoPlan | None = None,
 ) -> tuple[torch.Tensor, FeatureState]:
     """One learned-optimizer step on flat vectors.
 
@@ -80,6 +82,8 @@ def ng_step(
             ``p -= lr * rule.config.step_scale * weight_decay * p``.
         update_mask: optional ``(P,)`` bool; scalars where it is ``False`` keep
             their value and their state (parameters that had no gradient).
+        ortho: hidden matrices whose updates are orthogonalised (see
+            :mod:`lopt.optim.orthogonal`); ``None``: none.
 
     Returns:
         ``(new_params, new_state)``.
@@ -106,6 +110,8 @@ def ng_step(
         lr = lr * multiplier
     feats = scalar_features(graph, params, grads, new_state)
     update = rule(graph, feats, time_features(new_state.step))
+    if ortho:
+        update = orthogonalize_flat(update, ortho)
     # ``params + lr * (update - decay)``; without autograd in place in the
     # rule's fresh output (the same operations, one buffer).
     inplace = not torch.is_grad_enabled()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -17,6 +18,13 @@ from lopt.optim.features import FeatureState
 from lopt.optim.functional import flat_gradients, init_state, ng_step
 from lopt.optim.fused import cpu_kernel
 from lopt.optim.fused.dense import DensePlan, fused_step, fused_supported
+from lopt.optim.orthogonal import (
+    ORTHOGONAL_KEY,
+    OrthoPlan,
+    hidden_matrices,
+    ortho_plan,
+    orthogonalize_deltas,
+)
 from lopt.optim.rule import UpdateRule, load_rule
 from lopt.optim.step_size import initial_adapt_stats
 
@@ -28,6 +36,22 @@ __all__ = ["NGOptimizer", "SHIPPED_RULES", "default_rule_path", "resolve_rule"]
 SHIPPED_RULES = ("default", "full")
 
 _NONFINITE_MODES = ("skip", "raise")
+#: Share of ``total_steps`` at the end over which the step decays linearly to
+#: zero (the cooldown of a warmup-stable-decay schedule; see
+#: :func:`cooldown_factor`).
+COOLDOWN_FRACTION = 0.2
+
+
+def cooldown_factor(done: int, total_steps: int | None) -> float:
+    """Multiplier of the step that follows ``done`` applied steps: 1, then
+    linear to zero over the last :data:`COOLDOWN_FRACTION` of
+    ``total_steps`` (1 throughout for ``None``; 0 past the end)."""
+    if total_steps is None:
+        return 1.0
+    start = (1.0 - COOLDOWN_FRACTION) * total_steps
+    if done < start:
+        return 1.0
+    return max(0.0, (total_steps - done) / max(1.0, total_steps - start))
 
 
 def default_rule_path(name: str = "default") -> str:
@@ -89,6 +113,18 @@ class NGOptimizer(Optimizer):
             does not apply; ``False`` always takes the reference path.
             Steps where some parameter has no gradient take the reference
             path. (default: ``None``)
+        total_steps (int, optional): the length of training, when known (as
+            for a cosine schedule). The step then decays linearly to zero
+            over the last 20% of it (:func:`cooldown_factor`): the learned
+            rule has no horizon of its own, and ending on small steps is
+            what lets a run settle. Past ``total_steps`` the step is zero
+            (with a warning). ``None``: no decay. (default: ``None``)
+        orthogonal (bool, optional): orthogonalise the updates of hidden
+            weight matrices, keeping their size
+            (:mod:`lopt.optim.orthogonal`). Which 2-D tensors are hidden is
+            guessed (all but the first and the last 2-D tensor in parameter
+            order); a param group's ``"orthogonal"`` key (``True`` or
+            ``False``) decides for its own 2-D tensors. (default: ``True``)
 
     State (per parameter, float32 whatever the parameter dtype; views into
     flat buffers shared by all parameters):
@@ -119,8 +155,24 @@ class NGOptimizer(Optimizer):
         rule: str | os.PathLike | UpdateRule = "default",
         nonfinite: str = "skip",
         fused: bool | None = None,
+        total_steps: int | None = None,
+        orthogonal: bool = True,
     ):
         _check_number("learning rate", lr)
+        if total_steps is not None and (
+            isinstance(total_steps, bool)
+            or not isinstance(total_steps, int)
+            or total_steps < 1
+        ):
+            raise ValueError(
+                f"Invalid total_steps: {total_steps!r} (need a positive int or None)"
+            )
+        if not isinstance(orthogonal, bool):
+            raise ValueError(f"Invalid orthogonal: {orthogonal!r} (need True or False)")
+        self.total_steps = total_steps
+        self.orthogonal = orthogonal
+        self._ortho = OrthoPlan((), ())
+        self._warned_past_end = False
         _check_number("weight_decay value", weight_decay)
         if nonfinite not in _NONFINITE_MODES:
             raise ValueError(
@@ -159,6 +211,12 @@ class NGOptimizer(Optimizer):
             if key in param_group:
                 name = "learning rate" if key == "lr" else "weight_decay value"
                 _check_number(name, param_group[key])
+        mark = param_group.get(ORTHOGONAL_KEY)
+        if mark is not None and not isinstance(mark, bool):
+            raise ValueError(
+                f"Invalid {ORTHOGONAL_KEY!r} in a param group: {mark!r} "
+                "(need True, False or None)"
+            )
         _check_no_momentum([param_group])
         params = param_group["params"]
         params = [params] if isinstance(params, torch.Tensor) else list(params)
@@ -218,6 +276,11 @@ class NGOptimizer(Optimizer):
         self._float64 = [i for i, p in enumerate(params) if p.dtype == torch.float64]
         self.rule.to(device)
         self._plan = self._fused_plan(graph, torch.device(device))
+        self._ortho = group_ortho_plan(self.param_groups, graph, self.orthogonal)
+        starts = [0]
+        for n in graph.numels:
+            starts.append(starts[-1] + n)
+        self._ortho_starts = starts
 
     def _adaptation_state(
         self,
@@ -312,6 +375,7 @@ class NGOptimizer(Optimizer):
             values, grads = full_tensors(params), full_tensors(grads)
         graph, flat = self._graph, self._flat
         lr, weight_decay = group_values(self.param_groups, graph)
+        lr = lr * self._cooldown()
         if self._plan is not None and all(g is not None for g in grads):
             self._fused_step(params, values, grads, lr, weight_decay)
             return loss
@@ -327,11 +391,50 @@ class NGOptimizer(Optimizer):
             lr,
             weight_decay,
             mask,
+            self._ortho,
         )
         self._write_back(params, values, graph.unflatten(new_params))
         for old, new in zip(flat, new_state):
             old.copy_(new)
         return loss
+
+    def _cooldown(self) -> float:
+        """The :func:`cooldown_factor` of the coming step (warns once past
+        ``total_steps``)."""
+        if self.total_steps is None:
+            return 1.0
+        done = int(self._flat.step)
+        if done >= self.total_steps and not self._warned_past_end:
+            self._warned_past_end = True
+            warnings.warn(
+                f"NGOptimizer: step {done + 1} is past total_steps="
+                f"{self.total_steps}; the cooldown has ended and the steps are "
+                "zero. Pass the run's real length as total_steps (or None).",
+                stacklevel=4,
+            )
+        return cooldown_factor(done, self.total_steps)
+
+    def _ortho_after_fused(self, tensors, before, lr, weight_decay) -> None:
+        """Orthogonalise the fused step's changes of the hidden matrices
+        (``tensors``: every parameter's stepped value, parameter order;
+        ``before``: the hidden matrices' values before the step)."""
+        graph, flat = self._graph, self._flat
+        scale = self.rule.config.step_scale
+        starts = self._ortho_starts
+        decay = []
+        for i, old in zip(self._ortho.indices, before):
+            pos = int(graph.tensor_position[i])
+            at = starts[pos]
+            lr_i = lr[at] if isinstance(lr, torch.Tensor) else lr
+            wd_i = (
+                weight_decay[at]
+                if isinstance(weight_decay, torch.Tensor)
+                else weight_decay
+            )
+            if self.rule.step_size.enabled:
+                lr_i = lr_i * torch.exp(flat.log_step[pos])
+            decay.append(-(lr_i * scale * wd_i) * old if wd_i != 0 else 0.0)
+        orthogonalize_deltas([tensors[i] for i in self._ortho.indices], before, decay)
 
     def _fused_step(self, params, values, grads, lr, weight_decay) -> None:
         """The step through the fused CPU kernel (every gradient present).
@@ -352,11 +455,15 @@ class NGOptimizer(Optimizer):
             for p, g in zip(ps, gs)
         )
         lib = cpu_kernel.load()
+        hidden = self._ortho.indices
         if direct:
+            before = [values[i].detach().clone() for i in hidden]
             stepped = fused_step(
                 lib, self._plan, self.rule, ps, gs, self._flat, lr, weight_decay
             )
             if stepped:
+                if hidden:
+                    self._ortho_after_fused(values, before, lr, weight_decay)
                 increment_version(ps)  # in-place writes autograd did not see
             else:
                 _skip_nonfinite_step(self)
@@ -364,6 +471,7 @@ class NGOptimizer(Optimizer):
         flat_params = graph.flatten(values)
         work = graph.unflatten(flat_params)
         work_grads = graph.unflatten(graph.flatten(grads))
+        before = [work[i].clone() for i in hidden]
         stepped = fused_step(
             lib,
             self._plan,
@@ -375,6 +483,8 @@ class NGOptimizer(Optimizer):
             weight_decay,
         )
         if stepped:
+            if hidden:
+                self._ortho_after_fused(work, before, lr, weight_decay)
             self._write_back(params, values, work)
         else:
             _skip_nonfinite_step(self)
@@ -452,6 +562,22 @@ def group_values(
             blocks = zip(graph.tensor_order, graph.numels)
             out.append(torch.cat([per_param[i].expand(n) for i, n in blocks]))
     return out[0], out[1]
+
+
+def group_ortho_plan(
+    param_groups: list[dict[str, Any]], graph: NeuralGraph, enabled: bool
+) -> OrthoPlan:
+    """The hidden matrices whose updates are orthogonalised: the guess of
+    :func:`~lopt.optim.orthogonal.hidden_matrices`, with each group's
+    ``"orthogonal"`` key deciding for its own tensors; none when not
+    ``enabled``. Shared by :class:`NGOptimizer` and its ``higher``
+    counterpart."""
+    if not enabled:
+        return ortho_plan(graph, [])
+    marks = [
+        group.get(ORTHOGONAL_KEY) for group in param_groups for _ in group["params"]
+    ]
+    return ortho_plan(graph, hidden_matrices(graph.shapes, marks))
 
 
 def as_param_dtype(new: torch.Tensor, value: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,7 @@ from torch import nn
 
 from lopt.graph import NeuralGraph
 from lopt.optim.functional import init_state, ng_step
+from lopt.optim.orthogonal import hidden_matrices, ortho_plan
 from lopt.optim.rule import UpdateRule
 from lopt.tasks.task import Batch, Task
 
@@ -158,6 +159,10 @@ class RuleLearner:
         model: the task's model: its parameters are the starting point (copied),
             its architecture computes the loss.
         rule: the update rule.
+        orthogonal: orthogonalise the updates of the hidden matrices as
+            ``NGOptimizer`` does by default (its guess from the parameter
+            order; :mod:`lopt.optim.orthogonal`). ``False`` (the default
+            here): the rule's own step, as meta-training unrolls it.
 
     Attributes:
         graph: the neural graph of the model's parameters.
@@ -166,11 +171,13 @@ class RuleLearner:
         state: the optimizer state before the next step.
     """
 
-    def __init__(self, model: nn.Module, rule: UpdateRule):
+    def __init__(self, model: nn.Module, rule: UpdateRule, orthogonal: bool = False):
         self.model = model
         self.rule = rule
         start = [p.detach() for p in model.parameters()]
         self.graph = NeuralGraph.from_shapes([p.shape for p in start])
+        hidden = hidden_matrices(self.graph.shapes) if orthogonal else []
+        self.ortho = ortho_plan(self.graph, hidden)
         self.params = self.graph.flatten(start)  # a copy
         self.state = init_state(self.graph)
         self.grads: torch.Tensor | None = None
@@ -188,7 +195,7 @@ class RuleLearner:
         if self.grads is None:
             raise RuntimeError("RuleLearner.step() before loss(): no gradient")
         self.params, self.state = ng_step(
-            self.rule, self.graph, self.params, self.grads, self.state
+            self.rule, self.graph, self.params, self.grads, self.state, ortho=self.ortho
         )
         self.grads = None
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -489,15 +490,26 @@ def test_format_2_rule_files_load_with_their_controller(tmp_path):
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
 
 
-def test_shipped_default_rule_keeps_its_controller():
-    # rules/default/config.json is a format-2 file: its step_adapt_* fields
-    # become the rule's StepSizeConfig.
+def test_shipped_default_rule_keeps_its_controller(tmp_path):
+    # rules/default/config.json carries the controller in its step_size entry
+    # (format 3), with the floor at 0 since the workloads study.
     config = json.loads(Path(default_rule_path(), "config.json").read_text())
-    saved = config["rule_config"]
     rule = load_rule(default_rule_path())
-    assert rule.step_size.enabled
-    for old, new in LEGACY_FIELDS.items():
-        assert getattr(rule.step_size, new) == saved[old]
+    assert config["format_version"] == 3
+    assert rule.step_size.enabled and rule.step_size.log_min == 0.0
+    assert rule.step_size == StepSizeConfig(**config["step_size"])
+    # The same rule written as format 2 (the controller in rule_config under
+    # its step_adapt_* names) loads into the same two parts.
+    legacy = dict(config, format_version=2)
+    legacy["rule_config"] = {
+        **config["rule_config"],
+        **{old: config["step_size"][new] for old, new in LEGACY_FIELDS.items()},
+    }
+    del legacy["step_size"]
+    shutil.copytree(default_rule_path(), tmp_path / "old")
+    (tmp_path / "old" / "config.json").write_text(json.dumps(legacy))
+    old_rule = load_rule(tmp_path / "old")
+    assert old_rule.step_size == rule.step_size and old_rule.config == rule.config
 
 
 def test_format_3_rule_with_controller_fields_in_rule_config_is_rejected(tmp_path):

@@ -317,19 +317,23 @@ def test_the_loop_stops_diverging_runs_as_each_caller_did():
     assert not math.isfinite(curve.stop_loss)
 
 
-def test_either_learner_trains_either_kind_of_task():
+@pytest.mark.parametrize("orthogonal", [False, True])
+def test_either_learner_trains_either_kind_of_task(orthogonal):
     """The rule's reference step and NGOptimizer (without the fused kernel)
-    on the same task: the same run up to float32 rounding."""
+    on the same task: the same run up to float32 rounding, with and without
+    orthogonalised hidden matrices."""
     rule = random_rule(1, config=RuleConfig(step_scale=1e-2))
     for task, seed in [(TASKS["wine_logreg"], 2), (make_task(FAMILY_CONFIGS[0]), 7)]:
         functional = run(
             task,
-            RuleLearner(task.make_model(seed), rule),
+            RuleLearner(task.make_model(seed), rule, orthogonal=orthogonal),
             10,
             task.batch_generator(seed),
         )
         model = task.make_model(seed)
-        opt = NGOptimizer(model.parameters(), rule=rule, fused=False)
+        opt = NGOptimizer(
+            model.parameters(), rule=rule, fused=False, orthogonal=orthogonal
+        )
         module = run(task, ModuleLearner(model, opt), 10, task.batch_generator(seed))
         assert functional.losses[0] == module.losses[0]
         np.testing.assert_allclose(functional.losses, module.losses, rtol=1e-5)

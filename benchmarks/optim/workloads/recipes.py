@@ -11,7 +11,10 @@
 - ``schedulefree``: Schedule-Free AdamW at its defaults, evaluated at its
   ``x`` sequence (``optimizer.eval()``), as its docs ask.
 - ``prodigy``: Prodigy at ``lr=1.0``, its default.
-- ``ng``: ``NGOptimizer`` untuned (the shipped rule) on the job's groups.
+- ``ng``: ``NGOptimizer`` untuned (the shipped rule) on the job's groups,
+  told the run's length (``total_steps``, as the cosine schedules are), its
+  defaults otherwise (orthogonalised hidden matrices, guessed from the
+  parameter order).
 - ``ng_untrained``: the shipped rule's config with fresh weights: Adam plus
   the step-size controller. The learned part must beat it to earn its cost.
 
@@ -29,7 +32,7 @@ import torch
 
 from benchmarks.optim.optimizers import load_ng_rule, untrained_like
 from benchmarks.optim.workloads.spec import Job, Workload
-from lopt import NGOptimizer
+from lopt import NGOptimizer, UpdateRule
 
 __all__ = [
     "RECIPES",
@@ -112,7 +115,16 @@ class Trainer:
     """The optimizers of one run, their schedules, and which weights are
     evaluated (:meth:`evaluation`)."""
 
-    def __init__(self, recipe: Recipe, job: Job, workload: Workload, total: int):
+    def __init__(
+        self,
+        recipe: Recipe,
+        job: Job,
+        workload: Workload,
+        total: int,
+        rule: UpdateRule | None = None,
+    ):
+        """``rule``: the NG recipes' rule (default: the shipped one; for
+        ``ng_untrained``, the rule whose config gets fresh weights)."""
         self.recipe = recipe
         self.optimizers: list[torch.optim.Optimizer] = []
         self.schedulers: list[torch.optim.lr_scheduler.LRScheduler] = []
@@ -154,10 +166,12 @@ class Trainer:
 
             self.optimizers.append(prodigyopt.Prodigy(groups, lr=1.0))
         elif name == "ng":
-            self.optimizers.append(NGOptimizer(groups))
+            self.optimizers.append(
+                NGOptimizer(groups, rule=rule or "default", total_steps=total)
+            )
         else:  # ng_untrained: the shipped config with fresh weights
-            fresh = untrained_like(load_ng_rule())
-            self.optimizers.append(NGOptimizer(groups, rule=fresh))
+            fresh = untrained_like(rule or load_ng_rule())
+            self.optimizers.append(NGOptimizer(groups, rule=fresh, total_steps=total))
 
     def _schedule(self, opt: torch.optim.Optimizer, total: int) -> None:
         self.optimizers.append(opt)

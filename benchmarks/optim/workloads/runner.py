@@ -11,7 +11,8 @@ Finished runs are cached as one JSON file each (loading never executes
 code), named by a hash of everything the run depends on: workload, quick,
 recipe, learning rate, seed, steps, Python version (the text workloads read
 Python's own documentation), torch version and threads, the peer
-package's version, and for the NG recipes the rule's weights checksum. A
+package's version, and for the NG recipes the rule's weights checksum and
+controller settings and the version of their setup (:data:`NG_SETUP`). A
 full benchmark can therefore span sittings: a rerun skips what is done.
 """
 
@@ -24,6 +25,7 @@ import math
 import os
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,12 +80,20 @@ class RunRecord:
         return self.evals[-1][key]
 
 
-def train_run(workload: Workload, recipe: Recipe, seed: int, quick: bool) -> RunRecord:
-    """Train one run (see the module docstring)."""
+def train_run(
+    workload: Workload,
+    recipe: Recipe,
+    seed: int,
+    quick: bool,
+    make_trainer: Callable[..., Trainer] = Trainer,
+) -> RunRecord:
+    """Train one run (see the module docstring). ``make_trainer`` builds the
+    run's :class:`Trainer` from ``(recipe, job, workload, total steps)``
+    (validation runs pass variants of it)."""
     total = workload.total_steps(quick)
     every = workload.eval_interval(quick)
     job = workload.make(seed, quick)
-    trainer = Trainer(recipe, job, workload, total)
+    trainer = make_trainer(recipe, job, workload, total)
     record = RunRecord(workload.name, recipe.name, recipe.lr, seed, quick, total)
     model = job.model
     first = None
@@ -114,9 +124,19 @@ def train_run(workload: Workload, recipe: Recipe, seed: int, quick: bool) -> Run
     return record
 
 
+#: Bumped when how the NG recipes set up ``NGOptimizer`` changes (2: told
+#: ``total_steps``; orthogonalised hidden matrices).
+NG_SETUP = 2
+
+
 def _rule_checksum() -> str:
+    """The shipped rule's weights checksum, and its step-size controller's
+    settings where its config has them (format 3)."""
     config = json.loads(Path(default_rule_path(), "config.json").read_text())
-    return str(config.get("weights_sha256"))
+    weights = str(config.get("weights_sha256"))
+    if "step_size" not in config:
+        return weights
+    return f"{weights}:{json.dumps(config['step_size'], sort_keys=True)}"
 
 
 class RunCache:
@@ -143,6 +163,7 @@ class RunCache:
             key["package"] = importlib.metadata.version(_PACKAGES[recipe.name])
         if recipe.name.startswith("ng"):
             key["rule"] = _rule_checksum()
+            key["ng_setup"] = NG_SETUP
         return key
 
     def _path(self, key: dict) -> Path:

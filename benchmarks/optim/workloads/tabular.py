@@ -13,9 +13,9 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from benchmarks.optim.workloads.images import classifier_job
 from benchmarks.optim.workloads.spec import Job, hidden_matrices, split_decay, workload
 
 __all__ = ["WORKLOAD"]
@@ -59,24 +59,12 @@ def _make(seed: int, quick: bool) -> Job:
         idx = torch.randint(0, len(x), (BATCH,), generator=gen)
         return x[idx], y[idx]
 
-    def loss(m: nn.Module, batch) -> torch.Tensor:
-        return F.cross_entropy(m(batch[0]), batch[1])
-
-    def evaluate(m: nn.Module) -> dict[str, float]:
-        out = m(x_val)
-        return {
-            "val_loss": float(F.cross_entropy(out, y_val)),
-            "accuracy": float((out.argmax(1) == y_val).float().mean()),
-        }
-
-    decay, no_decay = split_decay(model)
-    return Job(
+    return classifier_job(
         model,
         next_batch,
-        loss,
-        evaluate,
-        decay,
-        no_decay,
+        x_val,
+        y_val,
+        split_decay(model),
         hidden_matrices(model, exclude=[model[0], model[-1]]),
     )
 

@@ -72,12 +72,52 @@ class Corpus:
         return len(self.vocab)
 
 
-@functools.lru_cache(maxsize=1)
-def corpus() -> Corpus:
-    """The pydoc topics text, tokenised and split (cached: built once)."""
-    from pydoc_data.topics import topics
+#: Characters of Python's own source taken for the ``"stdlib"`` corpus.
+STDLIB_CHARS = 500_000
 
-    text = "".join(topics[key] for key in sorted(topics))
+
+def _stdlib_text() -> str:
+    """About :data:`STDLIB_CHARS` characters of the standard library's public
+    top-level modules (sorted by name, ASCII only): text of another kind than
+    the pydoc topics, for validation jobs outside the benchmark.
+
+    Each module gives its first ``1 - VAL_FRACTION`` to the front of the text
+    and its tail to the back, so the held-out split (the text's tail) samples
+    every module instead of being one module of its own."""
+    import sysconfig
+    from pathlib import Path
+
+    texts, size = [], 0
+    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("[a-z]*.py")):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        texts.append(text.encode("ascii", "ignore").decode())
+        size += len(texts[-1])
+        if size >= STDLIB_CHARS:
+            break
+    cuts = [int(len(t) * (1.0 - VAL_FRACTION)) for t in texts]
+    front = "".join(t[:c] for t, c in zip(texts, cuts))
+    return front + "".join(t[c:] for t, c in zip(texts, cuts))
+
+
+#: Texts :func:`corpus` can tokenise.
+SOURCES = ("pydoc", "stdlib")
+
+
+@functools.lru_cache(maxsize=2)
+def corpus(source: str = "pydoc") -> Corpus:
+    """A text shipped with Python, tokenised and split (cached: built once).
+
+    ``"pydoc"``: the pydoc topics (the benchmark's); ``"stdlib"``: Python
+    source of the standard library (validation jobs, see
+    :mod:`benchmarks.optim.workloads.validation`)."""
+    if source == "pydoc":
+        from pydoc_data.topics import topics
+
+        text = "".join(topics[key] for key in sorted(topics))
+    elif source == "stdlib":
+        text = _stdlib_text()
+    else:
+        raise ValueError(f"Invalid text source: {source!r} (known: {SOURCES})")
     vocab = "".join(sorted(set(text)))
     index = {ch: i for i, ch in enumerate(vocab)}
     ids = torch.tensor([index[ch] for ch in text], dtype=torch.long)
@@ -100,6 +140,7 @@ def language_model_job(
     config: Windows,
     seed: int,
     matrices: Callable[[nn.Module], list[nn.Parameter]] = lambda model: [],
+    source: str = "pydoc",
 ) -> Job:
     """A :class:`Job` training the model ``build(vocab_size)`` on the corpus.
 
@@ -116,12 +157,13 @@ def language_model_job(
         seed: the model's seed; the train-window generator's is offset from it.
         matrices: the job's Muon share, from the model (the caller decides what
             is hidden; none by default).
+        source: the text (see :func:`corpus`).
 
     Returns:
         The job; decay / no-decay follow :func:`split_decay` (2-D weights,
         embeddings included, are decayed, as nanoGPT groups them).
     """
-    data = corpus()
+    data = corpus(source)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = build(data.vocab_size)
