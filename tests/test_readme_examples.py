@@ -228,8 +228,22 @@ def test_constructor(problem):
     assert isinstance(opt, NGOptimizer)
     assert opt.defaults["lr"] == 1.0 and opt.defaults["weight_decay"] == 0.0
     assert opt.nonfinite == "skip" and opt.fused is None
+    assert opt.total_steps is None and opt.orthogonal is True
     default = NGOptimizer(net.parameters()).rule.state_dict()
     assert all(torch.equal(v, default[k]) for k, v in opt.rule.state_dict().items())
+
+
+def test_orthogonal_groups():
+    """The group key decides which matrices are orthogonalised; total_steps
+    is kept; the step moves every parameter."""
+    where, code = snippet("orthogonal_groups")
+    namespace: dict = {}
+    exec(compile(code, where, "exec"), namespace)
+    opt, net = namespace["opt"], namespace["net"]
+    assert opt.total_steps == 100
+    # parameter order: net[2]'s weight and bias, then net[0]'s and net[4]'s
+    assert opt._ortho.indices == (0,)
+    assert float(opt.state[net[2].weight]["step"]) == 1
 
 
 def test_scheduler(problem):
@@ -314,6 +328,7 @@ RUNNERS = {
     "weightspace": test_weightspace_example,
     "constructor": test_constructor,
     "scheduler": test_scheduler,
+    "orthogonal_groups": test_orthogonal_groups,
     "lightning": test_lightning,
     "transformers": test_transformers_trainer,
     "compile": test_torch_compile,
