@@ -47,6 +47,7 @@ from benchmarks.common.provenance import run_metadata
 from benchmarks.optim.cache import RunCache
 from benchmarks.optim.optimizers import (
     BASELINES,
+    NG,
     PEER_SPECS,
     PEERS,
     UNTRAINED,
@@ -194,6 +195,38 @@ def _count_outcomes(summaries: Sequence[dict], key: str) -> dict[str, int]:
     return counts
 
 
+#: Held-out metrics closer than this (relative) are a tie.
+METRIC_TIE_TOLERANCE = 1e-3
+
+
+def metric_outcome(summary: dict, key: str) -> str | None:
+    """``"win"``, ``"tie"`` or ``"loss"`` of NG against entry ``key`` by the
+    task's held-out metric (its direction from the task), or ``None`` when
+    either has no metric. A side without a finite metric loses."""
+    entries = summary["entries"]
+    if key not in entries or NG not in entries:
+        return None
+    ng, other = entries[NG].get("metric_mean"), entries[key].get("metric_mean")
+    if ng is None or other is None:
+        return None
+    ng_ok, other_ok = math.isfinite(ng), math.isfinite(other)
+    if not (ng_ok and other_ok):
+        return "tie" if ng_ok == other_ok else ("win" if ng_ok else "loss")
+    if abs(ng - other) <= METRIC_TIE_TOLERANCE * max(abs(ng), abs(other)):
+        return "tie"
+    better = ng > other if summary["metric"]["higher_is_better"] else ng < other
+    return "win" if better else "loss"
+
+
+def _count_metric_outcomes(summaries: Sequence[dict], key: str) -> dict[str, int]:
+    counts = {"win": 0, "tie": 0, "loss": 0}
+    for summary in summaries:
+        result = metric_outcome(summary, key)
+        if result is not None:
+            counts[result] += 1
+    return counts
+
+
 def _outcome_keys(summaries: Sequence[dict]) -> list[str]:
     keys = {k for s in summaries for k in s["outcome"]}
     return [k for k in reference_keys(dict.fromkeys(keys)) if k in keys]
@@ -203,7 +236,8 @@ def aggregate(summaries: Sequence[dict], wall_s: float | None = None) -> dict:
     """Suite-level numbers: wins, median speedup and divergences.
 
     ``outcome_vs`` counts NG's wins, ties and losses against every entry it is
-    compared with (Adam(1e-3), tuned Adam, each peer); ``outcome_vs_adam_default``
+    compared with (Adam(1e-3), tuned Adam, each peer) by final train loss, and
+    ``metric_outcome_vs`` the same by held-out metric; ``outcome_vs_adam_default``
     and ``outcome_vs_adam_tuned`` repeat the first two (older readers use them).
 
     Censored speedups (tuned Adam never reached NG's final loss) enter the
@@ -220,6 +254,9 @@ def aggregate(summaries: Sequence[dict], wall_s: float | None = None) -> dict:
         "num_tasks": len(summaries),
         "outcome_vs": {
             k: _count_outcomes(summaries, k) for k in _outcome_keys(summaries)
+        },
+        "metric_outcome_vs": {
+            k: _count_metric_outcomes(summaries, k) for k in _outcome_keys(summaries)
         },
         "outcome_vs_adam_default": _count_outcomes(summaries, "adam_default"),
         "outcome_vs_adam_tuned": _count_outcomes(summaries, "adam_tuned"),
@@ -407,12 +444,26 @@ def markdown_report(results: dict) -> str:
         f"({c['tie']} ties, {c['loss']} losses)"
         for key, c in outcomes.items()
     ]
+    metric_beats = [
+        f"{reference_name(key, _default_lr(summaries))} on **{c['win']}/{n}** "
+        f"({c['tie']} ties, {c['loss']} losses)"
+        for key, c in (agg.get("metric_outcome_vs") or {}).items()
+    ]
     lines += [
         "## Aggregate",
         "",
         f"- NG beats (final train loss lower by > {TIE_TOLERANCE:.0%}) "
         + "; ".join(beats)
         + ".",
+    ]
+    if metric_beats:
+        lines.append(
+            "- By held-out metric (better by more than "
+            f"{METRIC_TIE_TOLERANCE:.1%} relative), NG beats "
+            + "; ".join(metric_beats)
+            + "."
+        )
+    lines += [
         f"- Median speedup over tuned Adam: **{median_text}**.",
         f"- Divergences: **{agg['divergences_total']}** of {agg['runs_total']} runs "
         f"({by_opt}).",

@@ -209,10 +209,13 @@ def test_compare_main_writes_well_formed_outputs(tmp_path, capsys):
     assert "| NG untrained |" in header
     # A final-loss cell per entry in each task row.
     assert _table_rows(markdown, "wine_logreg")[0].count("|") == 12
-    (beats,) = [line for line in markdown.splitlines() if "NG beats" in line]
+    beats, by_metric = [x for x in markdown.splitlines() if "NG beats" in x]
+    assert "final train loss" in beats and "held-out metric" in by_metric
     for label, key in zip(PEER_LABELS, PEERS):
         count = agg["outcome_vs"][key]["win"]
         assert f"{label} on **{count}/2** tasks" in beats
+        count = agg["metric_outcome_vs"][key]["win"]
+        assert f"{label} on **{count}/2** (" in by_metric
     # Every entry is drawn in its own colour; the peers dash-dotted.
     assert len({ENTRY_COLORS[k] for k in ENTRIES}) == len(ENTRIES)
     assert all(ENTRY_STYLES[k] == "-." for k in PEERS)
@@ -607,3 +610,30 @@ def test_import_time_main_writes_the_ratio(tmp_path, monkeypatch, capsys):
 def test_import_time_rejects_bad_repeats():
     with pytest.raises(ValueError, match="^Invalid repeats: 0$"):
         import_time.time_imports(0)
+
+
+def _metric_summary(ng, other, higher):
+    return {
+        "metric": {"name": "m", "higher_is_better": higher},
+        "entries": {"ng": {"metric_mean": ng}, "adam_tuned": {"metric_mean": other}},
+    }
+
+
+@pytest.mark.parametrize(
+    ("ng", "other", "higher", "want"),
+    [
+        (0.99, 0.98, True, "win"),
+        (0.98, 0.99, True, "loss"),
+        (0.5, 0.6, False, "win"),
+        (1.0, 1.0, True, "tie"),
+        (1.0, 0.9995, True, "tie"),  # within 0.1%
+        (math.nan, 0.9, True, "loss"),
+        (0.9, math.nan, True, "win"),
+    ],
+)
+def test_metric_outcome_ranks_by_the_tasks_direction(ng, other, higher, want):
+    summary = _metric_summary(ng, other, higher)
+    assert compare.metric_outcome(summary, "adam_tuned") == want
+    assert compare.metric_outcome(summary, "prodigy") is None  # not run
+    counts = compare._count_metric_outcomes([summary, summary], "adam_tuned")
+    assert counts[want] == 2 and sum(counts.values()) == 2
