@@ -42,6 +42,30 @@ _NONFINITE_MODES = ("skip", "raise")
 COOLDOWN_FRACTION = 0.2
 
 
+#: A group ``lr`` below this looks like an Adam learning rate brought over,
+#: not a multiplier of the learned step (see :func:`_warn_adam_like_lr`).
+ADAM_LIKE_LR = 0.05
+
+
+def _warn_adam_like_lr(lr: Any, where: str) -> bool:
+    """Warn (and return ``True``) when ``lr`` is positive but below
+    :data:`ADAM_LIKE_LR`: a learning rate meant for Adam makes the learned
+    rule's steps that many times smaller, and it would crawl silently."""
+    value = float(lr)
+    if not 0.0 < value < ADAM_LIKE_LR:
+        return False
+    warnings.warn(
+        f"NGOptimizer: lr={value:g} {where}. NGOptimizer's lr multiplies the "
+        "learned step (default 1.0; the rule's own base step is Adam's 1e-3), so "
+        f"lr={value:g} makes every step {1 / value:.0f}x smaller than the rule's. "
+        "Leave lr at 1.0 and schedule it as a multiplier (LR schedulers do), "
+        "instead of writing Adam-style absolute values into param_group['lr'].",
+        UserWarning,
+        stacklevel=4,
+    )
+    return True
+
+
 def cooldown_factor(done: int, total_steps: int | None) -> float:
     """Multiplier of the step that follows ``done`` applied steps: 1, then
     linear to zero over the last :data:`COOLDOWN_FRACTION` of
@@ -173,6 +197,8 @@ class NGOptimizer(Optimizer):
         self.orthogonal = orthogonal
         self._ortho = OrthoPlan((), ())
         self._warned_past_end = False
+        self._warned_lr = _warn_adam_like_lr(lr, "was passed to the constructor")
+        self._lr_checked = False
         _check_number("weight_decay value", weight_decay)
         if nonfinite not in _NONFINITE_MODES:
             raise ValueError(
@@ -211,6 +237,8 @@ class NGOptimizer(Optimizer):
             if key in param_group:
                 name = "learning rate" if key == "lr" else "weight_decay value"
                 _check_number(name, param_group[key])
+        if "lr" in param_group and not getattr(self, "_warned_lr", False):
+            self._warned_lr = _warn_adam_like_lr(param_group["lr"], "is a group's lr")
         mark = param_group.get(ORTHOGONAL_KEY)
         if mark is not None and not isinstance(mark, bool):
             raise ValueError(
@@ -359,6 +387,18 @@ class NGOptimizer(Optimizer):
     @torch.no_grad()
     def _step(self, closure: Callable[[], torch.Tensor] | None):
         _check_no_momentum(self.param_groups)
+        if not self._warned_lr and not self._lr_checked:
+            # At the first step, a group no LR scheduler manages (no
+            # initial_lr) with an Adam-like lr: the training script writes
+            # absolute values into it. (Later, decays such as
+            # ReduceLROnPlateau's may legitimately take a multiplier there.)
+            self._lr_checked = True
+            for group in self.param_groups:
+                if "initial_lr" not in group and _warn_adam_like_lr(
+                    group["lr"], "was written into a param group"
+                ):
+                    self._warned_lr = True
+                    break
         loss = None
         if closure is not None:
             with torch.enable_grad():
