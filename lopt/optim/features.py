@@ -39,6 +39,7 @@ __all__ = [
     "init_feature_state",
     "update_feature_state",
     "scalar_features",
+    "adam_ratio",
     "time_features",
 ]
 
@@ -175,6 +176,17 @@ def scalar_features(
     torch.div(state.momenta, m_scale, out=ratios)
     ratios.mul_(v_hat.add_(RATIO_EPS).rsqrt_())
     return feats
+
+
+def adam_ratio(state: FeatureState) -> torch.Tensor:
+    """The Adam ratio ``m_hat / sqrt(v_hat)`` with beta1 = 0.9, ``(P,)``:
+    feature ``adam_ratio_0.9`` of :func:`scalar_features`, computed alone
+    with the same operations (so to the same bits)."""
+    k = MOMENTUM_DECAYS.index(0.9)
+    t = state.step
+    m_scale = 1.0 - _decays(state.momenta)[k] ** t
+    v_hat = state.second_moment / (1.0 - SECOND_MOMENT_DECAY**t)
+    return state.momenta[k] / m_scale * torch.rsqrt(v_hat + RATIO_EPS)
 
 
 def time_features(step: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ import torch
 from lopt.graph import NeuralGraph
 from lopt.optim.features import (
     FeatureState,
+    adam_ratio,
     init_feature_state,
     scalar_features,
     time_features,
@@ -108,8 +109,15 @@ def ng_step(
             trace=trace, log_step=log_step, adapt_stats=stats
         )
         lr = lr * multiplier
-    feats = scalar_features(graph, params, grads, new_state)
-    update = rule(graph, feats, time_features(new_state.step))
+    if not torch.is_grad_enabled() and rule.learned_output_is_zero:
+        # A fresh rule (the base rule): its update is -step_scale times the
+        # Adam ratio whatever the graph network computes, so it is skipped.
+        # With autograd on (meta-training) the network runs: its weights
+        # need their gradients.
+        update = adam_ratio(new_state).mul_(-rule.config.step_scale)
+    else:
+        feats = scalar_features(graph, params, grads, new_state)
+        update = rule(graph, feats, time_features(new_state.step))
     if ortho:
         update = orthogonalize_flat(update, ortho)
     # ``params + lr * (update - decay)``; without autograd in place in the

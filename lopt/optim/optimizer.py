@@ -31,9 +31,12 @@ from lopt.optim.step_size import initial_adapt_stats
 __all__ = ["NGOptimizer", "SHIPPED_RULES", "default_rule_path", "resolve_rule"]
 
 #: Rules inside the package, by name: ``"default"``, the lean rule (cheap
-#: step), and ``"full"``, the previous default it was distilled from (an edge
-#: MLP and a hidden layer in the edge head: about 1.8x the step's arithmetic).
-SHIPPED_RULES = ("default", "full")
+#: step), ``"full"``, the previous default it was distilled from (an edge
+#: MLP and a hidden layer in the edge head: about 1.8x the step's arithmetic),
+#: and ``"base"``, the default's config with fresh weights: no learned output,
+#: Adam's ratio scaled by the step-size controller (the benchmarks' untrained
+#: ablation; the step skips the graph network for it).
+SHIPPED_RULES = ("default", "full", "base")
 
 _NONFINITE_MODES = ("skip", "raise")
 #: Share of ``total_steps`` at the end over which the step decays linearly to
@@ -121,7 +124,8 @@ class NGOptimizer(Optimizer):
             (default: ``0.0``)
         rule (str, path or UpdateRule, optional): ``"default"`` for the rule
             shipped with lopt (the lean rule), ``"full"`` for the larger rule
-            it was distilled from, a directory saved by
+            it was distilled from, ``"base"`` for the default's config without
+            a learned output (see :data:`SHIPPED_RULES`), a directory saved by
             :func:`lopt.save_rule`, or a rule object. (default: ``"default"``)
         nonfinite (str, optional): what to do when a gradient holds NaN or
             inf: ``"skip"`` the step (parameters and state untouched, counted

@@ -232,6 +232,23 @@ class UpdateRule(nn.Module):
         )
         return self._to_update(out[0], out[1])
 
+    @property
+    def learned_output_is_zero(self) -> bool:
+        """Whether the learned path adds nothing: both heads' output layers
+        are zero and their skip paths are still the Adam ratio, as in a fresh
+        rule. The update is then ``-step_scale`` times the Adam ratio
+        (beta1 = 0.9) whatever the graph network computes, and
+        :func:`~lopt.optim.functional.ng_step` skips it (without autograd)."""
+        with torch.no_grad():
+            for head in (self.edge_head, self.slot_head):
+                if head.out.weight.any() or head.out.bias.any():
+                    return False
+                want = torch.zeros_like(head.skip.weight)
+                want[0, ADAM_RATIO_FEATURE] = 1.0
+                if not torch.equal(head.skip.weight, want):
+                    return False
+        return True
+
     def _to_update(
         self, direction: torch.Tensor, magnitude: torch.Tensor
     ) -> torch.Tensor:

@@ -13,10 +13,14 @@ def test_same_code_gives_the_same_fingerprints(tmp_path, capsys):
     saved = tmp_path / "fp.json"
     assert fingerprint.main([*ARGS, "--out", str(saved)]) == 0
     runs = json.loads(saved.read_text())["runs"]
-    assert sorted(runs) == ["default/wine_logreg", "full/wine_logreg"]
-    assert runs["default/wine_logreg"] != runs["full/wine_logreg"]
+    assert sorted(runs) == [
+        "base/wine_logreg",
+        "default/wine_logreg",
+        "full/wine_logreg",
+    ]
+    assert len(set(runs.values())) == 3
     assert fingerprint.main([*ARGS, "--compare", str(saved)]) == 0
-    assert "2/2 runs bit-identical" in capsys.readouterr().out
+    assert "3/3 runs bit-identical" in capsys.readouterr().out
 
 
 def test_a_changed_trajectory_is_reported(tmp_path, capsys):
@@ -27,4 +31,4 @@ def test_a_changed_trajectory_is_reported(tmp_path, capsys):
     saved.write_text(json.dumps(data))
     assert fingerprint.main([*ARGS, "--compare", str(saved)]) == 1
     out = capsys.readouterr().out
-    assert "DIFFERS" in out and "1/2 runs bit-identical" in out
+    assert "DIFFERS" in out and "2/3 runs bit-identical" in out

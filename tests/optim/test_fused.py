@@ -81,6 +81,16 @@ def _pair(model, **kwargs):
     )
 
 
+def _moved(rule: UpdateRule) -> UpdateRule:
+    """``rule`` with every weight moved off its initial value: a fresh rule's
+    learned output is zero, and the step then skips the kernel."""
+    gen = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for p in rule.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    return rule
+
+
 def _lean_rule() -> UpdateRule:
     """The lean rule (``edge_mlp=False``, linear edge head) with every weight
     moved off its initial value: untrained, its head output is zero and the
@@ -256,7 +266,7 @@ def test_a_packing_the_kernel_does_not_expect_raises_before_it_reads(monkeypatch
     reads of the packed rule weights; a packing of another size raises
     before any kernel call, instead of reading out of bounds."""
     lib = cpu_kernel.load()
-    rule = _lean_rule() if rule == "lean" else UpdateRule(RuleConfig())
+    rule = _lean_rule() if rule == "lean" else _moved(UpdateRule(RuleConfig()))
     lean = not rule.config.edge_mlp
     count = lib.ng_lean_weight_count() if lean else lib.ng_weight_count()
     assert pack_weights(rule).numel() == count

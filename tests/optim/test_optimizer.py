@@ -281,8 +281,8 @@ def test_nonfinite_gradient_raises_when_asked():
         ),
         (
             {"rule": 3},
-            "Invalid rule: 3 (expected one of ('default', 'full'), a path or an "
-            "UpdateRule)",
+            "Invalid rule: 3 (expected one of ('default', 'full', 'base'), a path "
+            "or an UpdateRule)",
         ),
     ],
 )

@@ -131,6 +131,12 @@ def fused_supported(rule, graph: NeuralGraph, device: torch.device) -> str | Non
         )
     if rule.backbone.layers[0].msg_dim != 4:
         return "message width other than 4"
+    if rule.learned_output_is_zero:
+        return (
+            "a rule whose learned output is zero (the base rule): its update is "
+            "the Adam ratio, which the reference step computes without the "
+            "graph network"
+        )
     if graph.num_edges and dense_layout(graph) is None:
         return "edges that do not form dense blocks"
     return None
