@@ -40,24 +40,38 @@ def _data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return x[:TRAIN], y[:TRAIN], x[TRAIN:], y[TRAIN:]
 
 
-def _make(seed: int, quick: bool) -> Job:
-    x, y, x_val, y_val = _data()
-    width = 128 if quick else 512
-    torch.manual_seed(seed)
-    model = nn.Sequential(
-        nn.Linear(FEATURES, width),
+def dropout_mlp(inputs: int, width: int, classes: int, dropout: float) -> nn.Sequential:
+    """``inputs-width-width-classes``, ReLU and dropout after each hidden layer."""
+    return nn.Sequential(
+        nn.Linear(inputs, width),
         nn.ReLU(),
-        nn.Dropout(0.3),
+        nn.Dropout(dropout),
         nn.Linear(width, width),
         nn.ReLU(),
-        nn.Dropout(0.3),
-        nn.Linear(width, 2),
+        nn.Dropout(dropout),
+        nn.Linear(width, classes),
     )
-    gen = torch.Generator().manual_seed(10_000 + seed)
+
+
+def rows_job(
+    model: nn.Module,
+    data: tuple[torch.Tensor, ...],
+    batch: int,
+    generator: torch.Generator,
+    exclude: list[nn.Module],
+    noise: float = 0.0,
+) -> Job:
+    """The classifier :class:`Job` of ``model`` on rows ``data = (x, y,
+    x_val, y_val)``: batches of ``batch`` rows drawn with replacement by
+    ``generator`` (plus Gaussian ``noise`` on the inputs, if any), the usual
+    decay groups, and Muon's hidden matrices outside ``exclude``."""
+    x, y, x_val, y_val = data
 
     def next_batch():
-        idx = torch.randint(0, len(x), (BATCH,), generator=gen)
-        return x[idx], y[idx]
+        idx = torch.randint(0, len(x), (batch,), generator=generator)
+        if not noise:
+            return x[idx], y[idx]
+        return x[idx] + noise * torch.randn(x[idx].shape, generator=generator), y[idx]
 
     return classifier_job(
         model,
@@ -65,8 +79,15 @@ def _make(seed: int, quick: bool) -> Job:
         x_val,
         y_val,
         split_decay(model),
-        hidden_matrices(model, exclude=[model[0], model[-1]]),
+        hidden_matrices(model, exclude=exclude),
     )
+
+
+def _make(seed: int, quick: bool) -> Job:
+    torch.manual_seed(seed)
+    model = dropout_mlp(FEATURES, 128 if quick else 512, 2, 0.3)
+    gen = torch.Generator().manual_seed(10_000 + seed)
+    return rows_job(model, _data(), BATCH, gen, exclude=[model[0], model[-1]])
 
 
 WORKLOAD = workload("tabular", "MLP 40-512-512-2, dropout 0.3, 2k noisy rows", _make)

@@ -35,7 +35,6 @@ from benchmarks.common.provenance import run_metadata
 from benchmarks.common.report import write_text
 from benchmarks.optim.optimizers import load_ng_rule
 from benchmarks.optim.workloads.gpt import GPT, GPTConfig
-from benchmarks.optim.workloads.images import classifier_job
 from benchmarks.optim.workloads.lstm import CharLSTM, LSTMConfig
 from benchmarks.optim.workloads.recipes import Recipe, Trainer
 from benchmarks.optim.workloads.runner import RunCache, train_run
@@ -43,8 +42,8 @@ from benchmarks.optim.workloads.spec import (
     Job,
     Workload,
     hidden_matrices,
-    split_decay,
 )
+from benchmarks.optim.workloads.tabular import dropout_mlp, rows_job
 from benchmarks.optim.workloads.text import language_model_job
 
 __all__ = ["JOBS", "VARIANTS", "Variant", "orthogonalize", "main"]
@@ -92,32 +91,11 @@ def _mlp_data():
 
 
 def _mlp(seed: int, quick: bool) -> Job:
-    x, y, x_val, y_val = _mlp_data()
+    data = _mlp_data()
     torch.manual_seed(seed)
-    width = 384
-    model = nn.Sequential(
-        nn.Linear(x.shape[1], width),
-        nn.ReLU(),
-        nn.Dropout(0.2),
-        nn.Linear(width, width),
-        nn.ReLU(),
-        nn.Dropout(0.2),
-        nn.Linear(width, 2),
-    )
+    model = dropout_mlp(data[0].shape[1], 384, 2, 0.2)
     gen = torch.Generator().manual_seed(20_000 + seed)
-
-    def next_batch():
-        idx = torch.randint(0, len(x), (128,), generator=gen)
-        return x[idx], y[idx]
-
-    return classifier_job(
-        model,
-        next_batch,
-        x_val,
-        y_val,
-        split_decay(model),
-        hidden_matrices(model, exclude=[model[0], model[-1]]),
-    )
+    return rows_job(model, data, 128, gen, exclude=[model[0], model[-1]])
 
 
 @functools.lru_cache(maxsize=1)
@@ -171,25 +149,13 @@ def _pretrained() -> dict[str, torch.Tensor]:
 
 
 def _finetune(seed: int, quick: bool) -> Job:
-    _, _, x, y, x_val, y_val = _finetune_data()
+    _, _, *data = _finetune_data()
     body = _finetune_body()
     body.load_state_dict(_pretrained())
     torch.manual_seed(seed)
     model = nn.Sequential(body, nn.Linear(256, 4))
     gen = torch.Generator().manual_seed(30_000 + seed)
-
-    def next_batch():
-        idx = torch.randint(0, len(x), (20,), generator=gen)
-        return x[idx] + 0.1 * torch.randn(x[idx].shape, generator=gen), y[idx]
-
-    return classifier_job(
-        model,
-        next_batch,
-        x_val,
-        y_val,
-        split_decay(model),
-        hidden_matrices(model, exclude=[body[0], model[-1]]),
-    )
+    return rows_job(model, tuple(data), 20, gen, [body[0], model[-1]], noise=0.1)
 
 
 #: The validation jobs (none of them is a benchmark workload).
