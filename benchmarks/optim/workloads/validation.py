@@ -237,6 +237,9 @@ VARIANTS = {
         Variant("ng_floor0_ortho", log_min=0.0, ortho=True),
         Variant("ng_floor0_ortho_cool", log_min=0.0, ortho=True, cooldown=0.2),
         Variant("ng_untrained_floor0_cool", log_min=0.0, cooldown=0.2, untrained=True),
+        # After the 5000-step suite run: a floor below 0 with orthogonalisation.
+        Variant("ng_floor-1_ortho_cool", log_min=-1.0, ortho=True, cooldown=0.2),
+        Variant("ng_floor-2_ortho_cool", log_min=-2.0, ortho=True, cooldown=0.2),
         Variant("ngopt_floor0", log_min=0.0, native=True),
         Variant("ngopt_untrained_floor0", log_min=0.0, native=True, untrained=True),
         Variant("adamw@0.001", lr=1e-3),
