@@ -20,10 +20,12 @@ from lopt.optim.fused import cpu_kernel
 from lopt.optim.fused.dense import DensePlan, fused_step, fused_supported
 from lopt.optim.orthogonal import (
     ORTHOGONAL_KEY,
+    OrthoGroup,
     OrthoPlan,
     hidden_matrices,
     ortho_plan,
-    orthogonalize_deltas,
+    orthogonalize_steps,
+    snapshot,
 )
 from lopt.optim.rule import UpdateRule, load_rule
 from lopt.optim.step_size import initial_adapt_stats
@@ -309,10 +311,6 @@ class NGOptimizer(Optimizer):
         self.rule.to(device)
         self._plan = self._fused_plan(graph, torch.device(device))
         self._ortho = group_ortho_plan(self.param_groups, graph, self.orthogonal)
-        starts = [0]
-        for n in graph.numels:
-            starts.append(starts[-1] + n)
-        self._ortho_starts = starts
 
     def _adaptation_state(
         self,
@@ -461,24 +459,22 @@ class NGOptimizer(Optimizer):
     def _ortho_after_fused(self, tensors, before, lr, weight_decay) -> None:
         """Orthogonalise the fused step's changes of the hidden matrices
         (``tensors``: every parameter's stepped value, parameter order;
-        ``before``: the hidden matrices' values before the step)."""
-        graph, flat = self._graph, self._flat
+        ``before``: :func:`~lopt.optim.orthogonal.snapshot` of them)."""
         scale = self.rule.config.step_scale
-        starts = self._ortho_starts
-        decay = []
-        for i, old in zip(self._ortho.indices, before):
-            pos = int(graph.tensor_position[i])
-            at = starts[pos]
-            lr_i = lr[at] if isinstance(lr, torch.Tensor) else lr
-            wd_i = (
-                weight_decay[at]
-                if isinstance(weight_decay, torch.Tensor)
-                else weight_decay
-            )
-            if self.rule.step_size.enabled:
-                lr_i = lr_i * torch.exp(flat.log_step[pos])
-            decay.append(-(lr_i * scale * wd_i) * old if wd_i != 0 else 0.0)
-        orthogonalize_deltas([tensors[i] for i in self._ortho.indices], before, decay)
+        log_step = self._flat.log_step if self.rule.step_size.enabled else None
+
+        def decay(group: OrthoGroup) -> torch.Tensor | float:
+            # The kernel's p -= lr * exp(s) * step_scale * wd * p, per matrix.
+            first = group.index[:, 0]
+            lr_g = lr[first] if isinstance(lr, torch.Tensor) else lr
+            wd = weight_decay
+            wd_g = wd[first] if isinstance(wd, torch.Tensor) else wd
+            factor = -scale * lr_g * wd_g
+            if log_step is not None:
+                factor = factor * torch.exp(log_step[group.positions])
+            return factor
+
+        orthogonalize_steps(self._ortho, tensors, before, decay)
 
     def _fused_step(self, params, values, grads, lr, weight_decay) -> None:
         """The step through the fused CPU kernel (every gradient present).
@@ -501,7 +497,7 @@ class NGOptimizer(Optimizer):
         lib = cpu_kernel.load()
         hidden = self._ortho.indices
         if direct:
-            before = [values[i].detach().clone() for i in hidden]
+            before = snapshot(self._ortho, values) if hidden else []
             stepped = fused_step(
                 lib, self._plan, self.rule, ps, gs, self._flat, lr, weight_decay
             )
@@ -515,7 +511,7 @@ class NGOptimizer(Optimizer):
         flat_params = graph.flatten(values)
         work = graph.unflatten(flat_params)
         work_grads = graph.unflatten(graph.flatten(grads))
-        before = [work[i].clone() for i in hidden]
+        before = snapshot(self._ortho, work) if hidden else []
         stepped = fused_step(
             lib,
             self._plan,

@@ -27,7 +27,7 @@ authors published; it pushes every singular value towards 1 without an SVD.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -36,12 +36,15 @@ from lopt.graph import NeuralGraph
 
 __all__ = [
     "ORTHOGONAL_KEY",
+    "OrthoGroup",
     "OrthoPlan",
     "hidden_matrices",
     "newton_schulz",
+    "orthogonalize",
     "ortho_plan",
     "orthogonalize_flat",
-    "orthogonalize_deltas",
+    "orthogonalize_steps",
+    "snapshot",
 ]
 
 #: Param-group key that marks (``True``) or unmarks (``False``) the group's
@@ -70,9 +73,10 @@ def newton_schulz(x: torch.Tensor, steps: int = NS_STEPS) -> torch.Tensor:
     return x.mT if tall else x
 
 
-def _rescaled(u: torch.Tensor) -> torch.Tensor:
-    """``orth(u) * |u|_F / |orth(u)|_F`` per matrix of ``(B, m, n)``; zero
-    matrices stay zero."""
+def orthogonalize(u: torch.Tensor) -> torch.Tensor:
+    """``orth(u) * |u|_F / |orth(u)|_F`` per matrix of ``(..., m, n)``: the
+    update spread evenly over its singular directions, at its own size;
+    zero matrices stay zero."""
     ortho = newton_schulz(u)
     size = torch.linalg.matrix_norm(u, keepdim=True)
     return ortho * (
@@ -98,14 +102,21 @@ def hidden_matrices(
     return out
 
 
+class OrthoGroup(NamedTuple):
+    """The hidden matrices of one shape ``(m, n)``, ``k`` of them."""
+
+    shape: tuple[int, int]
+    index: torch.Tensor  # (k, m * n) int64: their scalars in the flat graph order
+    positions: torch.Tensor  # (k,) int64: their graph-order positions
+    params: tuple[int, ...]  # their parameter indices
+
+
 class OrthoPlan(NamedTuple):
-    """The hidden matrices of a graph, batched by shape.
+    """The hidden matrices of a graph, batched by shape (one
+    :class:`OrthoGroup` per shape: the step loops over shapes, never over
+    matrices)."""
 
-    ``groups``: ``(shape, offsets, positions)`` per shape: the tensors'
-    first scalars in the flat graph-order vector and their graph-order
-    positions (for per-tensor step sizes)."""
-
-    groups: tuple[tuple[tuple[int, int], tuple[int, ...], tuple[int, ...]], ...]
+    groups: tuple[OrthoGroup, ...]
     indices: tuple[int, ...]  # parameter indices of the hidden matrices
 
     def __bool__(self) -> bool:
@@ -113,67 +124,66 @@ class OrthoPlan(NamedTuple):
 
 
 def ortho_plan(graph: NeuralGraph, indices: Sequence[int]) -> OrthoPlan:
-    """The :class:`OrthoPlan` of the parameters ``indices`` of ``graph``."""
+    """The :class:`OrthoPlan` of the parameters ``indices`` of ``graph``
+    (index tensors on the graph's device)."""
+    device = graph.tensor_id.device
     position = graph.tensor_position.tolist()
-    numels = graph.numels
     starts = [0]
-    for n in numels:
+    for n in graph.numels:
         starts.append(starts[-1] + n)
-    by_shape: dict[tuple[int, int], tuple[list[int], list[int]]] = {}
+    by_shape: dict[tuple[int, int], list[int]] = {}
     for i in indices:
-        shape = tuple(graph.shapes[i])
-        offsets, positions = by_shape.setdefault(shape, ([], []))
-        offsets.append(starts[position[i]])
-        positions.append(position[i])
-    groups = tuple(
-        (shape, tuple(offsets), tuple(positions))
-        for shape, (offsets, positions) in by_shape.items()
-    )
-    return OrthoPlan(groups, tuple(indices))
+        by_shape.setdefault(tuple(graph.shapes[i]), []).append(i)
+    groups = []
+    for (m, n), members in by_shape.items():
+        first = torch.tensor([starts[position[i]] for i in members], device=device)
+        index = first[:, None] + torch.arange(m * n, device=device)
+        pos = torch.tensor([position[i] for i in members], device=device)
+        groups.append(OrthoGroup((m, n), index, pos, tuple(members)))
+    return OrthoPlan(tuple(groups), tuple(indices))
 
 
 def orthogonalize_flat(update: torch.Tensor, plan: OrthoPlan) -> torch.Tensor:
     """``update`` (``(P,)``, graph order) with each hidden matrix's block
     replaced by its rescaled orthogonalisation. Without autograd the blocks
     are overwritten in place; with it a new tensor is returned."""
-    if not plan:
-        return update
-    inplace = not torch.is_grad_enabled()
-    out = update if inplace else update.clone()
-    for (m, n), offsets, _ in plan.groups:
-        blocks = torch.stack([update[o : o + m * n].view(m, n) for o in offsets])
-        new = _rescaled(blocks)
-        for k, o in enumerate(offsets):
-            out[o : o + m * n] = new[k].reshape(-1)
-    return out
+    for group in plan.groups:
+        m, n = group.shape
+        new = orthogonalize(update[group.index].view(-1, m, n)).flatten(1)
+        if torch.is_grad_enabled():
+            update = update.index_put((group.index,), new)
+        else:
+            update.index_put_((group.index,), new)
+    return update
 
 
-def orthogonalize_deltas(
-    params: Sequence[torch.Tensor],
+def snapshot(plan: OrthoPlan, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The hidden matrices among ``tensors`` (parameter order), stacked per
+    :class:`OrthoGroup`: copies taken before a fused step."""
+    return [torch.stack([tensors[i] for i in g.params]) for g in plan.groups]
+
+
+def orthogonalize_steps(
+    plan: OrthoPlan,
+    tensors: Sequence[torch.Tensor],
     before: Sequence[torch.Tensor],
-    decay: Sequence[torch.Tensor | float],
+    decay: Callable[[OrthoGroup], torch.Tensor | float],
 ) -> None:
-    """After a step that updated the hidden matrices ``params`` in place
-    from their values ``before``: the same result as orthogonalising the
+    """After a step that updated ``tensors`` (parameter order) in place from
+    ``before`` (:func:`snapshot`): the same result as orthogonalising the
     rule's update (:func:`orthogonalize_flat`), done on the step's change.
     This is the fused path's form, whose kernel writes parameters itself.
 
-    ``decay[k]`` is the change weight decay made to matrix ``k`` (a tensor
-    of its shape, or ``0.0``). The rest of the change is the rule's update
-    times the step size, and orthogonalisation with the norm kept commutes
-    with that positive factor."""
-    by_shape: dict[tuple[int, ...], list[int]] = {}
-    for k, p in enumerate(params):
-        by_shape.setdefault(tuple(p.shape), []).append(k)
-    for ks in by_shape.values():
-        old = torch.stack([before[k] for k in ks])
-        dec = torch.stack(
-            [
-                torch.as_tensor(decay[k], dtype=old.dtype).expand_as(before[k])
-                for k in ks
-            ]
-        )
-        rule_part = torch.stack([params[k] for k in ks]) - old - dec
-        new = old + dec + _rescaled(rule_part)
-        for j, k in enumerate(ks):
-            params[k].copy_(new[j])
+    ``decay(group)`` is the weight decay's share of each matrix's change as a
+    factor of its old value (``(k,)`` or a float). The rest of the change is
+    the rule's update times the step size, and orthogonalisation with the
+    norm kept commutes with that positive factor."""
+    for group, old in zip(plan.groups, before):
+        targets = [tensors[i] for i in group.params]
+        factor = decay(group)
+        if isinstance(factor, torch.Tensor):
+            factor = factor.to(old.dtype).view(-1, 1, 1)
+        dec = factor * old
+        rule_part = torch.stack(targets) - old - dec
+        new = old + dec + orthogonalize(rule_part)
+        torch._foreach_copy_(targets, list(new.unbind(0)))

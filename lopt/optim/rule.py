@@ -238,16 +238,33 @@ class UpdateRule(nn.Module):
         are zero and their skip paths are still the Adam ratio, as in a fresh
         rule. The update is then ``-step_scale`` times the Adam ratio
         (beta1 = 0.9) whatever the graph network computes, and
-        :func:`~lopt.optim.functional.ng_step` skips it (without autograd)."""
+        :func:`~lopt.optim.functional.ng_step` skips it (without autograd).
+
+        Checked once per version of the heads' weights (their storage and
+        in-place version counters), so a step pays nothing for it and never
+        waits on a device."""
+        tensors = [
+            t
+            for head in (self.edge_head, self.slot_head)
+            for t in (head.out.weight, head.out.bias, head.skip.weight)
+        ]
+        key = tuple((t.data_ptr(), t._version) for t in tensors)
+        cached = self.__dict__.get("_zero_output")
+        if cached is not None and cached[0] == key:
+            return cached[1]
         with torch.no_grad():
+            zero = True
             for head in (self.edge_head, self.slot_head):
-                if head.out.weight.any() or head.out.bias.any():
-                    return False
                 want = torch.zeros_like(head.skip.weight)
                 want[0, ADAM_RATIO_FEATURE] = 1.0
-                if not torch.equal(head.skip.weight, want):
-                    return False
-        return True
+                if (
+                    head.out.weight.any()
+                    or head.out.bias.any()
+                    or not torch.equal(head.skip.weight, want)
+                ):
+                    zero = False
+        self.__dict__["_zero_output"] = (key, bool(zero))
+        return bool(zero)
 
     def _to_update(
         self, direction: torch.Tensor, magnitude: torch.Tensor

@@ -18,8 +18,9 @@ from lopt.optim.orthogonal import (
     hidden_matrices,
     newton_schulz,
     ortho_plan,
-    orthogonalize_deltas,
     orthogonalize_flat,
+    orthogonalize_steps,
+    snapshot,
 )
 from lopt.optim.rule import load_rule
 
@@ -113,10 +114,8 @@ def test_fused_form_equals_the_flat_form_in_exact_arithmetic():
         want = p + lr * (orthogonalize_flat(u.clone(), plan) - wd * p)
         got = p + lr * (u - wd * p)  # the step as the kernel makes it
         stepped = graph.unflatten(got)  # views: changed in place below
-        before = [t.clone() for t in graph.unflatten(p)]
-        mats = [stepped[i] for i in plan.indices]
-        olds = [before[i] for i in plan.indices]
-        orthogonalize_deltas(mats, olds, [-lr * wd * o for o in olds])
+        before = snapshot(plan, graph.unflatten(p))
+        orthogonalize_steps(plan, stepped, before, lambda group: -lr * wd)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
     assert not torch.allclose(want, p + lr * (u - wd * p))  # it did something
 

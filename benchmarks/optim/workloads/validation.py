@@ -45,8 +45,10 @@ from benchmarks.optim.workloads.spec import (
 )
 from benchmarks.optim.workloads.tabular import dropout_mlp, rows_job
 from benchmarks.optim.workloads.text import language_model_job
+from lopt.optim.optimizer import cooldown_factor
+from lopt.optim.orthogonal import orthogonalize
 
-__all__ = ["JOBS", "VARIANTS", "Variant", "orthogonalize", "main"]
+__all__ = ["JOBS", "VARIANTS", "Variant", "main"]
 
 
 # ------------------------------------------------------------------ jobs
@@ -180,22 +182,6 @@ JOBS = {
 
 
 # -------------------------------------------------------------- variants
-def orthogonalize(update: torch.Tensor, iterations: int = 5) -> torch.Tensor:
-    """The nearest semi-orthogonal matrix to ``update`` (2-D), approximately:
-    a quintic Newton-Schulz iteration on ``update / |update|_F`` (the
-    coefficients Muon's authors published, 3.4445, -4.7750, 2.0315), which
-    pushes every singular value towards 1 without an SVD."""
-    a, b, c = 3.4445, -4.7750, 2.0315
-    x = update / (update.norm() + 1e-7)
-    wide = x.shape[0] <= x.shape[1]
-    if not wide:
-        x = x.T
-    for _ in range(iterations):
-        gram = x @ x.T
-        x = a * x + (b * gram + c * gram @ gram) @ x
-    return x if wide else x.T
-
-
 @dataclass(frozen=True)
 class Variant:
     """NG with changes, or AdamW + warmup + cosine at ``lr``.
@@ -203,8 +189,8 @@ class Variant:
     Attributes:
         name: the label in tables (and the cache).
         log_min: the step-size controller's floor (``None``: the rule's own).
-        cooldown: share of the run at the end over which NG's lr decays
-            linearly to zero (0: none).
+        cooldown: NG's lr decays linearly to zero over the last 20% of the
+            run (:func:`lopt.optim.optimizer.cooldown_factor`).
         ortho: NG's update of each hidden matrix replaced by its
             orthogonalisation with the same Frobenius norm.
         untrained: the rule's config with fresh weights (the ablation).
@@ -213,7 +199,7 @@ class Variant:
 
     name: str
     log_min: float | None = None
-    cooldown: float = 0.0
+    cooldown: bool = False
     ortho: bool = False
     untrained: bool = False
     lr: float | None = None
@@ -232,14 +218,14 @@ VARIANTS = {
         # The rule as shipped before this study: the controller's floor at -2.
         Variant("ng", log_min=-2.0),
         Variant("ng_floor0", log_min=0.0),
-        Variant("ng_cool", log_min=-2.0, cooldown=0.2),
-        Variant("ng_floor0_cool", log_min=0.0, cooldown=0.2),
+        Variant("ng_cool", log_min=-2.0, cooldown=True),
+        Variant("ng_floor0_cool", log_min=0.0, cooldown=True),
         Variant("ng_floor0_ortho", log_min=0.0, ortho=True),
-        Variant("ng_floor0_ortho_cool", log_min=0.0, ortho=True, cooldown=0.2),
-        Variant("ng_untrained_floor0_cool", log_min=0.0, cooldown=0.2, untrained=True),
+        Variant("ng_floor0_ortho_cool", log_min=0.0, ortho=True, cooldown=True),
+        Variant("ng_untrained_floor0_cool", log_min=0.0, cooldown=True, untrained=True),
         # After the 5000-step suite run: a floor below 0 with orthogonalisation.
-        Variant("ng_floor-1_ortho_cool", log_min=-1.0, ortho=True, cooldown=0.2),
-        Variant("ng_floor-2_ortho_cool", log_min=-2.0, ortho=True, cooldown=0.2),
+        Variant("ng_floor-1_ortho_cool", log_min=-1.0, ortho=True, cooldown=True),
+        Variant("ng_floor-2_ortho_cool", log_min=-2.0, ortho=True, cooldown=True),
         Variant("ngopt_floor0", log_min=0.0, native=True),
         Variant("ngopt_untrained_floor0", log_min=0.0, native=True, untrained=True),
         Variant("adamw@0.001", lr=1e-3),
@@ -247,19 +233,6 @@ VARIANTS = {
         Variant("adamw@0.01", lr=1e-2),
     )
 }
-
-
-def cooldown_factor(total: int, fraction: float):
-    """Multiplier of step ``t``: 1, then linear to 0 over the last
-    ``fraction`` of ``total`` steps."""
-    start = (1.0 - fraction) * total
-
-    def factor(t: int) -> float:
-        if t < start:
-            return 1.0
-        return max(0.0, (total - t) / max(1.0, total - start))
-
-    return factor
 
 
 class _VariantTrainer(Trainer):
@@ -277,10 +250,11 @@ class _VariantTrainer(Trainer):
         # Non-native variants: this module's wrappers, the optimizer's own off.
         opt.orthogonal = variant.native
         opt.total_steps = total if variant.native else None
-        if variant.cooldown:
-            factor = cooldown_factor(total, variant.cooldown)
+        if variant.cooldown:  # NGOptimizer's cooldown, as an LR scheduler
             self.schedulers.append(
-                torch.optim.lr_scheduler.LambdaLR(self.optimizers[0], factor)
+                torch.optim.lr_scheduler.LambdaLR(
+                    opt, lambda t: cooldown_factor(t, total)
+                )
             )
         self.matrices = list(job.matrices) if variant.ortho else []
 
@@ -289,11 +263,7 @@ class _VariantTrainer(Trainer):
         super().step()
         with torch.no_grad():
             for p, old in zip(self.matrices, before):
-                delta = p - old
-                size = delta.norm()
-                if size > 0:
-                    ortho = orthogonalize(delta)
-                    p.copy_(old + ortho * (size / (ortho.norm() + 1e-12)))
+                p.copy_(old + orthogonalize(p - old))
 
 
 class _Cache(RunCache):
