@@ -11,6 +11,7 @@ from torch import nn
 
 from lopt.weightspace.graph.data import NODE_ROLES, NeuralGraphData
 from lopt.weightspace.graph.dataset import NeuralGraphDataset
+from lopt.weightspace.graph.screening import SkippedNetwork
 
 __all__ = ["WeightSpaceData", "float_state", "stack_deltas"]
 
@@ -44,6 +45,8 @@ class WeightSpaceData:
         grid: editing only: ``(P, d)`` network inputs (an INR's coordinates).
         extras: other per-network tensors ``(n, ...)`` that predictors may
             read, e.g. ``"image"``: the signal an INR was fitted to.
+        skipped: the networks :meth:`from_modules` left out with
+            ``on_bad="skip"`` (their positions in what it was given).
     """
 
     graphs: list[NeuralGraphData]
@@ -53,6 +56,7 @@ class WeightSpaceData:
     target: torch.Tensor | None = None
     grid: torch.Tensor | None = None
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    skipped: list[SkippedNetwork] = field(default_factory=list)
 
     def __post_init__(self):
         n = len(self.graphs)
@@ -83,27 +87,55 @@ class WeightSpaceData:
         target: torch.Tensor | None = None,
         grid: torch.Tensor | None = None,
         extras: Mapping[str, torch.Tensor] | None = None,
+        on_bad: str = "raise",
     ) -> WeightSpaceData:
         """Build the graphs of ``modules`` (or of ``state_dicts`` loaded into
         them) with :class:`~lopt.weightspace.NeuralGraphDataset`. Pass the
-        training split's ``kernel_size`` to the other splits."""
+        training split's ``kernel_size`` to the other splits.
+
+        ``on_bad``: a network with a NaN or infinite entry raises a
+        ``ValueError`` naming it (``"network I"``, its position), or with
+        ``"skip"`` is left out, with its label, target and extras rows, and
+        listed in :attr:`skipped` (with a warning). The modules, state_dicts
+        and tensors passed in are not modified.
+        """
         modules = list(modules)
         dataset = NeuralGraphDataset(
-            modules, labels, state_dicts=state_dicts, kernel_size=kernel_size
+            modules,
+            labels,
+            state_dicts=state_dicts,
+            kernel_size=kernel_size,
+            names=[f"network {i}" for i in range(len(modules))],
+            on_bad=on_bad,
         )
+        kept = dataset.kept
         states = [
-            float_state(m, state_dicts[i] if state_dicts is not None else None)
-            for i, m in enumerate(modules)
+            float_state(modules[i], state_dicts[i] if state_dicts is not None else None)
+            for i in kept
         ]
         y = None if labels is None else torch.as_tensor(labels)
+        extras = dict(extras or {})
+        if dataset.skipped:
+            # Every per-network tensor loses the skipped rows (checked for
+            # length first, so a mismatch is named, not an IndexError).
+            for name, value in (("target", target), *extras.items()):
+                if value is not None and len(value) != len(modules):
+                    raise ValueError(
+                        f"got {len(value)} {name} rows for {len(modules)} networks"
+                    )
+            rows = torch.as_tensor(kept, dtype=torch.long)
+            y = None if y is None else y[rows]
+            target = None if target is None else target[rows]
+            extras = {k: v[rows] for k, v in extras.items()}
         return cls(
             [dataset[i] for i in range(len(dataset))],
             [{k: v.detach() for k, v in s.items()} for s in states],
-            modules,
+            [modules[i] for i in kept],
             y,
             target,
             grid,
-            dict(extras or {}),
+            extras,
+            list(dataset.skipped),
         )
 
     def __len__(self) -> int:

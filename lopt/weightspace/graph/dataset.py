@@ -27,6 +27,12 @@ from torch import nn
 
 from lopt.weightspace.graph.convert import build_graph
 from lopt.weightspace.graph.data import NeuralGraphData
+from lopt.weightspace.graph.screening import (
+    SkippedNetwork,
+    check_on_bad,
+    nonfinite_report,
+    screen,
+)
 
 __all__ = ["NeuralGraphDataset", "sequential_from_config", "save_network"]
 
@@ -125,10 +131,21 @@ class NeuralGraphDataset(torch.utils.data.Dataset):
             one to every split (default: the smallest all of these fit).
         transform: applied to a copy of each graph when it is read.
         names: what error messages call each item (default: ``item I``).
+        on_bad: a network with a NaN or infinite weight, bias or buffer:
+            ``"raise"`` a ``ValueError`` naming it, or ``"skip"`` it with a
+            warning; :attr:`skipped` lists what was left out and
+            :attr:`kept` the input positions of the items. (default:
+            ``"raise"``)
+
+    Attributes:
+        kept: for each item, its position in ``modules``.
+        skipped: the networks left out by ``on_bad="skip"``
+            (:class:`~lopt.weightspace.graph.screening.SkippedNetwork`).
 
     Raises:
         ValueError: labels or state_dicts of another length than the modules,
-            or a state_dict that does not fit its module (naming the item).
+            a state_dict that does not fit its module, or non-finite weights
+            with ``on_bad="raise"`` (naming the item).
     """
 
     def __init__(
@@ -140,7 +157,9 @@ class NeuralGraphDataset(torch.utils.data.Dataset):
         kernel_size: Sequence[int] | None = None,
         transform: Callable[[NeuralGraphData], NeuralGraphData] | None = None,
         names: Sequence[str] | None = None,
+        on_bad: str = "raise",
     ):
+        check_on_bad(on_bad)
         modules = list(modules)
         if not modules:
             raise ValueError("NeuralGraphDataset needs at least one network")
@@ -154,8 +173,18 @@ class NeuralGraphDataset(torch.utils.data.Dataset):
                 raise ValueError(
                     f"got {len(given)} {label} for {len(modules)} networks"
                 )
+        reports = [
+            nonfinite_report(
+                state_dicts[i] if state_dicts is not None else module.state_dict()
+            )
+            for i, module in enumerate(modules)
+        ]
+        self.kept: list[int]
+        self.skipped: list[SkippedNetwork]
+        self.kept, self.skipped = screen(reports, names, on_bad, "NeuralGraphDataset")
         built = []
-        for i, module in enumerate(modules):
+        for i in self.kept:
+            module = modules[i]
             state = state_dicts[i] if state_dicts is not None else None
             try:
                 built.append(build_graph(module, state))
@@ -166,7 +195,7 @@ class NeuralGraphDataset(torch.utils.data.Dataset):
         self.kernel_size = tuple(kernel_size)
         self.transform = transform
         self._graphs = []
-        for i, (builder, outputs) in enumerate(built):
+        for i, (builder, outputs) in zip(self.kept, built):
             try:
                 data = builder.finish(outputs, self.kernel_size)
             except ValueError as err:
@@ -184,11 +213,13 @@ class NeuralGraphDataset(torch.utils.data.Dataset):
         *,
         kernel_size: Sequence[int] | None = None,
         transform: Callable[[NeuralGraphData], NeuralGraphData] | None = None,
+        on_bad: str = "raise",
     ) -> NeuralGraphDataset:
         """Every ``NAME.json`` + ``NAME.safetensors`` pair under ``root``, in
         sorted order of ``NAME``. ``factory`` builds each module from its
         JSON ``architecture``; labels come from ``labels`` or else from each
-        JSON's ``y`` (all or none of them).
+        JSON's ``y`` (all or none of them). ``on_bad`` as in the constructor;
+        messages name each network by ``NAME``.
 
         Raises:
             FileNotFoundError: ``root`` is not a directory, or a JSON file has
@@ -227,6 +258,7 @@ class NeuralGraphDataset(torch.utils.data.Dataset):
             kernel_size=kernel_size,
             transform=transform,
             names=[m.stem for m in metas],
+            on_bad=on_bad,
         )
 
     def __len__(self) -> int:

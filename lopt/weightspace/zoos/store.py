@@ -40,6 +40,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
+from lopt.weightspace.graph.screening import SkippedNetwork, check_on_bad, screen
 from lopt.weightspace.zoos.specs import build_module
 
 __all__ = [
@@ -307,6 +308,8 @@ class Zoo:
             network of that spec (``torch.func.functional_call`` under
             ``vmap`` takes these directly).
         extras: name -> tensor stacked over ``nets``.
+        skipped: networks left out by ``load_zoo(on_bad="skip")``; their
+            ``index`` is their position among all the zoo's networks.
     """
 
     path: Path
@@ -315,6 +318,7 @@ class Zoo:
     nets: list[dict[str, Any]]
     params: dict[str, dict[str, torch.Tensor]]
     extras: dict[str, torch.Tensor]
+    skipped: list[SkippedNetwork] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.nets)
@@ -344,14 +348,42 @@ class Zoo:
         return module.eval()
 
 
-def load_zoo(path: str | os.PathLike) -> Zoo:
+def _nonfinite_reports(
+    nets: list[dict[str, Any]], params: dict[str, dict[str, torch.Tensor]]
+) -> list[str | None]:
+    """For each network, ``None`` or the tensors holding NaN / inf values
+    (checked per spec on the stacked tensors, not network by network)."""
+    bad_keys: dict[str, dict[int, list[str]]] = {}
+    for spec_id, state in params.items():
+        for key, value in state.items():
+            if not value.is_floating_point():
+                continue
+            rows = (~torch.isfinite(value.reshape(len(value), -1))).any(1)
+            for row in rows.nonzero().flatten().tolist():
+                bad_keys.setdefault(spec_id, {}).setdefault(row, []).append(key)
+    reports: list[str | None] = []
+    for net in nets:
+        keys = bad_keys.get(net["spec"], {}).get(net["row"])
+        reports.append(None if keys is None else "non-finite " + ", ".join(keys))
+    return reports
+
+
+def load_zoo(path: str | os.PathLike, on_bad: str = "raise") -> Zoo:
     """Load a complete zoo built by :func:`lopt.weightspace.zoos.build_zoo`.
+
+    Args:
+        path: the zoo directory.
+        on_bad: a network with a NaN or infinite entry: ``"raise"`` a
+            ``ValueError`` naming it, or ``"skip"`` it (with a warning; the
+            zoo's ``skipped`` lists it). Zoos built here keep a diverged run's
+            last finite weights, so they hold none. (default: ``"raise"``)
 
     Raises:
         FileNotFoundError: no zoo at ``path`` or a chunk file is missing.
-        ValueError: the zoo is incomplete (its build was interrupted) or a
-            file is corrupted.
+        ValueError: the zoo is incomplete (its build was interrupted), a
+            file is corrupted, or a network is not finite (``"raise"``).
     """
+    check_on_bad(on_bad)
     path = Path(path)
     header = read_header(path)
     if header.get("status") != "complete":
@@ -388,4 +420,13 @@ def load_zoo(path: str | os.PathLike) -> Zoo:
     unknown = sorted(set(params) - set(header["specs"]))
     if unknown:
         raise ValueError(f"Zoo {path} holds weights of unknown specs {unknown}")
-    return Zoo(path, header, header["specs"], nets, params, extras)
+    names = [
+        f"net {n['index']} of zoo {path} (chunk {n['chunk']}, spec {n['spec']})"
+        for n in nets
+    ]
+    kept, skipped = screen(_nonfinite_reports(nets, params), names, on_bad, "load_zoo")
+    if skipped:
+        rows = torch.as_tensor(kept, dtype=torch.long)
+        extras = {k: v[rows] for k, v in extras.items()}
+        nets = [{**nets[i], "index": new} for new, i in enumerate(kept)]
+    return Zoo(path, header, header["specs"], nets, params, extras, skipped)
