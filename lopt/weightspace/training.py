@@ -143,6 +143,35 @@ def kendall_tau(pred: torch.Tensor, target: torch.Tensor) -> float:
     return float(tau.statistic if hasattr(tau, "statistic") else tau[0])
 
 
+def _check_selected(
+    history: list[dict[str, Any]], best_epoch: int, metric: str, has_val: bool
+) -> None:
+    """Raise ``RuntimeError`` unless the selected epoch has a finite training
+    loss (else its weights are not finite either) and, with validation, a
+    finite validation metric."""
+    chosen = history[best_epoch - 1]
+    scores = [chosen["train_loss"]] + ([chosen["val"][metric]] if has_val else [])
+    if all(math.isfinite(v) for v in scores):
+        return
+    losses = [h["train_loss"] for h in history]
+    diverged = next(
+        (h["epoch"] for h in history if not math.isfinite(h["train_loss"])), None
+    )
+    cause = (
+        f"the training loss became non-finite at epoch {diverged} (try a lower "
+        "lr or grad_clip, and check the data for extreme weights)"
+        if diverged is not None
+        else "the model's predictions were constant or non-finite on every "
+        "validation network"
+    )
+    what = f"validation {metric}" if has_val else "training loss"
+    raise RuntimeError(
+        f"fit found no epoch with a finite {what} in {len(history)} epochs "
+        f"(training losses {losses[:3]}{'...' if len(losses) > 3 else ''}): "
+        f"{cause}; nothing to select, so no model is returned"
+    )
+
+
 @dataclass
 class FitResult:
     """What :meth:`WeightSpaceTrainer.fit` returns.
@@ -324,6 +353,10 @@ class WeightSpaceTrainer:
         Raises:
             ValueError: data without what the task needs (labels, editing
                 targets), or class labels beyond the model's outputs.
+            RuntimeError: no epoch gave a finite validation metric with a
+                finite training loss (without ``val``: the last epoch's
+                training loss is not finite), so there is nothing to select;
+                the message says what was non-finite and what to try.
         """
         self._check(train, "train")
         if val is not None:
@@ -350,6 +383,12 @@ class WeightSpaceTrainer:
             self.fitted = True
             val_metrics = self.evaluate(val) if val is not None else {}
             metric, _ = _SELECT[self.task]
+            if val is not None and not math.isfinite(val_metrics[metric]):
+                raise RuntimeError(
+                    f"{type(model).__name__} was fitted, but its validation "
+                    f"{metric} is {val_metrics[metric]}: its predictions were "
+                    "constant or non-finite on every validation network"
+                )
             return FitResult(
                 1,
                 val_metrics.get(metric, float("nan")),
@@ -395,7 +434,8 @@ class WeightSpaceTrainer:
             if val is not None:
                 record["val"] = self.evaluate(val)
                 score = sign * record["val"][metric]
-                if math.isnan(score):
+                # A non-finite loss leaves non-finite weights: never select them.
+                if math.isnan(score) or not math.isfinite(record["train_loss"]):
                     score = -math.inf
             else:
                 score = epoch  # the last epoch
@@ -428,6 +468,7 @@ class WeightSpaceTrainer:
         bar.close()
         model.load_state_dict(best_state)
         model.eval()
+        _check_selected(history, best_epoch, metric, val is not None)
         best_val = sign * best if val is not None else float("nan")
         return FitResult(
             best_epoch, best_val, metric, history, time.perf_counter() - t0, stopped

@@ -3,6 +3,8 @@ predicts, and refuses bad input clearly."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -269,3 +271,55 @@ def test_fitted_input_scales_keep_graph_outputs_invariant(toy):
         model.features.edge_scale = torch.ones(0)
         plain = predictor(predictor.collate(data, [0]))
     assert not torch.allclose(scaled, plain)
+
+
+def _poisoned(data: WeightSpaceData) -> WeightSpaceData:
+    """``data`` with one NaN weight in its first graph, as a split built
+    without the entry checks (a WeightSpaceData made by hand) would have."""
+    bad = data.subset(range(len(data)))
+    bad.graphs[0] = bad.graphs[0].clone()
+    bad.graphs[0].edge_attr[0, 0] = float("nan")
+    return bad
+
+
+@pytest.mark.parametrize("task", ["classification", "regression"])
+def test_a_fit_with_no_finite_validation_score_fails_loudly(toy, task):
+    train, val, _ = toy
+    if task == "regression":
+        train, val = (d.subset(range(len(d))) for d in (train, val))
+        train.y, val.y = train.y.float(), val.y.float()
+    model = NeuralGraphGNN(train.edge_features, graph_out=2, node_dim=8, num_layers=1)
+    trainer = WeightSpaceTrainer(model, task, epochs=3, batch_size=len(train))
+    with pytest.raises(
+        RuntimeError,
+        match=r"no epoch with a finite validation .*"
+        r"training loss became non-finite at epoch 1",
+    ):
+        trainer.fit(_poisoned(train), val)
+    with pytest.raises(RuntimeError, match="no epoch with a finite training loss"):
+        trainer.fit(_poisoned(train))
+    # The same data without the NaN fits, and the check passes.
+    assert math.isfinite(trainer.fit(train, val).best_val)
+
+
+class _Constant(nn.Module):
+    """A predictor whose output is one learned value for every network."""
+
+    def __init__(self):
+        super().__init__()
+        self.value = nn.Parameter(torch.zeros(1))
+
+    def collate(self, data, index):
+        return len(index)
+
+    def forward(self, count):
+        return self.value.expand(count, 1)
+
+
+def test_a_constant_predictor_has_no_tau_to_select_on(toy):
+    train, val, _ = toy
+    train, val = (d.subset(range(len(d))) for d in (train, val))
+    train.y, val.y = train.y.float(), val.y.float()
+    trainer = WeightSpaceTrainer(_Constant(), "regression", epochs=2)
+    with pytest.raises(RuntimeError, match="constant or non-finite on every"):
+        trainer.fit(train, val)
