@@ -195,14 +195,35 @@ class NeuralGraph:
 
     # ------------------------------------------------------------------ build
     @classmethod
-    def from_shapes(cls, shapes: Iterable[Sequence[int]]) -> NeuralGraph:
-        """Build the graph of parameters with the given shapes, in order."""
+    def from_shapes(
+        cls, shapes: Iterable[Sequence[int]], order: Sequence[int] | None = None
+    ) -> NeuralGraph:
+        """Build the graph of parameters with the given shapes.
+
+        Args:
+            shapes: the parameters' shapes; tensor ``i`` of the graph
+                (:attr:`tensor_order`, :meth:`flatten`, :meth:`unflatten`)
+                is ``shapes[i]``.
+            order: the order in which shape inference walks the tensors (a
+                permutation of their indices; default: as given). The graph's
+                structure and its flat layout depend on this order only, so
+                the same network listed in two orders (param groups, say)
+                gets the same graph when both pass the network's own order.
+        """
         shapes = tuple(torch.Size(s) for s in shapes)
+        if order is None:
+            order = range(len(shapes))
+        elif sorted(order) != list(range(len(shapes))):
+            raise ValueError(
+                f"Invalid order: {list(order)} (need a permutation of "
+                f"range({len(shapes)}))"
+            )
         b = _Builder()
         depth = 0
         prev: torch.Tensor | None = None  # output nodes of the last layer
         slots_used = 0
-        for index, shape in enumerate(shapes):
+        for index in order:
+            shape = shapes[index]
             numel = shape.numel()
             if len(shape) >= 2 and numel > 0:
                 out, inn = shape[0], shape[1]

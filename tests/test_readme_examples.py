@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib.util
 import re
 import tempfile
+import warnings
 from pathlib import Path
 
 import pytest
@@ -246,6 +247,26 @@ def test_orthogonal_groups():
     assert float(opt.state[net[2].weight]["step"]) == 1
 
 
+def test_model_groups():
+    """Decay / no-decay groups with ``model=``: the graph of
+    ``model.parameters()``, no warning, and the step moves every parameter."""
+    from lopt import NGOptimizer
+
+    where, code = snippet("model_groups")
+    namespace: dict = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.manual_seed(0)
+        exec(compile(code, where, "exec"), namespace)
+    opt, model = namespace["opt"], namespace["model"]
+    plain = NGOptimizer(model.parameters()).graph
+    params, order = opt._all_params(), opt.graph.tensor_order
+    position = {id(p): i for i, p in enumerate(model.parameters())}
+    assert [position[id(params[i])] for i in order] == list(plain.tensor_order)
+    assert torch.equal(opt.graph.slot_node, plain.slot_node)
+    assert all(opt.state[p]["step"] == 1 for p in model.parameters())
+
+
 def test_scheduler(problem):
     """OneCycleLR with ``cycle_momentum=False``, stepped every batch."""
     run_snippet("scheduler", *problem)
@@ -329,6 +350,7 @@ RUNNERS = {
     "constructor": test_constructor,
     "scheduler": test_scheduler,
     "orthogonal_groups": test_orthogonal_groups,
+    "model_groups": test_model_groups,
     "lightning": test_lightning,
     "transformers": test_transformers_trainer,
     "compile": test_torch_compile,

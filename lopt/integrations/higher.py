@@ -109,7 +109,7 @@ class DifferentiableNGOptimizer(DifferentiableOptimizer):
         original = [p for group in other.param_groups for p in group["params"]]
         if device is None:
             device = original[0].device if original else torch.device("cpu")
-        self.graph = NeuralGraph.from_parameters(original).to(device)
+        self.graph = other.structure_graph(original).to(device)
         self.ng_state = _initial_state(other, original, self.graph, device)
         self.total_steps = other.total_steps
         self.ortho = group_ortho_plan(other.param_groups, self.graph, other.orthogonal)

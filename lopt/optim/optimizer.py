@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+from torch import nn
 from torch.autograd.graph import increment_version
 from torch.optim import Optimizer
 
@@ -30,7 +32,13 @@ from lopt.optim.orthogonal import (
 from lopt.optim.rule import UpdateRule, load_rule
 from lopt.optim.step_size import initial_adapt_stats
 
-__all__ = ["NGOptimizer", "SHIPPED_RULES", "default_rule_path", "resolve_rule"]
+__all__ = [
+    "NGOptimizer",
+    "SHIPPED_RULES",
+    "default_rule_path",
+    "resolve_rule",
+    "structure_order",
+]
 
 #: Rules inside the package, by name: ``"default"``, the lean rule (cheap
 #: step), ``"full"``, the previous default it was distilled from (an edge
@@ -155,6 +163,17 @@ class NGOptimizer(Optimizer):
             guessed (all but the first and the last 2-D tensor in parameter
             order); a param group's ``"orthogonal"`` key (``True`` or
             ``False``) decides for its own 2-D tensors. (default: ``True``)
+        model (nn.Module, optional): the network being trained. The neural
+            graph then follows the module's own order of parameters
+            (``model.parameters()``), whatever the order or grouping of
+            ``params`` (decay / no-decay groups list every matrix first and
+            every norm gain last). Every parameter optimized must belong to
+            ``model``. Without it, named parameters
+            (``model.named_parameters()``, or groups of ``(name, tensor)``
+            pairs) are put in an order that depends on their names only
+            (:func:`structure_order`), and plain tensors are taken in the
+            order given, with a warning when the groups look like a
+            decay / no-decay split. (default: ``None``)
 
     State (per parameter, float32 whatever the parameter dtype; views into
     flat buffers shared by all parameters):
@@ -187,8 +206,18 @@ class NGOptimizer(Optimizer):
         fused: bool | None = None,
         total_steps: int | None = None,
         orthogonal: bool = True,
+        model: nn.Module | None = None,
     ):
         _check_number("learning rate", lr)
+        if model is not None and not isinstance(model, nn.Module):
+            raise ValueError(
+                f"Invalid model: expected a torch.nn.Module, got {type(model).__name__}"
+            )
+        #: Position of each of ``model``'s parameters in its own order, by id.
+        self._model_order: dict[int, int] | None = None
+        if model is not None:
+            self._model_order = {id(p): i for i, p in enumerate(model.parameters())}
+        self._warned_order = False
         if total_steps is not None and (
             isinstance(total_steps, bool)
             or not isinstance(total_steps, int)
@@ -254,10 +283,18 @@ class NGOptimizer(Optimizer):
         _check_no_momentum([param_group])
         params = param_group["params"]
         params = [params] if isinstance(params, torch.Tensor) else list(params)
-        for p in params:
+        for item in params:
+            p = item[1] if isinstance(item, tuple) and len(item) == 2 else item
             if isinstance(p, torch.Tensor) and not p.is_floating_point():
                 raise ValueError(
                     f"Invalid parameter dtype: {p.dtype} (need a float dtype)"
+                )
+            if self._model_order is not None and id(p) not in self._model_order:
+                name = f" {item[0]!r}" if isinstance(item, tuple) else ""
+                raise ValueError(
+                    f"Invalid parameter{name} of shape {tuple(p.shape)}: it is not "
+                    "a parameter of model (every parameter optimized must belong "
+                    "to the model passed as model=)"
                 )
         super().add_param_group({**param_group, "params": params})
         # The graph spans every group: rebuild it (keeping state) at the next step.
@@ -265,6 +302,18 @@ class NGOptimizer(Optimizer):
 
     def _all_params(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
+
+    def structure_graph(self, params: list[torch.Tensor]) -> NeuralGraph:
+        """The neural graph of ``params`` (every group's, groups in order),
+        its structure inferred in :func:`structure_order` (on the CPU).
+        Shared with the ``higher`` counterpart."""
+        names = None
+        if all("param_names" in group for group in self.param_groups):
+            names = [n for group in self.param_groups for n in group["param_names"]]
+        order = structure_order(params, self._model_order, names)
+        if order is None and not self._warned_order:
+            self._warned_order = _warn_split_groups(self.param_groups)
+        return NeuralGraph.from_shapes([p.shape for p in params], order)
 
     @property
     def graph(self) -> NeuralGraph:
@@ -288,7 +337,7 @@ class NGOptimizer(Optimizer):
         """(Re)create the graph and the flat state buffers, filling them from
         per-parameter state in ``source``; then point ``self.state`` at views."""
         device = params[0].device if params else torch.device("cpu")
-        graph = NeuralGraph.from_parameters(params).to(device)
+        graph = self.structure_graph(params).to(device)
         flat = init_state(graph, device)
         steps = [float(s["step"]) for s in source.values() if "step" in s]
         flat.step.fill_(max(steps, default=0.0))
@@ -569,6 +618,84 @@ class NGOptimizer(Optimizer):
         self.skipped_steps = int(state_dict.get("ng", {}).get("skipped_steps", 0))
 
 
+def _natural(text: str) -> tuple:
+    """Sort key of a dotted name with its integers compared as numbers
+    (``h.2`` before ``h.10``)."""
+    return tuple((0, int(t), "") if t.isdigit() else (1, 0, t) for t in text.split("."))
+
+
+def _name_key(name: str, ndim: int) -> tuple:
+    """Sort key of a named parameter: its module's path (natural order),
+    then matrices before vectors, ``weight`` before ``bias`` before the rest
+    (a layer's weight, then its bias; a norm's gain, then its shift)."""
+    module, _, leaf = name.rpartition(".")
+    rank = {"weight": 0, "bias": 1}.get(leaf, 2)
+    return (_natural(module) if module else (), ndim < 2, rank, _natural(leaf))
+
+
+def structure_order(
+    params: list[torch.Tensor],
+    model_order: dict[int, int] | None = None,
+    names: list[str] | None = None,
+) -> list[int] | None:
+    """The order in which shape inference walks ``params`` (indices into
+    ``params``), or ``None`` for the order given.
+
+    With ``model_order`` (each of the model's parameters' position in
+    ``model.parameters()``, by ``id``), the model's own order. Otherwise,
+    with ``names``, an order that depends on the names only: by module path
+    (natural order), matrices first, then ``weight``, ``bias``, the rest.
+    Either way, listing or grouping the same parameters differently gives
+    the same order of tensors, hence the same graph.
+    """
+    if model_order is not None:
+        keys = [model_order[id(p)] for p in params]
+    elif names is not None:
+        keys = [_name_key(n, p.dim()) for n, p in zip(names, params)]
+    else:
+        return None
+    return sorted(range(len(params)), key=keys.__getitem__)
+
+
+def _warn_split_groups(param_groups: list[dict[str, Any]]) -> bool:
+    """Warn (and return ``True``) when unnamed param groups look like a
+    decay / no-decay split: no group mixes matrices and vectors, and some
+    group holds only vectors (two or more of them). Their concatenation is
+    not the network's order, and the graph inferred from it attaches norms
+    and biases to the wrong neurons. (Layer-wise groups hold a layer's
+    weight with its bias, so they mix.)"""
+    kinds = [{p.dim() >= 2 for p in g["params"]} for g in param_groups if g["params"]]
+    vectors = sum(len(g["params"]) for g, k in zip(param_groups, kinds) if k == {False})
+    if not (all(len(k) == 1 for k in kinds) and {True} in kinds and vectors >= 2):
+        return False
+    warnings.warn(
+        "NGOptimizer: the param groups split the network's vectors (biases, "
+        "norm gains) from its matrices, so their order is not the network's, "
+        "and the neural graph inferred from it attaches them to the wrong "
+        "neurons. Pass model=model (NGOptimizer(groups, model=model)), or "
+        "named parameters, so that the structure comes from the model.",
+        UserWarning,
+        stacklevel=_user_stacklevel(),
+    )
+    return True
+
+
+#: Source files whose frames a warning skips to point at the user's line.
+_INTERNAL_FILES = (
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    os.path.dirname(os.path.abspath(torch.__file__)),
+)
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` (for a ``warnings.warn`` in the caller) of the first
+    frame outside lopt and torch: the user's line, however deep the call."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_FILES):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def group_values(
     param_groups: list[dict[str, Any]], graph: NeuralGraph
 ) -> tuple[float | torch.Tensor, float | torch.Tensor]:
@@ -617,7 +744,7 @@ def group_ortho_plan(
     marks = [
         group.get(ORTHOGONAL_KEY) for group in param_groups for _ in group["params"]
     ]
-    return ortho_plan(graph, hidden_matrices(graph.shapes, marks))
+    return ortho_plan(graph, hidden_matrices(graph.shapes, marks, graph.tensor_order))
 
 
 def as_param_dtype(new: torch.Tensor, value: torch.Tensor) -> torch.Tensor:

@@ -85,14 +85,18 @@ def orthogonalize(u: torch.Tensor) -> torch.Tensor:
 
 
 def hidden_matrices(
-    shapes: Sequence[torch.Size], marks: Sequence[bool | None] | None = None
+    shapes: Sequence[torch.Size],
+    marks: Sequence[bool | None] | None = None,
+    order: Sequence[int] | None = None,
 ) -> list[int]:
-    """Indices (in parameter order) of the hidden matrices among tensors of
-    ``shapes``: every (non-empty) 2-D tensor except the first and the last
-    one, with
+    """Indices (parameter indices, listed in ``order``) of the hidden matrices
+    among tensors of ``shapes``: every (non-empty) 2-D tensor except the
+    first and the last one in ``order`` (the network's order: a graph's
+    :attr:`~lopt.graph.NeuralGraph.tensor_order`; default: as given), with
     ``marks[i]`` (``True``/``False``, from the param group's
     :data:`ORTHOGONAL_KEY`) overriding the guess for tensor ``i``."""
-    matrices = [i for i, s in enumerate(shapes) if len(s) == 2 and min(s) > 0]
+    order = range(len(shapes)) if order is None else order
+    matrices = [i for i in order if len(shapes[i]) == 2 and min(shapes[i]) > 0]
     guess = set(matrices[1:-1])
     out = []
     for i in matrices:

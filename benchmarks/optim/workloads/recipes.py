@@ -122,9 +122,15 @@ class Trainer:
         workload: Workload,
         total: int,
         rule: UpdateRule | None = None,
+        structure: str = "groups",
     ):
         """``rule``: the NG recipes' rule (default: the shipped one; for
-        ``ng_untrained``, the rule whose config gets fresh weights)."""
+        ``ng_untrained``, the rule whose config gets fresh weights).
+        ``structure``: where the NG recipes' neural graph comes from: the
+        groups' order (``"groups"``), ``model=`` (``"model"``) or the
+        parameters' names (``"named"``)."""
+        if structure not in ("groups", "model", "named"):
+            raise ValueError(f"Invalid structure: {structure!r}")
         self.recipe = recipe
         self.optimizers: list[torch.optim.Optimizer] = []
         self.schedulers: list[torch.optim.lr_scheduler.LRScheduler] = []
@@ -165,13 +171,21 @@ class Trainer:
             import prodigyopt
 
             self.optimizers.append(prodigyopt.Prodigy(groups, lr=1.0))
-        elif name == "ng":
+        else:  # ng; ng_untrained: the shipped config with fresh weights
+            if name == "ng_untrained":
+                rule = untrained_like(rule or load_ng_rule())
+            model = job.model if structure == "model" else None
+            if structure == "named":
+                names = {id(p): n for n, p in job.model.named_parameters()}
+                groups = [
+                    {**g, "params": [(names[id(p)], p) for p in g["params"]]}
+                    for g in groups
+                ]
             self.optimizers.append(
-                NGOptimizer(groups, rule=rule or "default", total_steps=total)
+                NGOptimizer(
+                    groups, rule=rule or "default", total_steps=total, model=model
+                )
             )
-        else:  # ng_untrained: the shipped config with fresh weights
-            fresh = untrained_like(rule or load_ng_rule())
-            self.optimizers.append(NGOptimizer(groups, rule=fresh, total_steps=total))
 
     def _schedule(self, opt: torch.optim.Optimizer, total: int) -> None:
         self.optimizers.append(opt)

@@ -206,6 +206,9 @@ class Variant:
     # NGOptimizer's own total_steps and orthogonal (its guess of the hidden
     # matrices) instead of this module's wrappers.
     native: bool = False
+    # Where NG's neural graph comes from (``Trainer``'s ``structure``): the
+    # decay / no-decay groups' order, ``model=``, or the parameters' names.
+    structure: str = "groups"
 
     @property
     def label(self) -> str:
@@ -228,6 +231,10 @@ VARIANTS = {
         Variant("ng_floor-2_ortho_cool", log_min=-2.0, ortho=True, cooldown=True),
         Variant("ngopt_floor0", log_min=0.0, native=True),
         Variant("ngopt_untrained_floor0", log_min=0.0, native=True, untrained=True),
+        # The graph from the model (issue 30) or from names, instead of the
+        # decay / no-decay groups' order.
+        Variant("ngopt_model", log_min=0.0, native=True, structure="model"),
+        Variant("ngopt_named", log_min=0.0, native=True, structure="named"),
         Variant("adamw@0.001", lr=1e-3),
         Variant("adamw@0.003", lr=3e-3),
         Variant("adamw@0.01", lr=1e-2),
@@ -245,7 +252,9 @@ class _VariantTrainer(Trainer):
         if variant.log_min is not None:
             rule.step_size = replace(rule.step_size, log_min=variant.log_min)
         name = "ng_untrained" if variant.untrained else "ng"
-        super().__init__(Recipe(name), job, workload, total, rule=rule)
+        super().__init__(
+            Recipe(name), job, workload, total, rule=rule, structure=variant.structure
+        )
         opt = self.optimizers[0]
         # Non-native variants: this module's wrappers, the optimizer's own off.
         opt.orthogonal = variant.native
