@@ -73,9 +73,6 @@ class NFNPredictor(nn.Module):
 
     def prepare(self, train: WeightSpaceData) -> None:
         """Read the architecture from ``train`` and build the layers."""
-        from nfn import layers as nfn_layers
-        from nfn.common import network_spec_from_wsfeat
-
         layers = chain_layers(train.state_dicts[0])
         for layer in layers:
             if set(layer) - {"prefix"} != {"weight", "bias"}:
@@ -83,13 +80,26 @@ class NFNPredictor(nn.Module):
                     "NFNPredictor handles chains of weight + bias layers only "
                     f"(no norms, shortcuts or bias-free layers), got {layer}"
                 )
-        self._layers = layers
-        self.keys = list(train.state_dicts[0])
         sample = train.stacked_state(list(range(min(len(train), 512))))
-        self.scales = [
-            float(sample[k].float().std().clamp(min=1e-6)) for k in self.keys
-        ]
-        self.spec = network_spec_from_wsfeat(self._wsfeat(sample))
+        self._build(
+            layers,
+            {k: list(v.shape[1:]) for k, v in sample.items()},
+            [float(v.float().std().clamp(min=1e-6)) for v in sample.values()],
+        )
+
+    def _build(
+        self,
+        layers: list[dict[str, str]],
+        shapes: dict[str, list[int]],
+        scales: list[float],
+    ) -> None:
+        from nfn import layers as nfn_layers
+        from nfn.common import network_spec_from_wsfeat
+
+        self._layers, self.keys, self.scales = layers, list(shapes), scales
+        self._param_shapes = {k: list(v) for k, v in shapes.items()}
+        zeros = {k: torch.zeros(1, *shape) for k, shape in shapes.items()}
+        self.spec = network_spec_from_wsfeat(self._wsfeat(zeros))
         equivariant = (
             nfn_layers.HNPLinear if self.mode == "HNP" else nfn_layers.NPLinear
         )
@@ -115,6 +125,32 @@ class NFNPredictor(nn.Module):
                 ),
             ]
         self.net = nn.Sequential(*mods)
+
+    def get_config(self) -> dict:
+        """The constructor's arguments, JSON-safe (for saving)."""
+        return {
+            "out_dim": self.out_dim,
+            "hidden": self.hidden,
+            "layers": self.num_layers,
+            "mode": self.mode,
+            "head_hidden": self.head_hidden,
+        }
+
+    def fitted_config(self) -> dict:
+        """The architecture :meth:`prepare` read: layers, shapes and the
+        per-tensor scales, JSON-safe."""
+        if self.net is None:
+            raise RuntimeError("NFNPredictor: call prepare(train) first")
+        return {
+            "layers": self._layers,
+            "shapes": self._param_shapes,
+            "scales": self.scales,
+        }
+
+    def restore_fitted(self, fitted: dict) -> None:
+        """Rebuild the layers of :meth:`fitted_config` on a fresh predictor,
+        before its ``load_state_dict``."""
+        self._build(fitted["layers"], fitted["shapes"], fitted["scales"])
 
     def collate(self, data: WeightSpaceData, index: Sequence[int]):
         if self.net is None:

@@ -28,7 +28,12 @@ from torch.func import functional_call, vmap
 
 from lopt.weightspace.baselines.nfn import NFNPredictor
 from lopt.weightspace.baselines.permutations import chain_layers, permute_hidden
-from lopt.weightspace.models.features import STATISTICS_SCALINGS, quantile_scale
+from lopt.weightspace.baselines.trees import TreeEnsemble
+from lopt.weightspace.models.features import (
+    STATISTICS_SCALINGS,
+    adopt_buffer_shapes,
+    quantile_scale,
+)
 from lopt.weightspace.splits import WeightSpaceData
 
 __all__ = [
@@ -43,6 +48,7 @@ __all__ = [
     "NFNPredictor",
     "ProbePredictor",
     "ImagePredictor",
+    "TreeEnsemble",
 ]
 
 _QUANTILES = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -142,6 +148,11 @@ class FeaturePredictor(nn.Module):
     MLP's output is a flat delta of every parameter, unflattened in the
     networks' state_dict shapes.
 
+    The MLP is built by :meth:`prepare`, when its input width is known; a
+    fresh predictor builds it from a fitted one's state_dict instead, so
+    ``fresh.load_state_dict(fitted.state_dict())`` works (for editing, the
+    delta shapes come from :meth:`restore_fitted`).
+
     Args:
         out_dim (int): outputs (classes, 1 for regression; ignored for
             editing, which outputs one value per parameter).
@@ -214,6 +225,43 @@ class FeaturePredictor(nn.Module):
                 if isinstance(module, nn.Linear):
                     module.reset_parameters()
 
+    #: Buffers whose size fitting sets (see :meth:`_load_from_state_dict`).
+    _FITTED: tuple[str, ...] = ("mean", "std")
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Fitting sizes the MLP and the standardisation: a fresh predictor
+        # takes both from the state_dict (the MLP's widths from its weights).
+        adopt_buffer_shapes(self, state_dict, prefix, self._FITTED)
+        first = state_dict.get(f"{prefix}head.0.weight")
+        if self.head is None and isinstance(first, torch.Tensor):
+            linear = sorted(
+                int(k[len(prefix) :].split(".")[1])
+                for k in state_dict
+                if k.startswith(f"{prefix}head.") and k.endswith(".weight")
+            )
+            out = state_dict[f"{prefix}head.{linear[-1]}.weight"].shape[0]
+            self.head = mlp(first.shape[1], self.hidden, out, self.layers, self.dropout)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def get_config(self) -> dict:
+        """The constructor's arguments, JSON-safe (for saving)."""
+        return {
+            "out_dim": self.out_dim,
+            "hidden": self.hidden,
+            "layers": self.layers,
+            "dropout": self.dropout,
+        }
+
+    def fitted_config(self) -> dict:
+        """What fitting set that is not a tensor, JSON-safe: for editing, the
+        shape of each parameter's delta."""
+        return {"shapes": {k: list(v) for k, v in self._shapes.items()}}
+
+    def restore_fitted(self, fitted: dict) -> None:
+        """Undo :meth:`fitted_config` on a fresh predictor, before its
+        ``load_state_dict``."""
+        self._shapes = {k: torch.Size(v) for k, v in fitted.get("shapes", {}).items()}
+
     def collate(self, data: WeightSpaceData, index: Sequence[int]) -> torch.Tensor:
         if self.head is None:
             raise RuntimeError(f"{type(self).__name__}: call prepare(train) first")
@@ -284,6 +332,9 @@ class FlatWeightsMLP(FeaturePredictor):
             stds.append(std.clamp(min=1e-6).expand(part.shape[1]))
         return torch.cat(means), torch.cat(stds)
 
+    def get_config(self) -> dict:
+        return {**super().get_config(), "augment": self.augment}
+
     def extra_repr(self) -> str:
         return super().extra_repr() + f", augment={self.augment}"
 
@@ -311,8 +362,22 @@ class StatNN(FeaturePredictor):
                 f"Invalid scaling: {scaling!r} (expected one of {STATISTICS_SCALINGS})"
             )
         self.scaling = scaling
-        self.per_layer: int | None = None
+        # The training networks' depth (per-layer features), -1: mixed depths.
+        self.register_buffer("layer_count", torch.tensor(-1))
         self.register_buffer("knots", torch.zeros(0))
+
+    _FITTED = ("mean", "std", "knots")
+
+    @property
+    def per_layer(self) -> int | None:
+        """The depth all training networks share (one feature block per
+        layer), or ``None`` (first / middle / last / shortcut blocks)."""
+        count = int(self.layer_count)
+        return None if count < 0 else count
+
+    @per_layer.setter
+    def per_layer(self, value: int | None) -> None:
+        self.layer_count.fill_(-1 if value is None else value)
 
     def features(self, data, index):
         return torch.stack(
@@ -334,6 +399,9 @@ class StatNN(FeaturePredictor):
         feats = super().collate(data, index)
         return quantile_scale(feats, self.knots) if len(self.knots) else feats
 
+    def get_config(self) -> dict:
+        return {**super().get_config(), "scaling": self.scaling}
+
     def extra_repr(self) -> str:
         return super().extra_repr() + f", scaling={self.scaling!r}"
 
@@ -341,6 +409,10 @@ class StatNN(FeaturePredictor):
 class StatNNTrees(StatNN):
     """StatNN with scikit-learn's histogram gradient-boosted trees (the
     original's choice) instead of an MLP; fitted in one call by the harness.
+
+    scikit-learn fits the trees; their nodes are then copied into a
+    :class:`~lopt.weightspace.baselines.trees.TreeEnsemble` (``.trees``),
+    which predicts in torch and saves in the state_dict like any tensor.
 
     Args:
         out_dim (int): classes (classification) or 1.
@@ -351,7 +423,7 @@ class StatNNTrees(StatNN):
     def __init__(self, out_dim: int, max_iter: int = 200, learning_rate: float = 0.1):
         super().__init__(out_dim)
         self.max_iter, self.learning_rate = max_iter, learning_rate
-        self.trees = None
+        self.trees = TreeEnsemble()
 
     def fit_direct(self, train: WeightSpaceData, task: str, seed: int = 0) -> None:
         from sklearn.ensemble import (
@@ -366,31 +438,35 @@ class StatNNTrees(StatNN):
             max_iter=self.max_iter, learning_rate=self.learning_rate, random_state=seed
         )
         if task == "classification":
-            self.trees = HistGradientBoostingClassifier(**kwargs).fit(
-                x, train.y.numpy()
-            )
+            fitted = HistGradientBoostingClassifier(**kwargs).fit(x, train.y.numpy())
         else:
             y = train.y.float()
             std = float(y.std()) if len(y) > 1 and float(y.std()) > 0 else 1.0
-            self.trees = HistGradientBoostingRegressor(**kwargs).fit(
+            fitted = HistGradientBoostingRegressor(**kwargs).fit(
                 x, ((y - y.mean()) / std).numpy()
             )
+        self.trees.load_sklearn(fitted)
 
     def predict_direct(
         self, data: WeightSpaceData, index: Sequence[int]
     ) -> torch.Tensor:
-        x = self.collate(data, index).numpy()
-        if self.task == "classification":
-            proba = torch.as_tensor(self.trees.predict_proba(x), dtype=torch.float32)
-            out = proba.new_zeros(
-                len(index), max(self.out_dim, int(self.trees.classes_.max()) + 1)
-            )
-            out[:, torch.as_tensor(self.trees.classes_)] = proba
-            return out
-        return torch.as_tensor(self.trees.predict(x), dtype=torch.float32)[:, None]
+        out = self.trees(self.collate(data, index)).float()
+        if self.task != "classification":
+            return out[:, None]
+        classes = self.trees.classes
+        full = out.new_zeros(len(index), max(self.out_dim, int(classes.max()) + 1))
+        full[:, classes] = out
+        return full
 
     def forward(self, x):
         raise RuntimeError("StatNNTrees is fitted by fit_direct, not by gradients")
+
+    def get_config(self) -> dict:
+        return {
+            "out_dim": self.out_dim,
+            "max_iter": self.max_iter,
+            "learning_rate": self.learning_rate,
+        }
 
 
 class ProbePredictor(FeaturePredictor):
@@ -409,10 +485,19 @@ class ProbePredictor(FeaturePredictor):
         self, out_dim: int, num_probes: int, input_dim: int, seed: int = 0, **kwargs
     ):
         super().__init__(out_dim, **kwargs)
+        self.num_probes, self.input_dim, self.seed = num_probes, input_dim, seed
         gen = torch.Generator().manual_seed(seed)
         self.register_buffer(
             "probe_inputs", torch.rand(num_probes, input_dim, generator=gen) * 2 - 1
         )
+
+    def get_config(self) -> dict:
+        return {
+            **super().get_config(),
+            "num_probes": self.num_probes,
+            "input_dim": self.input_dim,
+            "seed": self.seed,
+        }
 
     def features(self, data, index):
         params = data.stacked_state(index)

@@ -6,6 +6,7 @@ embeds nodes and edges, and the shared readouts
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import asdict
 
 import torch
 from torch import nn
@@ -52,6 +53,7 @@ class WeightSpaceModel(nn.Module):
         self.edge_features, self.graph_out = edge_features, graph_out
         self.node_dim, self.edge_dim, self.num_layers = node_dim, edge_dim, num_layers
         self.features = NeuralGraphFeaturizer(edge_features, config)
+        self._body_options = dict(body)
         self.build_body(self.features.node_in, self.features.edge_in, **body)
         self.readout = WeightSpaceReadout(
             node_dim, edge_dim, edge_features, graph_out, pooling, output_neurons
@@ -72,6 +74,30 @@ class WeightSpaceModel(nn.Module):
     @property
     def config(self) -> WeightSpaceConfig:
         return self.features.config
+
+    def get_config(self) -> dict:
+        """The constructor's arguments, JSON-safe (``config`` as a dict):
+        ``type(model).from_config(model.get_config())`` builds the same
+        model, into which ``model.state_dict()`` loads."""
+        return {
+            "edge_features": self.edge_features,
+            "graph_out": self.graph_out,
+            "node_dim": self.node_dim,
+            "edge_dim": self.edge_dim,
+            "num_layers": self.num_layers,
+            "config": asdict(self.config),
+            "pooling": list(self.readout.pooling),
+            "output_neurons": self.readout.output_neurons,
+            **self._body_options,
+        }
+
+    @classmethod
+    def from_config(cls, config: dict) -> WeightSpaceModel:
+        """The model of :meth:`get_config`'s dict."""
+        features = config.get("config")
+        if isinstance(features, dict):
+            config = {**config, "config": WeightSpaceConfig(**features)}
+        return cls(**config)
 
     def reset_parameters(self) -> None:
         self.features.reset_parameters()

@@ -58,6 +58,7 @@ __all__ = [
     "quantile_scale",
     "layer_rms",
     "STATISTICS_SCALINGS",
+    "adopt_buffer_shapes",
 ]
 
 _INPUT, _OUTPUT = NODE_ROLES.index("input"), NODE_ROLES.index("output")
@@ -269,6 +270,22 @@ def layer_rms(data, edge_attr: torch.Tensor | None = None) -> torch.Tensor:
         edge_attr, group, graphs * levels * types, edge_attr.shape[1]
     )
     return (mean * mean + std * std).sqrt()[group]
+
+
+def adopt_buffer_shapes(
+    module: nn.Module, state_dict, prefix: str, names: Sequence[str]
+) -> None:
+    """Give each buffer ``names`` of ``module`` the shape of its entry in
+    ``state_dict`` (keeping its dtype), before the state_dict is loaded.
+
+    For buffers that fitting sizes (input scales, quantile knots, a tree
+    ensemble's nodes): a fresh module holds empty ones, and without this its
+    ``load_state_dict`` would refuse a fitted model's.
+    """
+    for name in names:
+        value = state_dict.get(prefix + name)
+        if isinstance(value, torch.Tensor):
+            setattr(module, name, getattr(module, name).new_empty(value.shape))
 
 
 @dataclass(frozen=True)
@@ -527,11 +544,7 @@ class NeuralGraphFeaturizer(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # A fitted model's scales have shapes a fresh model cannot know: take
         # them from the state_dict, so a saved predictor loads into a new one.
-        for name in self._FITTED:
-            value = state_dict.get(prefix + name)
-            if isinstance(value, torch.Tensor):
-                buffer = getattr(self, name)
-                setattr(self, name, buffer.new_empty(value.shape))
+        adopt_buffer_shapes(self, state_dict, prefix, self._FITTED)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _signed(self, data) -> tuple[torch.Tensor, torch.Tensor]:
