@@ -42,9 +42,12 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -141,35 +144,6 @@ def kendall_tau(pred: torch.Tensor, target: torch.Tensor) -> float:
         return float("nan")
     tau = kendalltau(pred.detach().double().numpy(), target.double().numpy())
     return float(tau.statistic if hasattr(tau, "statistic") else tau[0])
-
-
-def _check_selected(
-    history: list[dict[str, Any]], best_epoch: int, metric: str, has_val: bool
-) -> None:
-    """Raise ``RuntimeError`` unless the selected epoch has a finite training
-    loss (else its weights are not finite either) and, with validation, a
-    finite validation metric."""
-    chosen = history[best_epoch - 1]
-    scores = [chosen["train_loss"]] + ([chosen["val"][metric]] if has_val else [])
-    if all(math.isfinite(v) for v in scores):
-        return
-    losses = [h["train_loss"] for h in history]
-    diverged = next(
-        (h["epoch"] for h in history if not math.isfinite(h["train_loss"])), None
-    )
-    cause = (
-        f"the training loss became non-finite at epoch {diverged} (try a lower "
-        "lr or grad_clip, and check the data for extreme weights)"
-        if diverged is not None
-        else "the model's predictions were constant or non-finite on every "
-        "validation network"
-    )
-    what = f"validation {metric}" if has_val else "training loss"
-    raise RuntimeError(
-        f"fit found no epoch with a finite {what} in {len(history)} epochs "
-        f"(training losses {losses[:3]}{'...' if len(losses) > 3 else ''}): "
-        f"{cause}; nothing to select, so no model is returned"
-    )
 
 
 @dataclass
@@ -305,6 +279,56 @@ class WeightSpaceTrainer:
                 f"{data.y.dtype}; use task='regression' for real-valued labels"
             )
 
+    def _check_selected(
+        self,
+        history: list[dict[str, Any]],
+        best_epoch: int,
+        metric: str,
+        val: WeightSpaceData | None,
+    ) -> None:
+        """Fail loudly unless the kept weights are usable: raise
+        ``RuntimeError`` when the selected epoch's training loss is not
+        finite (its weights are not either) or when the model's validation
+        predictions are not finite (naming those networks); warn when they
+        are finite but the metric is undefined (constant predictions give no
+        Kendall's tau)."""
+        chosen = history[best_epoch - 1]
+        loss = chosen["train_loss"]
+        if loss is not None and not math.isfinite(loss):
+            diverged = next(
+                h["epoch"] for h in history if not math.isfinite(h["train_loss"])
+            )
+            raise RuntimeError(
+                f"fit found no epoch with a finite training loss in "
+                f"{len(history)} epochs (it was non-finite from epoch "
+                f"{diverged}): nothing to keep; try a lower lr or grad_clip, "
+                "and check the data for extreme weights"
+            )
+        if val is None or math.isfinite(chosen["val"][metric]):
+            return
+        out = self.predict_raw(val)
+        out = (
+            torch.cat([v.flatten(1) for v in out.values()], 1)
+            if isinstance(out, dict)
+            else out.reshape(len(val), -1)
+        )
+        bad = (~torch.isfinite(out)).any(1).nonzero().flatten().tolist()
+        if bad:
+            raise RuntimeError(
+                f"fit found no epoch with a finite validation {metric}: the "
+                f"predictions for validation networks {bad[:10]}"
+                f"{'...' if len(bad) > 10 else ''} are not finite (weights too "
+                "extreme for the model? load the data with from_modules, which "
+                "checks them)"
+            )
+        warnings.warn(
+            f"fit found no epoch with a finite validation {metric}: the "
+            "predictions were constant on every validation network, so no "
+            f"{metric} is defined; best_val is NaN and the first epoch is kept",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
     # ------------------------------------------------------------------ steps
     def _outputs(self, data: WeightSpaceData, index: Sequence[int]):
         out = self.model(self.model.collate(data, index))
@@ -353,10 +377,11 @@ class WeightSpaceTrainer:
         Raises:
             ValueError: data without what the task needs (labels, editing
                 targets), or class labels beyond the model's outputs.
-            RuntimeError: no epoch gave a finite validation metric with a
-                finite training loss (without ``val``: the last epoch's
-                training loss is not finite), so there is nothing to select;
-                the message says what was non-finite and what to try.
+            RuntimeError: the kept epoch's training loss is not finite (no
+                epoch had a finite one), or the model's validation
+                predictions are not finite; the message names what and what
+                to try. (Finite but constant predictions, which leave
+                Kendall's tau undefined, warn and give ``best_val`` NaN.)
         """
         self._check(train, "train")
         if val is not None:
@@ -383,17 +408,13 @@ class WeightSpaceTrainer:
             self.fitted = True
             val_metrics = self.evaluate(val) if val is not None else {}
             metric, _ = _SELECT[self.task]
-            if val is not None and not math.isfinite(val_metrics[metric]):
-                raise RuntimeError(
-                    f"{type(model).__name__} was fitted, but its validation "
-                    f"{metric} is {val_metrics[metric]}: its predictions were "
-                    "constant or non-finite on every validation network"
-                )
+            history = [{"epoch": 1, "train_loss": None, "val": val_metrics}]
+            self._check_selected(history, 1, metric, val)
             return FitResult(
                 1,
                 val_metrics.get(metric, float("nan")),
                 metric,
-                [{"epoch": 1, "train_loss": None, "val": val_metrics}],
+                history,
                 time.perf_counter() - t0,
                 "fit",
             )
@@ -434,11 +455,13 @@ class WeightSpaceTrainer:
             if val is not None:
                 record["val"] = self.evaluate(val)
                 score = sign * record["val"][metric]
-                # A non-finite loss leaves non-finite weights: never select them.
-                if math.isnan(score) or not math.isfinite(record["train_loss"]):
+                if math.isnan(score):
                     score = -math.inf
             else:
                 score = epoch  # the last epoch
+            if not math.isfinite(record["train_loss"]):
+                # A non-finite loss leaves non-finite weights: never select them.
+                score = -math.inf
             history.append(record)
             if score > best or best_state is None:
                 best, best_epoch, stale = score, epoch, 0
@@ -468,11 +491,42 @@ class WeightSpaceTrainer:
         bar.close()
         model.load_state_dict(best_state)
         model.eval()
-        _check_selected(history, best_epoch, metric, val is not None)
+        self._check_selected(history, best_epoch, metric, val)
         best_val = sign * best if val is not None else float("nan")
+        if val is not None and not math.isfinite(best_val):
+            best_val = float("nan")  # not -inf: no epoch had a score
         return FitResult(
             best_epoch, best_val, metric, history, time.perf_counter() - t0, stopped
         )
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Save the fitted predictor (weights, input scales, standardisation,
+        config), the label scaling and these settings to one safetensors file
+        at ``path``, JSON in its metadata, never a pickle (see
+        :mod:`lopt.weightspace.saving`). Written to a temporary file and
+        renamed, so a failed save leaves any previous file whole.
+
+        Raises:
+            RuntimeError: not fitted.
+            TypeError: a predictor of your own (save its state_dict instead).
+        """
+        from lopt.weightspace.saving import save_trainer
+
+        return save_trainer(self, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> WeightSpaceTrainer:
+        """A fitted trainer from :meth:`save`'s file: ``predict`` and
+        ``evaluate`` give the saved predictor's outputs exactly.
+
+        Raises:
+            FileNotFoundError: no file at ``path``.
+            ValueError: not a saved predictor, or one whose tensors do not
+                fit its config.
+        """
+        from lopt.weightspace.saving import load_trainer
+
+        return load_trainer(path)
 
     @torch.no_grad()
     def predict_raw(self, data: WeightSpaceData) -> Any:
