@@ -48,6 +48,7 @@ from benchmarks.weightspace.report import (
     markdown_report,
     write_outputs,
 )
+from lopt.weightspace.presets import PRESETS
 
 __all__ = [
     "Settings",
@@ -80,8 +81,10 @@ class Settings:
         max_train: at most this many training networks per task (a fixed
             subset, the same for every model and seed); ``None``: all.
         max_eval: at most this many validation / test networks per task.
-        node_dim, edge_dim, layers: NG-GNN widths and depth.
-        ngt_dim, ngt_layers: NG-T node width and depth (edge width: edge_dim).
+        node_dim, edge_dim, layers: NG-GNN widths and depth (full: the
+            ``ng-gnn`` preset's, :mod:`lopt.weightspace.presets`).
+        ngt_dim, ngt_layers: NG-T node width and depth (edge width: edge_dim;
+            full: the ``ng-t`` preset's).
         nfn_hidden: NFN channels.
         mlp_hidden: width of the flat / StatNN / probe / image MLPs.
         probes: probes of the ``+probes`` ablation.
@@ -110,11 +113,11 @@ class Settings:
     lr: float = 1e-3
     max_train: int | None = None
     max_eval: int | None = 500
-    node_dim: int = 32
-    edge_dim: int = 8
-    layers: int = 3
-    ngt_dim: int = 32
-    ngt_layers: int = 2
+    node_dim: int = PRESETS["ng-gnn"].model_kwargs["node_dim"]
+    edge_dim: int = PRESETS["ng-gnn"].model_kwargs["edge_dim"]
+    layers: int = PRESETS["ng-gnn"].model_kwargs["num_layers"]
+    ngt_dim: int = PRESETS["ng-t"].model_kwargs["node_dim"]
+    ngt_layers: int = PRESETS["ng-t"].model_kwargs["num_layers"]
     nfn_hidden: int = 16
     mlp_hidden: int = 128
     probes: int = 64
@@ -295,12 +298,9 @@ QSTATS = {"neuron_statistics": True, "statistics_scaling": "quantile"}
 
 
 def model_factories(task: str, settings: Settings, train) -> dict[str, Callable]:
-    """``{model key: () -> predictor}`` run on ``task``."""
-    from lopt.weightspace import (
-        NeuralGraphGNN,
-        NeuralGraphTransformer,
-        WeightSpaceConfig,
-    )
+    """``{model key: () -> predictor}`` run on ``task``. The NG models are
+    the presets' (:mod:`lopt.weightspace.presets`) at the settings' widths,
+    depths, readout and Fourier features."""
     from lopt.weightspace import baselines as B
 
     spec = TASKS[task]
@@ -310,32 +310,34 @@ def model_factories(task: str, settings: Settings, train) -> dict[str, Callable]
     s = settings
     hidden = {"hidden": s.mlp_hidden}
 
-    base = WeightSpaceConfig(fourier_features=s.fourier if edge == 1 else 0)
+    fourier = {"fourier_features": s.fourier if edge == 1 else 0}
+    base = replace(PRESETS["ng-gnn"].config, **fourier)
+    pooling = s.pooling.split(",")
 
     def gnn(config=base):
-        return lambda: NeuralGraphGNN(
+        return lambda: PRESETS["ng-gnn"].build_model(
             edge,
             out,
+            outputs,
             node_dim=s.node_dim,
             edge_dim=s.edge_dim,
             num_layers=s.layers,
             config=config,
-            pooling=s.pooling.split(","),
-            output_neurons=outputs,
+            pooling=pooling,
         )
 
     def ngt():
         heads = 4 if s.ngt_dim % 4 == 0 else 1
-        return lambda: NeuralGraphTransformer(
+        return lambda: PRESETS["ng-t"].build_model(
             edge,
             out,
+            outputs,
             node_dim=s.ngt_dim,
             edge_dim=s.edge_dim,
             num_layers=s.ngt_layers,
             num_heads=heads,
-            config=base,
-            pooling=s.pooling.split(","),
-            output_neurons=outputs,
+            config=replace(PRESETS["ng-t"].config, **fourier),
+            pooling=pooling,
         )
 
     models: dict[str, Callable] = {"ng_gnn": gnn(), "ng_t": ngt()}
@@ -367,8 +369,9 @@ def model_factories(task: str, settings: Settings, train) -> dict[str, Callable]
             "ng_gnn_stats": replace(base, neuron_statistics=True),
             # The same, put on one scale through their quantiles (heavy tails).
             "ng_gnn_qstats": replace(base, **QSTATS),
-            # ... with each layer's edges divided by their RMS (scale in the stats).
-            "ng_gnn_qstats_ln": replace(base, layer_normalised_edges=True, **QSTATS),
+            # ... with each layer's edges divided by their RMS (scale in the
+            # stats): the best model, preset ng-gnn-best.
+            "ng_gnn_qstats_ln": replace(PRESETS["ng-gnn-best"].config, **fourier),
         }
         models.update({key: gnn(config) for key, config in variants.items()})
         if spec.zoo == "cnn_wild":
@@ -579,9 +582,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parse(argv)
-    torch.set_num_threads(args.threads)
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """The settings a command line asks for (``--quick`` or full, then each
+    flag given), before validation."""
     settings = QUICK if args.quick else FULL
     overrides = {
         "seeds": args.seeds,
@@ -598,9 +601,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "patience": args.patience,
         "grad_clip": args.grad_clip,
     }
-    settings = replace(
-        settings, **{k: v for k, v in overrides.items() if v is not None}
-    )
+    return replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse(argv)
+    torch.set_num_threads(args.threads)
+    settings = settings_from_args(args)
     if args.max_eval is not None:
         if args.max_eval < 0:
             print(f"error: Invalid --max-eval: {args.max_eval}", file=sys.stderr)

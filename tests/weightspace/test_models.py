@@ -39,7 +39,14 @@ from lopt.weightspace.splits import WeightSpaceData
 CASES = symmetric_cases()
 MODELS = {"gnn": NeuralGraphGNN, "transformer": NeuralGraphTransformer}
 ATOL = 1e-5
-OFF = dict(positional=False, activation_embedding=False, layer_embedding=False)
+#: Every optional input off (Fourier features included: their default is on
+#: for graphs of scalar weights).
+OFF = dict(
+    positional=False,
+    activation_embedding=False,
+    layer_embedding=False,
+    fourier_features=0,
+)
 
 
 def _config(flags: str, probe_shape=()) -> WeightSpaceConfig:
@@ -252,7 +259,9 @@ def test_fourier_features_shape_values_and_seed():
     )
     assert "frequencies" in rff.state_dict() and not list(rff.parameters())
     # Conv kernels: each tap of each edge gets its own features.
-    featurizer = NeuralGraphFeaturizer(9, WeightSpaceConfig(fourier_features=4, **OFF))
+    featurizer = NeuralGraphFeaturizer(
+        9, WeightSpaceConfig(**{**OFF, "fourier_features": 4})
+    )
     graph = to_graph(cnn(), kernel_size=(3, 3))
     nodes, edges = featurizer(graph)
     assert edges.shape == (graph.num_edges, 9 * 9)
@@ -267,7 +276,9 @@ def test_featurizer_widths_follow_the_flags_and_hidden_neurons_get_no_position()
     graph = to_graph(mlp())
     base = NeuralGraphFeaturizer(1, WeightSpaceConfig(**OFF))
     assert (base.node_in, base.edge_in) == (3 + 4, 1)
-    full = NeuralGraphFeaturizer(1, WeightSpaceConfig(embedding_dim=5))
+    full = NeuralGraphFeaturizer(
+        1, WeightSpaceConfig(embedding_dim=5, fourier_features=0)
+    )
     assert (full.node_in, full.edge_in) == (3 + 4 + 3 * 5, 1 + 5)
     nodes, edges = full(graph)
     assert nodes.shape == (graph.num_nodes, full.node_in)
@@ -315,7 +326,7 @@ def test_bad_arguments_raise():
 def test_reprs():
     assert repr(NeuralGraphGNN(9, graph_out=3)) == (
         "NeuralGraphGNN(edge_features=9, graph_out=3, node_dim=32, edge_dim=8, "
-        "num_layers=2)"
+        "num_layers=3)"
     )
     assert repr(NeuralGraphTransformer(9, num_heads=2)) == (
         "NeuralGraphTransformer(edge_features=9, graph_out=1, node_dim=32, "

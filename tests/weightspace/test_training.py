@@ -150,7 +150,7 @@ def test_lr_patience_halves_the_rate_on_each_plateau(toy):
 
 def test_grad_clip_clips_every_step_to_the_given_norm(toy, monkeypatch):
     """Every step's gradient norm is clipped to ``grad_clip`` (measured after
-    the clip), and nothing is clipped by default."""
+    the clip); the default clips at 1, ``None`` never clips."""
     train, val, _ = toy
     norms, calls = [], []
     real = torch.nn.utils.clip_grad_norm_
@@ -173,6 +173,11 @@ def test_grad_clip_clips_every_step_to_the_given_norm(toy, monkeypatch):
     assert max(norms) <= 1e-3 * (1 + 1e-4)
     calls.clear()
     WeightSpaceTrainer(model, "classification", epochs=1).fit(train, val)
+    assert calls == [1.0] * -(-len(train) // 32)  # one epoch of default batches
+    calls.clear()
+    WeightSpaceTrainer(model, "classification", epochs=1, grad_clip=None).fit(
+        train, val
+    )
     assert calls == []
 
 

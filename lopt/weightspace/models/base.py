@@ -41,7 +41,7 @@ class WeightSpaceModel(nn.Module):
         graph_out: int = 1,
         node_dim: int = 32,
         edge_dim: int = 8,
-        num_layers: int = 2,
+        num_layers: int = 3,
         config: WeightSpaceConfig | None = None,
         pooling: Sequence[str] = ("mean",),
         output_neurons: int = 1,

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +59,7 @@ __all__ = [
     "layer_rms",
     "STATISTICS_SCALINGS",
     "adopt_buffer_shapes",
+    "AUTO_FOURIER_FEATURES",
 ]
 
 _INPUT, _OUTPUT = NODE_ROLES.index("input"), NODE_ROLES.index("output")
@@ -288,6 +289,11 @@ def adopt_buffer_shapes(
             setattr(module, name, getattr(module, name).new_empty(value.shape))
 
 
+#: Fourier features per scalar that ``fourier_features=None`` gives graphs of
+#: scalar weights (the weight-space benchmark's ``--fourier`` default).
+AUTO_FOURIER_FEATURES = 16
+
+
 @dataclass(frozen=True)
 class WeightSpaceConfig:
     """Which input features a weight-space model uses (defaults: the paper's
@@ -311,7 +317,13 @@ class WeightSpaceConfig:
         embedding_dim: width of every learned embedding.
         fourier_features: ``K``, frequencies per scalar; ``0`` gives the raw
             scalars only. With ``K > 0`` each scalar becomes ``2K + 1``
-            inputs: itself, then its sines and cosines.
+            inputs: itself, then its sines and cosines. ``None`` (the
+            default) picks the weight-space benchmark's rule when the model
+            is built: :data:`AUTO_FOURIER_FEATURES` (16) on graphs of scalar
+            weights (``edge_features == 1``: MLPs, INRs, where without them
+            NG-GNN did not learn INR classification), ``0`` on conv kernels
+            (whose edge input would grow 33-fold); the model's ``config``
+            then holds the number chosen.
         fourier_scale: standard deviation of the frequencies ``b_k``, in
             cycles per unit of weight: ``1`` resolves weights of order one.
         fourier_seed: seed of the frequencies (fixed, not learned).
@@ -348,7 +360,7 @@ class WeightSpaceConfig:
     activation_embedding: bool = True
     layer_embedding: bool = True
     embedding_dim: int = 8
-    fourier_features: int = 0
+    fourier_features: int | None = None
     fourier_scale: float = 1.0
     fourier_seed: int = 0
     probes: int = 0
@@ -365,7 +377,7 @@ class WeightSpaceConfig:
             raise ValueError(f"Invalid max_positions: {self.max_positions}")
         if self.embedding_dim < 1:
             raise ValueError(f"Invalid embedding_dim: {self.embedding_dim}")
-        if self.fourier_features < 0:
+        if self.fourier_features is not None and self.fourier_features < 0:
             raise ValueError(f"Invalid fourier_features: {self.fourier_features}")
         if not self.fourier_scale > 0:
             raise ValueError(f"Invalid fourier_scale: {self.fourier_scale}")
@@ -383,6 +395,16 @@ class WeightSpaceConfig:
                 f"Invalid statistics_quantiles: {self.statistics_quantiles}"
             )
         object.__setattr__(self, "probe_shape", tuple(self.probe_shape))
+        if self.probes and not self.probe_shape:
+            raise ValueError("probes need probe_shape, the shape of one input")
+
+    def for_edges(self, edge_features: int) -> WeightSpaceConfig:
+        """This config with ``fourier_features=None`` resolved for graphs of
+        ``edge_features`` scalars per edge (see ``fourier_features``)."""
+        if self.fourier_features is not None:
+            return self
+        auto = AUTO_FOURIER_FEATURES if edge_features == 1 else 0
+        return replace(self, fourier_features=auto)
         if self.probes and not self.probe_shape:
             raise ValueError("probes need probe_shape, the shape of one input")
 
@@ -444,8 +466,10 @@ class NeuralGraphFeaturizer(nn.Module):
 
     Args:
         edge_features (int): ``F_edge`` of the graphs.
-        config (WeightSpaceConfig, optional): which features. (default: the
-            defaults of :class:`WeightSpaceConfig`)
+        config (WeightSpaceConfig, optional): which features; kept as
+            ``self.config`` with ``fourier_features=None`` resolved
+            (:meth:`WeightSpaceConfig.for_edges`). (default: the defaults of
+            :class:`WeightSpaceConfig`)
 
     Shapes:
         - **input:** a graph or batch (and the networks, with probes)
@@ -457,7 +481,8 @@ class NeuralGraphFeaturizer(nn.Module):
         super().__init__()
         if edge_features < 1:
             raise ValueError(f"Invalid edge_features: {edge_features}")
-        self.config = config = config if config is not None else WeightSpaceConfig()
+        config = config if config is not None else WeightSpaceConfig()
+        self.config = config = config.for_edges(edge_features)
         self.edge_features = edge_features
         dim = config.embedding_dim
         self.fourier = (

@@ -28,10 +28,12 @@ class NeuralGraphGNN(WeightSpaceModel):
             (default: ``1``)
         node_dim (int, optional): node embedding width. (default: ``32``)
         edge_dim (int, optional): edge embedding width. (default: ``8``)
-        num_layers (int, optional): message-passing layers. (default: ``2``)
+        num_layers (int, optional): message-passing layers. (default: ``3``,
+            the benchmark's; see :mod:`lopt.weightspace.presets`)
         config (WeightSpaceConfig, optional): input features (positional,
             type and activation embeddings, Fourier features, probes).
-            (default: ``WeightSpaceConfig()``)
+            (default: ``WeightSpaceConfig()``: 16 Fourier features on graphs
+            of scalar weights, none on conv kernels)
         pooling (sequence of str, optional): graph-level aggregations of the
             readout, from :data:`~lopt.weightspace.models.readout.POOLINGS`.
             (default: ``("mean",)``)
