@@ -46,7 +46,20 @@ LAYERS: dict[str, set[str]] = {
         "lopt.weightspace.models",
         "lopt.weightspace.splits",
     },
-    "lopt.weightspace.zoos": set(),
+    # Saving rebuilds any predictor; presets build models and trainers.
+    "lopt.weightspace.saving": {
+        "lopt.weightspace.baselines",
+        "lopt.weightspace.models",
+        "lopt.weightspace.training",
+    },
+    "lopt.weightspace.presets": {
+        "lopt.weightspace.models",
+        "lopt.weightspace.splits",
+        "lopt.weightspace.training",
+    },
+    # Zoos are built on their own, and screened for non-finite weights by
+    # the same check as every other way networks enter.
+    "lopt.weightspace.zoos": {"lopt.weightspace.graph"},
     "meta_train": {"lopt"},
     "benchmarks.common": {"lopt"},
     "benchmarks.optim": {"lopt", "benchmarks.common"},

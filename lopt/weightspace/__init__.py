@@ -6,12 +6,26 @@ a graph network over them sees every architecture the same way, equivariant to
 permutations of hidden neurons by construction.
 
 Training: :class:`WeightSpaceTrainer` fits any of these models, or a
-baseline of :mod:`lopt.weightspace.baselines`, on a :class:`WeightSpaceData`
-split (classification, regression, editing).
+baseline (:class:`StatNN`, :class:`StatNNTrees`, :class:`FlatWeightsMLP`,
+:class:`NFNPredictor`, :class:`ProbePredictor`, :class:`ImagePredictor`), on
+a :class:`WeightSpaceData` split (classification, regression scored by
+:func:`kendall_tau`, editing). :func:`preset` gives the benchmark's best
+models with their training recipes; :func:`save_predictor` and
+:func:`load_predictor` keep a fitted one (safetensors + JSON).
 
 Imports ``torch_geometric``; ``import lopt`` alone does not.
 """
 
+from lopt.weightspace.baselines import (
+    FeaturePredictor,
+    FlatWeightsMLP,
+    ImagePredictor,
+    NFNPredictor,
+    ProbePredictor,
+    StatNN,
+    StatNNTrees,
+    weight_statistics,
+)
 from lopt.weightspace.graph.convert import graph_state, to_graph
 from lopt.weightspace.graph.data import (
     ACTIVATIONS,
@@ -28,6 +42,7 @@ from lopt.weightspace.graph.dataset import (
     save_network,
     sequential_from_config,
 )
+from lopt.weightspace.graph.screening import SkippedNetwork
 from lopt.weightspace.models.features import (
     NeuralGraphFeaturizer,
     RandomFourierFeatures,
@@ -41,11 +56,14 @@ from lopt.weightspace.models.transformer import (
     NeuralGraphTransformer,
     RelationalAttentionLayer,
 )
+from lopt.weightspace.presets import PRESETS, WeightSpacePreset, preset
+from lopt.weightspace.saving import load_predictor, save_predictor
 from lopt.weightspace.training import (
     FitResult,
     GraphPredictor,
     WeightSpaceData,
     WeightSpaceTrainer,
+    kendall_tau,
 )
 
 __all__ = [
@@ -72,6 +90,21 @@ __all__ = [
     "WeightSpaceTrainer",
     "GraphPredictor",
     "FitResult",
+    "kendall_tau",
+    "save_predictor",
+    "load_predictor",
+    "preset",
+    "PRESETS",
+    "WeightSpacePreset",
+    "SkippedNetwork",
+    "FeaturePredictor",
+    "FlatWeightsMLP",
+    "StatNN",
+    "StatNNTrees",
+    "NFNPredictor",
+    "ProbePredictor",
+    "ImagePredictor",
+    "weight_statistics",
     "NODE_ROLES",
     "LAYER_TYPES",
     "ACTIVATIONS",

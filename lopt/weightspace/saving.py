@@ -1,20 +1,25 @@
 """Saving and loading a fitted predictor: one safetensors file, no pickle.
 
-:meth:`WeightSpaceTrainer.save <lopt.weightspace.WeightSpaceTrainer.save>`
-writes the predictor's ``state_dict`` (its weights, fitted input scales,
-standardisation, quantile knots, tree nodes: all tensors) as safetensors, and
-everything else as JSON in the file's safetensors metadata: the predictor's
-class and constructor arguments, what fitting set that is not a tensor (an
-editing head's delta shapes, NFN's architecture), the task, the label scaling
-and the trainer's settings. :meth:`WeightSpaceTrainer.load
-<lopt.weightspace.WeightSpaceTrainer.load>` rebuilds the predictor from the
+:func:`save_predictor` writes what a fitted
+:class:`~lopt.weightspace.WeightSpaceTrainer` predicts with: its predictor's
+``state_dict`` (weights, fitted input scales, standardisation, quantile
+knots, tree nodes: all tensors) as safetensors, and everything else as JSON
+in the file's safetensors metadata (the predictor's class and constructor
+arguments, what fitting set that is not a tensor, such as an editing head's
+delta shapes or NFN's architecture, the task, the label scaling and the
+trainer's settings). :func:`load_predictor` rebuilds the predictor from the
 JSON, loads the tensors strictly and returns a fitted trainer whose
-predictions are identical.
+predictions are identical::
+
+    save_predictor(trainer, "accuracy.safetensors")
+    trainer = load_predictor("accuracy.safetensors")
+    trainer.predict(new_networks)
 
 Loading reads tensors and JSON only and builds only the classes of
-:func:`savable_classes` (the neural-graph models and every baseline), so a file cannot
-run code. Writing goes to a temporary file in the same directory, renamed
-into place once complete: a failed save leaves the previous file, or none.
+:func:`savable_classes` (the neural-graph models and every baseline), so a
+file cannot run code. Writing goes to a temporary file in the same directory,
+renamed into place once complete: a failed save leaves the previous file, or
+none.
 """
 
 from __future__ import annotations
@@ -35,8 +40,8 @@ __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "savable_classes",
-    "save_trainer",
-    "load_trainer",
+    "save_predictor",
+    "load_predictor",
 ]
 
 FORMAT_NAME = "lopt-weightspace-predictor"
@@ -63,7 +68,7 @@ def savable_classes() -> dict[str, type]:
     models, :class:`~lopt.weightspace.GraphPredictor` and every baseline of
     :mod:`lopt.weightspace.baselines` (the modules there with
     ``get_config``)."""
-    from lopt.weightspace import baselines
+    from lopt.weightspace.baselines import predictors as baselines
     from lopt.weightspace.models.gnn import NeuralGraphGNN
     from lopt.weightspace.models.transformer import NeuralGraphTransformer
     from lopt.weightspace.training import GraphPredictor
@@ -146,7 +151,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def save_trainer(trainer: WeightSpaceTrainer, path: str | os.PathLike) -> Path:
+def save_predictor(trainer: WeightSpaceTrainer, path: str | os.PathLike) -> Path:
     """Write ``trainer``'s fitted predictor to ``path`` (see the module
     docs); returns the path.
 
@@ -155,7 +160,7 @@ def save_trainer(trainer: WeightSpaceTrainer, path: str | os.PathLike) -> Path:
         TypeError: its predictor is not one of :func:`savable_classes`.
     """
     if not trainer.fitted:
-        raise RuntimeError("call fit() before save(): there is no fitted predictor")
+        raise RuntimeError("call fit() before save_predictor(): nothing is fitted")
     path = Path(path)
     meta = {
         "format": FORMAT_NAME,
@@ -175,8 +180,8 @@ def save_trainer(trainer: WeightSpaceTrainer, path: str | os.PathLike) -> Path:
     return path
 
 
-def load_trainer(path: str | os.PathLike) -> WeightSpaceTrainer:
-    """The fitted trainer saved at ``path`` (:func:`save_trainer`).
+def load_predictor(path: str | os.PathLike) -> WeightSpaceTrainer:
+    """The fitted trainer saved at ``path`` (:func:`save_predictor`).
 
     Raises:
         FileNotFoundError: no file at ``path``.
@@ -204,7 +209,7 @@ def load_trainer(path: str | os.PathLike) -> WeightSpaceTrainer:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
         raise ValueError(
             f"Invalid predictor file {path}: no {FORMAT_NAME} JSON in its "
-            "metadata (not written by WeightSpaceTrainer.save)"
+            "metadata (not written by save_predictor)"
         )
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(

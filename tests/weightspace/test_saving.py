@@ -19,6 +19,8 @@ from lopt.weightspace import (
     WeightSpaceConfig,
     WeightSpaceData,
     WeightSpaceTrainer,
+    load_predictor,
+    save_predictor,
 )
 from lopt.weightspace.baselines import (
     FlatWeightsMLP,
@@ -106,8 +108,8 @@ def _assert_same(a, b):
 def test_save_then_load_predicts_identically(splits, tmp_path, kind, task):
     train, test = splits[task]
     trainer = _fit(MODELS[kind], task, train)
-    path = trainer.save(tmp_path / f"{kind}.safetensors")
-    loaded = WeightSpaceTrainer.load(path)
+    path = save_predictor(trainer, tmp_path / f"{kind}.safetensors")
+    loaded = load_predictor(path)
     _assert_same(loaded.predict_raw(test), trainer.predict_raw(test))
     metrics = loaded.evaluate(test)
     assert metrics == trainer.evaluate(test)
@@ -126,7 +128,7 @@ def test_save_then_load_predicts_identically(splits, tmp_path, kind, task):
 def test_save_then_load_edits_identically(splits, tmp_path, kind):
     train, test = splits["classification"]
     trainer = _fit(MODELS[kind], "editing", train)
-    loaded = WeightSpaceTrainer.load(trainer.save(tmp_path / "editor.safetensors"))
+    loaded = load_predictor(save_predictor(trainer, tmp_path / "editor.safetensors"))
     _assert_same(loaded.predict_raw(test), trainer.predict_raw(test))
     assert torch.equal(loaded.predict(test), trainer.predict(test))
 
@@ -140,7 +142,7 @@ def _read(path):
 def test_the_file_is_safetensors_with_readable_json(splits, tmp_path):
     train, _ = splits["regression"]
     trainer = _fit(MODELS["statnn_gbt"], "regression", train)
-    path = trainer.save(tmp_path / "trees.safetensors")
+    path = save_predictor(trainer, tmp_path / "trees.safetensors")
     meta, tensors = _read(path)
     keys = set(tensors)
     assert meta["predictor"]["class"] == "StatNNTrees"
@@ -195,25 +197,25 @@ def test_lazily_built_heads_load_into_fresh_instances(splits, kind):
 def test_mismatched_and_corrupt_files_fail_clearly(splits, tmp_path):
     train, _ = splits["classification"]
     trainer = _fit(MODELS["ng_gnn"], "classification", train)
-    path = trainer.save(tmp_path / "model.safetensors")
+    path = save_predictor(trainer, tmp_path / "model.safetensors")
     meta, tensors = _read(path)
     meta["predictor"]["model"]["config"]["node_dim"] = 16
     save_file(tensors, str(tmp_path / "other.safetensors"), {"lopt": json.dumps(meta)})
     with pytest.raises(ValueError, match="do not fit the GraphPredictor"):
-        WeightSpaceTrainer.load(tmp_path / "other.safetensors")
+        load_predictor(tmp_path / "other.safetensors")
     meta["predictor"]["model"]["class"] = "os.system"
     save_file(tensors, str(tmp_path / "evil.safetensors"), {"lopt": json.dumps(meta)})
     with pytest.raises(ValueError, match="Invalid predictor class 'os.system'"):
-        WeightSpaceTrainer.load(tmp_path / "evil.safetensors")
+        load_predictor(tmp_path / "evil.safetensors")
     save_file(tensors, str(tmp_path / "bare.safetensors"))
-    with pytest.raises(ValueError, match="not written by WeightSpaceTrainer.save"):
-        WeightSpaceTrainer.load(tmp_path / "bare.safetensors")
+    with pytest.raises(ValueError, match="not written by save_predictor"):
+        load_predictor(tmp_path / "bare.safetensors")
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(path.read_bytes()[:100])
     with pytest.raises(ValueError, match="not safetensors"):
-        WeightSpaceTrainer.load(truncated)
+        load_predictor(truncated)
     with pytest.raises(FileNotFoundError):
-        WeightSpaceTrainer.load(tmp_path / "missing.safetensors")
+        load_predictor(tmp_path / "missing.safetensors")
 
 
 def test_a_failed_save_leaves_the_old_file_and_no_temporary(
@@ -221,7 +223,7 @@ def test_a_failed_save_leaves_the_old_file_and_no_temporary(
 ):
     train, _ = splits["classification"]
     trainer = _fit(MODELS["statnn"], "classification", train)
-    path = trainer.save(tmp_path / "model.safetensors")
+    path = save_predictor(trainer, tmp_path / "model.safetensors")
     before = path.read_bytes()
 
     def crash(src, dst):
@@ -229,7 +231,7 @@ def test_a_failed_save_leaves_the_old_file_and_no_temporary(
 
     monkeypatch.setattr(os, "replace", crash)
     with pytest.raises(OSError, match="disk full"):
-        trainer.save(path)
+        save_predictor(trainer, path)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
 
@@ -237,12 +239,12 @@ def test_a_failed_save_leaves_the_old_file_and_no_temporary(
 def test_only_fitted_library_predictors_save(splits, tmp_path):
     train, _ = splits["classification"]
     with pytest.raises(RuntimeError, match="call fit"):
-        WeightSpaceTrainer(StatNN(3)).save(tmp_path / "x.safetensors")
+        save_predictor(WeightSpaceTrainer(StatNN(3)), tmp_path / "x.safetensors")
 
     class Mine(StatNN):
         pass
 
     trainer = _fit(lambda out: Mine(out, hidden=4), "classification", train)
     with pytest.raises(TypeError, match="cannot save a Mine"):
-        trainer.save(tmp_path / "x.safetensors")
+        save_predictor(trainer, tmp_path / "x.safetensors")
     assert not (tmp_path / "x.safetensors").exists()
