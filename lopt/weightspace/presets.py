@@ -93,7 +93,13 @@ class WeightSpacePreset:
         """A :class:`~lopt.weightspace.WeightSpaceTrainer` of the preset's
         model, sized for ``train`` (as many outputs as its classes for
         classification), with the preset's settings; ``overrides`` replace
-        trainer settings (``epochs=10``, ``max_seconds=None``)."""
+        trainer settings (``epochs=10``, ``max_seconds=None``).
+
+        Raises:
+            ValueError: ``train`` has networks with more inputs or outputs
+                than the model's ``max_positions`` (the message says what to
+                pass).
+        """
         from lopt.weightspace.training import WeightSpaceTrainer
 
         if not isinstance(train, WeightSpaceData):
@@ -101,6 +107,7 @@ class WeightSpacePreset:
         classes = task == "classification" and train.y is not None
         graph_out = int(train.y.max()) + 1 if classes else 1
         model = self.build_model(train.edge_features, graph_out, train.output_neurons)
+        model.features.check_positions(train.graphs)
         return WeightSpaceTrainer(model, task, **{**self.trainer_kwargs, **overrides})
 
     def to_dict(self) -> dict[str, Any]:

@@ -97,8 +97,11 @@ class GraphPredictor(nn.Module):
         self.model, self.task, self.normalize = model, task, normalize
 
     def prepare(self, train: WeightSpaceData) -> None:
-        """Fit the model's input scales on ``train``
+        """Check that the model's positional tables hold every network of
+        ``train`` (``ValueError`` naming ``max_positions`` otherwise) and fit
+        its input scales on ``train``
         (:meth:`~lopt.weightspace.NeuralGraphFeaturizer.fit_input_scales`)."""
+        self.model.features.check_positions(train.graphs)
         if self.normalize:
             batch = Batch.from_data_list(train.graphs[: min(len(train), 2048)])
             self.model.features.fit_input_scales(batch)

@@ -14,23 +14,21 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lopt.weightspace import (
+    FlatWeightsMLP,
+    ImagePredictor,
     NeuralGraphGNN,
     NeuralGraphTransformer,
+    NFNPredictor,
+    ProbePredictor,
+    StatNN,
+    StatNNTrees,
     WeightSpaceConfig,
     WeightSpaceData,
     WeightSpaceTrainer,
     load_predictor,
     save_predictor,
 )
-from lopt.weightspace.baselines import (
-    FlatWeightsMLP,
-    ImagePredictor,
-    NFNPredictor,
-    ProbePredictor,
-    StatNN,
-    StatNNTrees,
-    TreeEnsemble,
-)
+from lopt.weightspace.baselines.trees import TreeEnsemble
 
 QSTATS = WeightSpaceConfig(
     neuron_statistics=True,

@@ -601,6 +601,33 @@ class NeuralGraphFeaturizer(nn.Module):
             # normalised to about this scale too.
             nn.init.uniform_(self.probe_inputs, -1.0, 1.0)
 
+    def check_positions(self, graphs: Sequence) -> None:
+        """Raise ``ValueError`` naming ``max_positions`` when a graph of
+        ``graphs`` has more input or output neurons than the positional
+        tables hold (called by :meth:`GraphPredictor.prepare
+        <lopt.weightspace.GraphPredictor.prepare>`, so that a fit fails
+        before its first epoch). Nothing to check without positional
+        embeddings."""
+        if not self.config.positional or not len(graphs):
+            return
+        roles = torch.cat([g.node_role for g in graphs])
+        pos = torch.cat([g.node_pos for g in graphs])
+        has = (roles == _INPUT) | (roles == _OUTPUT)
+        counts = torch.tensor([g.num_nodes for g in graphs])
+        graph = torch.repeat_interleave(torch.arange(len(graphs)), counts)
+        over = has & (pos >= self.config.max_positions)
+        if bool(over.any()):
+            first = int(graph[over][0])
+            widest = int(pos[has].max()) + 1
+            raise ValueError(
+                f"Invalid max_positions: {self.config.max_positions}, but "
+                f"network {first} has an input or output neuron at position "
+                f"{int(pos[over & (graph == first)].max())} (the widest has "
+                f"{widest} inputs or outputs); build the model with "
+                f"WeightSpaceConfig(max_positions={widest}), or "
+                "positional=False"
+            )
+
     def positions(self, data) -> tuple[torch.Tensor, torch.Tensor]:
         """Row of the positional table for each node, and which nodes have
         one (input and output neurons)."""
@@ -609,8 +636,9 @@ class NeuralGraphFeaturizer(nn.Module):
         pos = data.node_pos[has]
         if len(pos) and int(pos.max()) >= limit:
             raise ValueError(
-                f"a graph has an input or output neuron at position "
-                f"{int(pos.max())}, beyond max_positions={limit}"
+                f"Invalid max_positions: a graph has an input or output neuron "
+                f"at position {int(pos.max())}, beyond max_positions={limit}; "
+                f"use WeightSpaceConfig(max_positions={int(pos.max()) + 1}) or more"
             )
         row = data.node_pos.clamp(min=0) + limit * (data.node_role == _OUTPUT)
         return torch.where(has, row, 0), has
