@@ -217,6 +217,22 @@ def test_weightspace_example():
     assert namespace["trainer"].evaluate(namespace["test"])["accuracy"] >= 0.8
 
 
+def test_weightspace_regression_example(tmp_path, monkeypatch):
+    """The generalization-prediction example: the best preset ranks held-out
+    losses from weights (measured: tau 0.60 on its 20 test networks, against
+    0 for chance), and the saved predictor reloads with the same metrics."""
+    from lopt.weightspace import load_predictor
+
+    _, code = snippet("weightspace_regression")
+    assert len(code.strip().splitlines()) <= 18
+    monkeypatch.chdir(tmp_path)  # it writes loss_predictor.safetensors
+    namespace = run_alone("weightspace_regression")
+    metrics = namespace["trainer"].evaluate(namespace["test"])
+    assert metrics["tau"] >= 0.4, metrics
+    loaded = load_predictor(tmp_path / "loss_predictor.safetensors")
+    assert loaded.evaluate(namespace["test"]) == metrics
+
+
 def test_constructor(problem):
     """The constructor block, every argument spelled out, builds the default."""
     from lopt import NGOptimizer
@@ -347,6 +363,7 @@ def test_rule_files(tmp_path, monkeypatch):
 RUNNERS = {
     "quickstart": test_quickstart,
     "weightspace": test_weightspace_example,
+    "weightspace_regression": test_weightspace_regression_example,
     "constructor": test_constructor,
     "scheduler": test_scheduler,
     "orthogonal_groups": test_orthogonal_groups,
