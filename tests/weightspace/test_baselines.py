@@ -255,3 +255,48 @@ def test_a_diverged_network_gets_finite_statnn_features_and_trees_still_fit():
         trainer = WeightSpaceTrainer(make(), "regression", epochs=2, progress=False)
         trainer.fit(data, data)
         assert torch.isfinite(trainer.predict(data)).all()
+
+
+class _NormsApart(nn.Module):
+    """Linear layers and their LayerNorms in two ModuleLists: registration
+    order puts every norm after the last layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.linears = nn.ModuleList(
+            [nn.Linear(3, 5), nn.Linear(5, 4), nn.Linear(4, 1)]
+        )
+        self.norms = nn.ModuleList([nn.LayerNorm(5), nn.LayerNorm(4)])
+
+    def forward(self, x):
+        for linear, norm in zip(self.linears, self.norms):
+            x = torch.tanh(norm(linear(x)))
+        return self.linears[-1](x)
+
+
+def test_statnn_groups_layers_by_the_traced_forward_not_registration():
+    from lopt.weightspace.baselines.permutations import chain_layers
+
+    torch.manual_seed(0)
+    apart = _NormsApart()
+    with torch.no_grad():
+        for p in apart.parameters():
+            p.normal_()
+    layers = chain_layers(apart.state_dict(), apart)
+    assert [layer.get("norm_weight") for layer in layers] == [
+        "norms.0.weight",
+        "norms.1.weight",
+        None,
+    ]
+    assert layers[0]["bias"] == "linears.0.bias"
+    # Registration order alone gets it wrong (the failure this guards against).
+    assert chain_layers(apart.state_dict())[0].get("norm_weight") is None
+    # The same network written as one Sequential gives the same features.
+    lin, norm = apart.linears, apart.norms
+    seq = nn.Sequential(lin[0], norm[0], nn.Tanh(), lin[1], norm[1], nn.Tanh(), lin[2])
+    data = WeightSpaceData.from_modules([apart, seq], [0.0, 1.0])
+    model = StatNN(1, hidden=4)
+    model.prepare(data)
+    assert model.per_layer == 3
+    feats = model.features(data, [0, 1])
+    assert torch.equal(feats[0], feats[1])

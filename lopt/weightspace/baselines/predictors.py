@@ -84,7 +84,9 @@ def _stats(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def weight_statistics(
-    state: dict[str, torch.Tensor], per_layer: int | None = None
+    state: dict[str, torch.Tensor],
+    per_layer: int | None = None,
+    module: nn.Module | None = None,
 ) -> torch.Tensor:
     """StatNN features of one network: for each layer (:func:`chain_layers`)
     the mean, variance and quantiles (0, .25, .5, .75, 1) of its weight, bias,
@@ -96,6 +98,9 @@ def weight_statistics(
             layer; ``None`` for networks of varying depth: blocks for the
             first layer, the mean of the middle layers, the last layer and the
             mean of shortcut layers, then the number of layers.
+        module: the network's architecture: layers are then grouped in the
+            order its traced forward runs them (:func:`chain_layers`), not
+            in registration order.
 
     Returns:
         ``(per_layer * 28,)`` or ``(4 * 28 + 1,)``.
@@ -103,7 +108,7 @@ def weight_statistics(
     Raises:
         ValueError: ``per_layer`` differs from the network's depth.
     """
-    layers = chain_layers(state)
+    layers = chain_layers(state, module)
     plain = [layer for layer in layers if "shortcut" not in layer]
     width = len(_SLOTS) * (2 + len(_QUANTILES))
 
@@ -342,7 +347,9 @@ class FlatWeightsMLP(FeaturePredictor):
 class StatNN(FeaturePredictor):
     """StatNN (Unterthiner et al. 2020) with an MLP: :func:`weight_statistics`
     of each network, per layer when every training network has the same
-    depth, else first / middle / last / shortcut blocks and the depth.
+    depth, else first / middle / last / shortcut blocks and the depth. Layers
+    are grouped in the order each network's traced forward runs them, so a
+    norm kept in a separate ``ModuleList`` joins the layer it follows.
 
     Args:
         out_dim (int): classes (classification) or 1.
@@ -381,13 +388,16 @@ class StatNN(FeaturePredictor):
 
     def features(self, data, index):
         return torch.stack(
-            [weight_statistics(data.state_dicts[i], self.per_layer) for i in index]
+            [
+                weight_statistics(data.state_dicts[i], self.per_layer, data.modules[i])
+                for i in index
+            ]
         )
 
     def prepare(self, train):
         depths = {
-            sum("shortcut" not in layer for layer in chain_layers(s))
-            for s in train.state_dicts
+            sum("shortcut" not in layer for layer in chain_layers(s, m))
+            for s, m in zip(train.state_dicts, train.modules)
         }
         self.per_layer = depths.pop() if len(depths) == 1 else None
         super().prepare(train)
