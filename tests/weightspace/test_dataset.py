@@ -95,7 +95,7 @@ def test_gnn_on_a_batch_equals_the_gnn_on_each_graph():
     torch.testing.assert_close(together.edge, torch.cat([a.edge for a in alone]))
     assert repr(gnn) == (
         "NeuralGraphGNN(edge_features=25, graph_out=2, node_dim=8, edge_dim=4, "
-        "num_layers=2)"
+        "num_layers=3)"
     )
     with pytest.raises(ValueError, match="graphs have 25 edge features"):
         NeuralGraphGNN(9)(dataset[0])

@@ -12,15 +12,14 @@ from lopt.weightspace import baselines, training
 
 
 def test_baselines_metrics_presets_and_saving_are_exported():
-    for name in (
-        "FlatWeightsMLP",
-        "StatNN",
-        "StatNNTrees",
-        "NFNPredictor",
-        "ProbePredictor",
-        "ImagePredictor",
-        "weight_statistics",
-    ):
+    from lopt.weightspace.saving import savable_classes
+
+    names = [n for n in savable_classes() if hasattr(baselines, n)]
+    fitted = (
+        "StatNN StatNNTrees FlatWeightsMLP NFNPredictor ProbePredictor ImagePredictor"
+    )
+    assert set(fitted.split()) <= set(names)  # every baseline a user fits and saves
+    for name in [*names, "weight_statistics"]:
         assert name in ws.__all__ and getattr(ws, name) is getattr(baselines, name)
     assert ws.kendall_tau is training.kendall_tau
     assert ws.kendall_tau(torch.arange(4.0), torch.tensor([1.0, 2, 4, 3])) == (

@@ -299,13 +299,13 @@ class WeightSpaceConfig:
     """Which input features a weight-space model uses (defaults: the paper's
     model without probes).
 
-    ``statistics_scaling="quantile"``, ``statistics_quantiles`` and
-    ``layer_normalised_edges`` are experimental: toggles of the weight-space
-    benchmark's opt-in models (``ng_gnn_qstats*`` in
-    ``benchmarks/weightspace/run.py``), kept so that saved configs load, not
-    a settled part of the model; their helpers (:func:`quantile_scale`,
-    :func:`layer_rms`, and :func:`canonical_signs` of ``sign_canonical``) are
-    importable from this module only, not from :mod:`lopt.weightspace`.
+    ``statistics_scaling="quantile"`` and ``layer_normalised_edges``, with
+    ``neuron_statistics``, make the benchmark's best model (preset
+    ``"ng-gnn-best"``, :mod:`lopt.weightspace.presets`); they are off by
+    default, where the paper's inputs are. Their helpers
+    (:func:`quantile_scale`, :func:`layer_rms`, and :func:`canonical_signs`
+    of ``sign_canonical``) are importable from this module only, not from
+    :mod:`lopt.weightspace`.
 
     Attributes:
         positional: learned embeddings of input and output neurons' positions.
@@ -341,14 +341,14 @@ class WeightSpaceConfig:
             made non-negative (:func:`canonical_signs`).
         neuron_statistics: per-neuron weight statistics as node inputs
             (:func:`neuron_statistics`).
-        statistics_scaling: (experimental) how the statistics are put on
+        statistics_scaling: how the statistics are put on
             one scale once fitted: ``"standard"`` (minus the mean, over the
             standard deviation, clamped by ``input_clip``) or ``"quantile"``
             (through their empirical distribution on the fitting graphs,
             :func:`quantile_scale`; robust to heavy tails).
-        statistics_quantiles: (experimental) knots per column for
+        statistics_quantiles: knots per column for
             ``"quantile"``.
-        layer_normalised_edges: (experimental) divide each network's edge
+        layer_normalised_edges: divide each network's edge
             inputs by their root mean square over its layer
             (:func:`layer_rms`), so that edges carry the pattern of a layer's
             weights and not their scale (which the neuron statistics,
