@@ -60,6 +60,7 @@ def loss_curve(
     config: TaskConfig,
     steps: int,
     stop_above: float | None = None,
+    orthogonal: bool = False,
 ) -> tuple[list[float], bool]:
     """Train the task of ``config`` for ``steps`` steps from its initial weights
     (:func:`lopt.tasks.loop.run` on the task's batches of seed ``config.seed``).
@@ -71,6 +72,8 @@ def loss_curve(
         steps: training steps.
         stop_above: stop (as diverged) once a loss exceeds this multiple of
             the first one.
+        orthogonal: the rule's hidden-matrix updates orthogonalised
+            (:class:`RuleLearner`'s ``orthogonal``).
 
     Returns:
         ``(losses, diverged)``: the minibatch loss before each step, ending
@@ -82,7 +85,7 @@ def loss_curve(
     if rule is None:
         learner = ModuleLearner(model, torch.optim.Adam(model.parameters(), lr=1e-3))
     else:
-        learner = RuleLearner(model, rule)
+        learner = RuleLearner(model, rule, orthogonal=orthogonal)
     generator = task.batch_generator(config.seed)
     curve = run(task, learner, steps, generator, divergence_factor=stop_above)
     losses = curve.losses

@@ -29,10 +29,16 @@ FAMILIES = {
 }
 
 
-def run_task(rule, config: TaskConfig, steps: int) -> tuple[bool, float]:
+def run_task(
+    rule, config: TaskConfig, steps: int, orthogonal: bool = False
+) -> tuple[bool, float]:
     """Train one task; returns ``(diverged, log(L_final / L_0))`` with a
-    diverged run scored ``log 10``. ``rule=None`` runs Adam(1e-3)."""
-    losses, diverged = loss_curve(rule, config, steps, stop_above=10.0)
+    diverged run scored ``log 10``. ``rule=None`` runs Adam(1e-3).
+    ``orthogonal``: the rule's hidden-matrix updates orthogonalised, as
+    ``NGOptimizer`` does by default."""
+    losses, diverged = loss_curve(
+        rule, config, steps, stop_above=10.0, orthogonal=orthogonal
+    )
     return diverged, final_log_ratio(losses, diverged)
 
 
@@ -60,6 +66,13 @@ def main(argv: list[str] | None = None) -> int:
         "widened) or 'broad' (also linear models, GRUs and LSTMs, and unscaled "
         "inputs: what the rule is worst at, none of them the benchmark suite's)",
     )
+    parser.add_argument(
+        "--orthogonal",
+        action="store_true",
+        help="orthogonalise the rules' hidden-matrix updates (NGOptimizer's "
+        "default; off by default here, as in meta-training)",
+    )
+    parser.add_argument("--no-adam", action="store_true", help="skip Adam(1e-3)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     widths = tuple(w for w in (16, 32, 64, 128, 256, 512) if w <= args.max_width)
@@ -76,9 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     for c in configs:
         print(f"task: {describe(c)}")
     rows = []
-    for name in ["adam(1e-3)", *args.rules]:
+    for name in [*([] if args.no_adam else ["adam(1e-3)"]), *args.rules]:
         rule = None if name == "adam(1e-3)" else load_rule(name)
-        results = [run_task(rule, c, args.steps) for c in configs]
+        results = [run_task(rule, c, args.steps, args.orthogonal) for c in configs]
         diverged = sum(d for d, _ in results)
         score = sum(s for _, s in results) / len(results)
         rows.append((diverged, score, name))

@@ -55,7 +55,14 @@ from lopt.optim.features import (
 )
 from lopt.optim.step_size import LEGACY_FIELDS, StepSizeConfig, split_legacy_fields
 
-__all__ = ["RuleConfig", "UpdateRule", "save_rule", "load_rule", "FORMAT_VERSION"]
+__all__ = [
+    "RuleConfig",
+    "UpdateRule",
+    "save_rule",
+    "load_rule",
+    "blend_with_untrained",
+    "FORMAT_VERSION",
+]
 
 #: Version 2 added ``weights_sha256`` (the SHA-256 of the weights file) to the
 #: config; version 1 files still load, with a warning that they are unverified.
@@ -293,6 +300,33 @@ def _feature_spec() -> dict[str, Any]:
         "momentum_decays": list(MOMENTUM_DECAYS),
         "time_scales": list(TIME_SCALES),
     }
+
+
+def blend_with_untrained(rule: UpdateRule, alpha: float) -> UpdateRule:
+    """A copy of ``rule`` whose heads output ``alpha`` times its own
+    direction and log-magnitude plus ``1 - alpha`` times a fresh rule's
+    (the Adam ratio and zero): the learned corrections shrunk towards the
+    untrained rule, exactly, because both heads are linear in their output
+    and skip weights. ``alpha = 1`` is ``rule``, ``0`` its untrained
+    ablation (whose step skips the graph network). The backbone, the
+    config and the step-size controller are kept.
+
+    Raises:
+        ValueError: ``alpha`` outside ``[0, 1]``.
+    """
+    if not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
+        raise ValueError(f"Invalid alpha: {alpha!r} (need 0 <= alpha <= 1)")
+    out = UpdateRule(rule.config, rule.step_size)
+    out.load_state_dict(rule.state_dict())
+    out.metadata = dict(rule.metadata)
+    with torch.no_grad():
+        for head in (out.edge_head, out.slot_head):
+            head.out.weight.mul_(alpha)
+            head.out.bias.mul_(alpha)
+            fresh = torch.zeros_like(head.skip.weight)
+            fresh[0, ADAM_RATIO_FEATURE] = 1.0
+            head.skip.weight.mul_(alpha).add_(fresh, alpha=1.0 - alpha)
+    return out
 
 
 def save_rule(

@@ -64,6 +64,12 @@ class StepSizeConfig:
     # faster than the cosine can shrink the step.
     spike: float = 0.0
     spike_cut: float = 2.0
+    # With hold > 0, s below 0 (steps shorter than the rule's own) moves down
+    # only on a signal below -hold: a consistent overshoot. A weaker negative
+    # signal, which noise alone gives (the one-step hypergradient is biased
+    # towards shrinking on noisy objectives), leaves it where it is; positive
+    # signals and spike cuts act as usual. hold = 0: no dead zone.
+    hold: float = 0.0
 
     @property
     def enabled(self) -> bool:
@@ -97,6 +103,10 @@ class StepSizeConfig:
             raise ValueError(
                 f"Invalid step_size.spike: {self.spike} "
                 "(need 0 for off, or a ratio > 1)"
+            )
+        if not 0.0 <= self.hold <= 1.0:
+            raise ValueError(
+                f"Invalid step_size.hold: {self.hold} (need 0 <= hold <= 1; 0 is off)"
             )
         if self.spike_cut < 0:
             raise ValueError(
@@ -232,7 +242,7 @@ def next_log_step(
     empty; see :func:`adapt_step_sizes`."""
     cos = path_cosine(dot, grad_sq, path_sq).to(log_step.dtype)
     if not config.stats_rows:
-        log_step = log_step + config.rate * cos
+        log_step = _move(config, log_step, cos)
         return _clip_log_step(config, log_step), adapt_stats
     mean, square, grad_mean = adapt_stats.unbind()
     live = cos != 0  # no evidence this step: keep the moments and the step
@@ -245,7 +255,7 @@ def next_log_step(
         )
     else:
         signal = cos
-    log_step = log_step + config.rate * signal
+    log_step = _move(config, log_step, signal)
     if config.spike > 0:
         # |g|^2 of a finite gradient may exceed the float32 range: clamped, so
         # that the state stays finite (as the second moment's squares are).
@@ -263,6 +273,19 @@ def next_log_step(
         seen = torch.lerp(grad_mean, torch.minimum(g2, limit), 1.0 - SPIKE_DECAY)
         grad_mean = torch.where(fresh, g2, seen)
     return _clip_log_step(config, log_step), torch.stack([mean, square, grad_mean])
+
+
+def _move(
+    config: StepSizeConfig, log_step: torch.Tensor, signal: torch.Tensor
+) -> torch.Tensor:
+    """``log_step + rate * signal``, except that with ``config.hold`` a
+    signal above ``-hold`` takes no log step below 0, nor further down once
+    there (see :class:`StepSizeConfig`)."""
+    moved = log_step + config.rate * signal
+    if config.hold > 0:
+        held = (moved < 0) & (signal > -config.hold)
+        moved = torch.where(held, torch.maximum(moved, log_step.clamp(max=0)), moved)
+    return moved
 
 
 #: Decay of the EMA of each tensor's squared gradient norm that

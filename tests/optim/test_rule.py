@@ -409,3 +409,37 @@ def test_lean_rule_round_trip_and_edge_embedding_reaches_the_update(tmp_path):
     edges = graph.num_edges
     assert not torch.allclose(changed[:edges], out[:edges])
     assert torch.equal(changed[edges:], out[edges:])
+
+
+def test_blend_with_untrained_interpolates_the_heads_outputs():
+    """alpha = 1 is the rule, 0 its untrained ablation, and in between the
+    heads output the same mix of the two (they are linear in the blended
+    weights)."""
+    from lopt.optim.rule import blend_with_untrained
+
+    rule = random_rule(seed=3)
+    fresh = UpdateRule(rule.config)
+    assert blend_with_untrained(rule, 0.0).learned_output_is_zero
+    assert not blend_with_untrained(rule, 1.0).learned_output_is_zero
+    graph, feats, time = _inputs()
+    torch.testing.assert_close(
+        blend_with_untrained(rule, 1.0)(graph, feats, time), rule(graph, feats, time)
+    )
+    half = blend_with_untrained(rule, 0.5)
+    gen = torch.Generator().manual_seed(0)
+    for name in ("edge_head", "slot_head"):
+        head = getattr(rule, name)
+        width = head.out.in_features if not head.hidden else head.embed_in.in_features
+        embed = torch.randn(width, 7, generator=gen)
+        x = torch.randn(feats.shape[0], 7, generator=gen)
+        want = 0.5 * head(embed, x) + 0.5 * getattr(fresh, name)(embed, x)
+        torch.testing.assert_close(getattr(half, name)(embed, x), want)
+    assert half.step_size == rule.step_size and half.config == rule.config
+
+
+@pytest.mark.parametrize("alpha", [-0.1, 1.5, "half"])
+def test_blend_with_untrained_rejects_bad_alpha(alpha):
+    from lopt.optim.rule import blend_with_untrained
+
+    with pytest.raises(ValueError, match="Invalid alpha"):
+        blend_with_untrained(random_rule(), alpha)

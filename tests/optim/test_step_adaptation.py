@@ -532,3 +532,52 @@ def test_meta_training_reads_old_controller_overrides():
         RuleConfig(degree_features=True),
         StepSizeConfig(rate=0.1),
     )
+
+
+def _next(config: StepSizeConfig, log_step: list[float], cos: list[float]):
+    """:func:`next_log_step` with unit gradient and path norms, so that the
+    cosine of each tensor is ``cos``."""
+    from lopt.optim.step_size import initial_adapt_stats, next_log_step
+
+    s = torch.tensor(log_step, dtype=torch.float64)
+    dot = -torch.tensor(cos, dtype=torch.float64)
+    ones = torch.ones_like(s)
+    stats = initial_adapt_stats(config, len(s), s).double()
+    return next_log_step(config, s, dot, ones, ones, stats)[0]
+
+
+def test_hold_keeps_noise_from_shrinking_steps_below_the_rules_own():
+    """With ``hold``, a weak negative signal (noise) does not take a log step
+    below 0 nor further down once there; a signal below ``-hold`` (an
+    overshoot) does, and positive signals move it as usual."""
+    config = StepSizeConfig(rate=0.1, log_min=-2.0, hold=0.5)
+    s = _next(
+        config, [0.0, 0.0, -0.3, 0.2, 0.01, -0.3], [-0.3, -0.8, -0.3, -0.3, -0.3, 0.5]
+    )
+    expected = [0.0, -0.08, -0.3, 0.17, 0.0, -0.25]
+    torch.testing.assert_close(s, torch.tensor(expected, dtype=torch.float64))
+    # hold = 0 is the controller without a dead zone.
+    plain = StepSizeConfig(rate=0.1, log_min=-2.0)
+    torch.testing.assert_close(
+        _next(plain, [0.0, -0.3], [-0.3, -0.3]),
+        torch.tensor([-0.03, -0.33], dtype=torch.float64),
+    )
+
+
+def test_hold_lets_a_spike_cut_below_zero():
+    config = StepSizeConfig(rate=0.1, log_min=-4.0, hold=1.0, spike=10.0)
+    from lopt.optim.step_size import next_log_step
+
+    s = torch.zeros(1, dtype=torch.float64)
+    stats = torch.tensor([[0.0], [0.0], [1.0]], dtype=torch.float64)  # |g|^2 EMA 1
+    grad_sq = torch.tensor([100.0], dtype=torch.float64)  # 100x its mean: a spike
+    out, _ = next_log_step(
+        config, s, torch.tensor([0.0]).double(), grad_sq, grad_sq, stats
+    )
+    assert float(out) == pytest.approx(-2.0)
+
+
+@pytest.mark.parametrize("hold", [-0.1, 1.5, float("nan")])
+def test_invalid_hold_is_named(hold):
+    with pytest.raises(ValueError, match=r"step_size\.hold"):
+        StepSizeConfig(hold=hold)

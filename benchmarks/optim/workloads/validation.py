@@ -47,6 +47,7 @@ from benchmarks.optim.workloads.tabular import dropout_mlp, rows_job
 from benchmarks.optim.workloads.text import language_model_job
 from lopt.optim.optimizer import cooldown_factor
 from lopt.optim.orthogonal import orthogonalize
+from lopt.optim.rule import blend_with_untrained
 
 __all__ = ["JOBS", "VARIANTS", "Variant", "main"]
 
@@ -209,6 +210,11 @@ class Variant:
     # Where NG's neural graph comes from (``Trainer``'s ``structure``): the
     # decay / no-decay groups' order, ``model=``, or the parameters' names.
     structure: str = "groups"
+    # The controller's dead zone below 0 (StepSizeConfig.hold; None: the
+    # rule's own), and the learned output shrunk towards the untrained rule
+    # (lopt.optim.rule.blend_with_untrained; None: the rule as it is).
+    hold: float | None = None
+    alpha: float | None = None
 
     @property
     def label(self) -> str:
@@ -235,6 +241,13 @@ VARIANTS = {
         # decay / no-decay groups' order.
         Variant("ngopt_model", log_min=0.0, native=True, structure="model"),
         Variant("ngopt_named", log_min=0.0, native=True, structure="named"),
+        # After the 5000-step suite run (floor 0 lets a deep MLP's loss climb):
+        # the floor back at -2, with a dead zone that noise does not cross.
+        Variant("ngopt_hold0.5", log_min=-2.0, hold=0.5, native=True),
+        Variant("ngopt_hold0.8", log_min=-2.0, hold=0.8, native=True),
+        # The learned output scaled towards the untrained rule's.
+        Variant("ngopt_alpha0.5", log_min=0.0, alpha=0.5, native=True),
+        Variant("ngopt_alpha0.25", log_min=0.0, alpha=0.25, native=True),
         Variant("adamw@0.001", lr=1e-3),
         Variant("adamw@0.003", lr=3e-3),
         Variant("adamw@0.01", lr=1e-2),
@@ -251,6 +264,10 @@ class _VariantTrainer(Trainer):
         rule = copy.deepcopy(load_ng_rule())
         if variant.log_min is not None:
             rule.step_size = replace(rule.step_size, log_min=variant.log_min)
+        if variant.hold is not None:
+            rule.step_size = replace(rule.step_size, hold=variant.hold)
+        if variant.alpha is not None:
+            rule = blend_with_untrained(rule, variant.alpha)
         name = "ng_untrained" if variant.untrained else "ng"
         super().__init__(
             Recipe(name), job, workload, total, rule=rule, structure=variant.structure
