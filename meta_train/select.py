@@ -26,6 +26,9 @@ __all__ = ["run_task", "main", "FAMILIES"]
 FAMILIES = {
     "mlp": {},
     "broad": {"min_depth": 0, "recurrent_prob": 0.3, "unscaled_prob": 0.25},
+    # Deep MLPs (5-8 hidden layers), where a step that cannot shrink below the
+    # rule's own lets the loss climb late in long runs (experiment 17).
+    "deep": {"min_depth": 5, "max_depth": 8, "conv_prob": 0.0},
 }
 
 
@@ -64,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         default="mlp",
         help="task family: 'mlp' (MLPs and 1-D CNNs, the meta-training family "
         "widened) or 'broad' (also linear models, GRUs and LSTMs, and unscaled "
-        "inputs: what the rule is worst at, none of them the benchmark suite's)",
+        "inputs: what the rule is worst at, none of them the benchmark suite's) "
+        "or 'deep' (MLPs of 5-8 hidden layers)",
     )
     parser.add_argument(
         "--orthogonal",

@@ -16,11 +16,11 @@ models with their training recipes; :func:`save_predictor` and
 Imports ``torch_geometric``; ``import lopt`` alone does not.
 """
 
-from lopt.weightspace.baselines import (
+from lopt.weightspace.baselines.nfn import NFNPredictor
+from lopt.weightspace.baselines.predictors import (
     FeaturePredictor,
     FlatWeightsMLP,
     ImagePredictor,
-    NFNPredictor,
     ProbePredictor,
     StatNN,
     StatNNTrees,
@@ -97,13 +97,14 @@ __all__ = [
     "PRESETS",
     "WeightSpacePreset",
     "SkippedNetwork",
-    "FeaturePredictor",
-    "FlatWeightsMLP",
+    # the baselines
     "StatNN",
     "StatNNTrees",
+    "FlatWeightsMLP",
     "NFNPredictor",
     "ProbePredictor",
     "ImagePredictor",
+    "FeaturePredictor",
     "weight_statistics",
     "NODE_ROLES",
     "LAYER_TYPES",

@@ -128,13 +128,8 @@ class NFNPredictor(nn.Module):
 
     def get_config(self) -> dict:
         """The constructor's arguments, JSON-safe (for saving)."""
-        return {
-            "out_dim": self.out_dim,
-            "hidden": self.hidden,
-            "layers": self.num_layers,
-            "mode": self.mode,
-            "head_hidden": self.head_hidden,
-        }
+        same = ("out_dim", "hidden", "mode", "head_hidden")
+        return {"layers": self.num_layers, **{k: getattr(self, k) for k in same}}
 
     def fitted_config(self) -> dict:
         """The architecture :meth:`prepare` read: layers, shapes and the
