@@ -492,14 +492,16 @@ def test_format_2_rule_files_load_with_their_controller(tmp_path):
 
 def test_shipped_default_rule_keeps_its_controller(tmp_path):
     # rules/default/config.json carries the controller in its step_size entry
-    # (format 3), with the floor at 0 since the workloads study.
+    # (format 3), with the floor at -2 held at 0 against noise since
+    # experiment 19.
     config = json.loads(Path(default_rule_path(), "config.json").read_text())
     rule = load_rule(default_rule_path())
     assert config["format_version"] == 3
-    assert rule.step_size.enabled and rule.step_size.log_min == 0.0
+    assert rule.step_size.enabled and rule.step_size.log_min == -2.0
+    assert rule.step_size.hold == 0.95
     assert rule.step_size == StepSizeConfig(**config["step_size"])
     # The same rule written as format 2 (the controller in rule_config under
-    # its step_adapt_* names) loads into the same two parts.
+    # its step_adapt_* names, which had no hold) loads into the same two parts.
     legacy = dict(config, format_version=2)
     legacy["rule_config"] = {
         **config["rule_config"],
@@ -509,7 +511,8 @@ def test_shipped_default_rule_keeps_its_controller(tmp_path):
     shutil.copytree(default_rule_path(), tmp_path / "old")
     (tmp_path / "old" / "config.json").write_text(json.dumps(legacy))
     old_rule = load_rule(tmp_path / "old")
-    assert old_rule.step_size == rule.step_size and old_rule.config == rule.config
+    assert old_rule.config == rule.config
+    assert old_rule.step_size == dataclasses.replace(rule.step_size, hold=0.0)
 
 
 def test_format_3_rule_with_controller_fields_in_rule_config_is_rejected(tmp_path):

@@ -248,6 +248,11 @@ VARIANTS = {
         # The learned output scaled towards the untrained rule's.
         Variant("ngopt_alpha0.5", log_min=0.0, alpha=0.5, native=True),
         Variant("ngopt_alpha0.25", log_min=0.0, alpha=0.25, native=True),
+        # Both: alpha 0.5 (chosen above) with the floor at -2, held or not.
+        Variant("ngopt_a0.5_floor-2", log_min=-2.0, alpha=0.5, native=True),
+        Variant("ngopt_a0.5_hold0.5", log_min=-2.0, hold=0.5, alpha=0.5, native=True),
+        Variant("ngopt_a0.5_hold0.8", log_min=-2.0, hold=0.8, alpha=0.5, native=True),
+        Variant("ngopt_a0.5_hold0.95", log_min=-2.0, hold=0.95, alpha=0.5, native=True),
         Variant("adamw@0.001", lr=1e-3),
         Variant("adamw@0.003", lr=3e-3),
         Variant("adamw@0.01", lr=1e-2),
