@@ -9,7 +9,9 @@ chosen, untouched by its own numbers.
     python -m benchmarks.optim.workloads.validation [--variants ng,ng_floor0,...]
         [--jobs val_gpt,...] [--seeds 1] [--threads 1]
 
-Variants are the shipped rule with one or more changes (see :data:`VARIANTS`)
+Variants are the shipped rule with one or more changes (see :data:`VARIANTS`),
+applied to whatever rule ships when they run (the cache keys on its checksum: a
+variant's rows before and after a change of the shipped rule are different runs)
 and AdamW with warmup + cosine at each grid learning rate, the reference.
 Every finished run is cached in ``benchmarks/results/workloads/validation``;
 a rerun reports from the cache.
@@ -236,6 +238,9 @@ VARIANTS = {
         Variant("ng_floor-1_ortho_cool", log_min=-1.0, ortho=True, cooldown=True),
         Variant("ng_floor-2_ortho_cool", log_min=-2.0, ortho=True, cooldown=True),
         Variant("ngopt_floor0", log_min=0.0, native=True),
+        # The shipped rule as it is (whatever it is when run: every variant
+        # starts from the shipped rule, and the cache keys on its checksum).
+        Variant("ngopt", native=True),
         Variant("ngopt_untrained_floor0", log_min=0.0, native=True, untrained=True),
         # The graph from the model (issue 30) or from names, instead of the
         # decay / no-decay groups' order.
