@@ -1,12 +1,17 @@
-"""NeuralGraph.from_module: the module's exact graph from its fx trace."""
+"""NeuralGraph.from_module: the module's exact graph from its fx trace, and
+NGOptimizer(model=..., graph="traced") that uses it."""
 
 from __future__ import annotations
 
+import copy
+import warnings
+
 import pytest
 import torch
-from conftest import mlp
+from conftest import mlp, random_rule, regression_data, train
 from torch import nn
 
+from lopt import NGOptimizer
 from lopt.graph import NeuralGraph, Unsupported
 
 
@@ -151,3 +156,139 @@ def test_foreign_parameter_is_named():
     model = mlp()
     with pytest.raises(ValueError, match="not a parameter of Sequential"):
         NeuralGraph.from_module(model, [nn.Parameter(torch.zeros(3))])
+
+
+# ----------------------------------------------------- NGOptimizer(graph=...)
+def _step(model, opt, x, y):
+    opt.zero_grad()
+    nn.functional.mse_loss(model(x), y).backward()
+    opt.step()
+
+
+def test_graph_argument_is_checked():
+    model = mlp()
+    with pytest.raises(ValueError, match="Invalid graph: 'exact'"):
+        NGOptimizer(model.parameters(), model=model, graph="exact")
+    with pytest.raises(ValueError, match="Invalid graph: 'traced' needs"):
+        NGOptimizer(model.parameters(), graph="traced")
+
+
+def test_traced_optimizer_uses_the_traced_graph():
+    model = ResidualMLP()
+    opt = NGOptimizer(model.parameters(), model=model, graph="traced")
+    _same_structure(opt.graph, NeuralGraph.from_module(model, list(model.parameters())))
+    shapes = NGOptimizer(model.parameters(), model=model)
+    assert shapes.graph.num_nodes == opt.graph.num_nodes + 6
+
+
+@pytest.mark.parametrize(
+    "make, x_shape", [(ResidualMLP, (32, 4)), (small_cnn, (16, 2, 6, 6))]
+)
+def test_traced_graph_trains(make, x_shape):
+    model = make()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(*x_shape, generator=gen)
+    y = torch.randn(x_shape[0], 3, generator=gen)
+    opt = NGOptimizer(model.parameters(), model=model, graph="traced")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # traced: no fallback warning
+        losses = train(model, opt, x, y, steps=30)
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_groups_in_any_order_give_the_same_trajectory_traced():
+    models = [ResidualMLP(), ResidualMLP()]
+    decay = [p for p in models[1].parameters() if p.dim() >= 2]
+    no_decay = [p for p in models[1].parameters() if p.dim() < 2]
+    opts = [
+        NGOptimizer(models[0].parameters(), model=models[0], graph="traced"),
+        NGOptimizer(
+            [{"params": no_decay[::-1]}, {"params": decay}],
+            model=models[1],
+            graph="traced",
+        ),
+    ]
+    x, y = regression_data()
+    for _ in range(3):
+        for model, opt in zip(models, opts):
+            _step(model, opt, x, y)
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(p, q, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "make, x_shape", [(TinyAttention, (2, 5, 8)), (TinyLSTM, (2, 5, 4))]
+)
+def test_unsupported_models_fall_back_with_one_warning(make, x_shape):
+    model = make()
+    params = list(model.parameters())
+    opt = NGOptimizer(params[:2], model=model, graph="traced")
+    with pytest.warns(UserWarning, match=r"graph='traced'.*unsupported \(.+\)"):
+        graph = opt.graph
+    _same_structure(graph, NeuralGraph.from_parameters(params[:2]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once only
+        opt.add_param_group({"params": params[2:]})
+        _same_structure(opt.graph, NeuralGraph.from_parameters(params))
+        opt.zero_grad()
+        model(torch.randn(*x_shape)).square().mean().backward()
+        opt.step()
+
+
+def test_fused_and_reference_steps_agree_on_a_traced_graph():
+    models = [ResidualMLP(), ResidualMLP()]
+    opts = [
+        NGOptimizer(
+            m.parameters(), model=m, graph="traced", rule=random_rule(5), fused=f
+        )
+        for m, f in zip(models, (None, False))
+    ]
+    x, y = regression_data()
+    for _ in range(3):
+        for model, opt in zip(models, opts):
+            _step(model, opt, x, y)
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(p, q)
+
+
+def _permute_residual_mlp(model):
+    """The residual stream's neurons (``p``: fc_in and fc2 outputs, the norm,
+    the head's inputs) and the block's hidden neurons (``q``)."""
+    gen = torch.Generator().manual_seed(1)
+    p, q = torch.randperm(6, generator=gen), torch.randperm(6, generator=gen)
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        out.fc_in.weight.copy_(model.fc_in.weight[p])
+        out.fc_in.bias.copy_(model.fc_in.bias[p])
+        out.fc1.weight.copy_(model.fc1.weight[q][:, p])
+        out.fc1.bias.copy_(model.fc1.bias[q])
+        out.fc2.weight.copy_(model.fc2.weight[p][:, q])
+        out.fc2.bias.copy_(model.fc2.bias[p])
+        out.norm.weight.copy_(model.norm.weight[p])
+        out.norm.bias.copy_(model.norm.bias[p])
+        out.head.weight.copy_(model.head.weight[:, p])
+        out.head.bias.copy_(model.head.bias)
+    return out
+
+
+def test_step_of_permuted_model_is_permuted_step_on_a_traced_graph():
+    model = ResidualMLP()
+    with torch.no_grad():  # a LayerNorm with non-trivial affine parameters
+        model.norm.weight.normal_()
+        model.norm.bias.normal_()
+    twin = _permute_residual_mlp(model)
+    x, y = regression_data(n=16)
+    torch.testing.assert_close(twin(x), model(x), atol=1e-5, rtol=0)
+    rule = random_rule(seed=5)
+    opt = NGOptimizer(model.parameters(), model=model, graph="traced", rule=rule)
+    twin_opt = NGOptimizer(twin.parameters(), model=twin, graph="traced", rule=rule)
+    start = copy.deepcopy(model)
+    for _ in range(3):
+        _step(model, opt, x, y)
+        _step(twin, twin_opt, x, y)
+    expected = _permute_residual_mlp(model)
+    for (name, p), q, s in zip(
+        twin.named_parameters(), expected.parameters(), start.parameters()
+    ):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=0, msg=name)
+        assert not torch.equal(q, s)
