@@ -11,8 +11,9 @@ import torch
 from conftest import mlp, random_rule, regression_data, train
 from torch import nn
 
-from lopt import NGOptimizer
+from lopt import NGOptimizer, RuleConfig
 from lopt.graph import NeuralGraph, Unsupported
+from lopt.optim.fused import cpu_kernel
 
 
 class ResidualMLP(nn.Module):
@@ -235,18 +236,25 @@ def test_unsupported_models_fall_back_with_one_warning(make, x_shape):
         opt.step()
 
 
-def test_fused_and_reference_steps_agree_on_a_traced_graph():
-    models = [ResidualMLP(), ResidualMLP()]
+@pytest.mark.parametrize(
+    "make, x_shape", [(ResidualMLP, (32, 4)), (small_cnn, (16, 2, 6, 6))]
+)
+def test_fused_and_reference_steps_agree_on_a_traced_graph(make, x_shape):
+    if cpu_kernel.load() is None:
+        pytest.skip("the fused CPU kernel could not be built")
+    models = [make(), make()]
+    rule = random_rule(5, RuleConfig())  # the shipped shape: the kernel applies
     opts = [
-        NGOptimizer(
-            m.parameters(), model=m, graph="traced", rule=random_rule(5), fused=f
-        )
+        NGOptimizer(m.parameters(), model=m, graph="traced", rule=rule, fused=f)
         for m, f in zip(models, (None, False))
     ]
-    x, y = regression_data()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(*x_shape, generator=gen)
+    y = torch.randn(x_shape[0], 3, generator=gen)
     for _ in range(3):
         for model, opt in zip(models, opts):
             _step(model, opt, x, y)
+    assert opts[0]._plan is not None and opts[1]._plan is None
     for p, q in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(p, q)
 
