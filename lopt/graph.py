@@ -31,20 +31,29 @@ Shape inference rules:
 
 No learned per-index information is attached to hidden neurons, so permuting
 the hidden neurons of a network permutes the graph and nothing else.
+
+:meth:`NeuralGraph.from_module` builds the same kind of graph from the module's
+``torch.fx`` trace instead (:mod:`lopt.tracing`): a residual sum merges the
+neurons it adds, norms attach to the neurons they normalise, whatever the
+order of the parameters.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import NamedTuple
 
 import torch
+from torch import fx, nn
+
+from lopt.tracing import FxWalker, TracedValue, Unsupported, trace_module
 
 __all__ = [
     "NeuralGraph",
+    "Unsupported",
     "EdgeDegree",
     "edge_degree",
     "NODE_ROLES",
@@ -254,6 +263,61 @@ class NeuralGraph:
         return cls._finish(b, shapes, prev, depth)
 
     @classmethod
+    def from_module(
+        cls, model: nn.Module, params: Sequence[torch.Tensor]
+    ) -> NeuralGraph:
+        """Build the graph of ``params`` from ``model``'s ``torch.fx`` trace.
+
+        The structure is the module's, read from its trace (:mod:`lopt.tracing`)
+        rather than inferred from the order of the parameters:
+
+        * a linear or conv layer's weight is edges from the neurons it reads
+          (the channels of a flattened map: input feature ``i`` of a linear
+          layer after a flatten of ``C`` channels comes from channel
+          ``i // (in / C)``, as in :meth:`from_shapes`) to new neurons; its
+          bias is a slot of them;
+        * a norm's scale and shift are slots of the neurons it normalises;
+        * a residual sum ``x + f(x)`` merges ``f``'s output neurons with
+          ``x``'s (edges come from parameters only), so a block's weights may
+          form cycles and, for a one-layer block, self-loops;
+        * the ``k``-th vector placed on a group of neurons gets slot type
+          ``k`` (capped), as the ``k``-th vector after a layer does in
+          :meth:`from_shapes`: a bias is type 0, a norm's scale and shift
+          after it types 1 and 2 (neurons merged by a residual sum count the
+          most vectors either had);
+        * parameters the trace does not place become standalone nodes.
+
+        Neurons are numbered in trace order, skipping those that hold none of
+        ``params`` (a frozen layer's), so the graph depends neither on the
+        order of ``params`` nor on the values of the weights; for a chain of
+        layers it equals :meth:`from_shapes` in the model's order.
+
+        Args:
+            model: the network; every tensor of ``params`` must be one of its
+                parameters.
+            params: the parameters the graph covers; tensor ``i`` of the
+                graph is ``params[i]``.
+
+        Raises:
+            Unsupported: the trace fails or holds something this graph cannot
+                represent exactly (attention, recurrent layers, shared
+                weights, ...): fall back to :meth:`from_shapes`.
+            ValueError: a tensor of ``params`` is not a parameter of ``model``.
+        """
+        named = list(model.named_parameters(remove_duplicate=False))
+        position = {id(p): i for i, p in enumerate(params)}
+        known = {id(p) for _, p in named}
+        for p in params:
+            if id(p) not in known:
+                raise ValueError(
+                    f"Invalid parameter of shape {tuple(p.shape)}: not a "
+                    f"parameter of {type(model).__name__}"
+                )
+        walker = _TracedGraph(trace_module(model), named, position)
+        outputs = walker.run()
+        return walker.build(cls, [p.shape for p in params], outputs)
+
+    @classmethod
     def from_parameters(cls, params: Iterable[torch.Tensor]) -> NeuralGraph:
         """Build the graph of an ordered parameter list (uses shapes only)."""
         return cls.from_shapes([p.shape for p in params])
@@ -399,3 +463,153 @@ class NeuralGraph:
             f"NeuralGraph(tensors={len(self.shapes)}, nodes={self.num_nodes}, "
             f"edges={self.num_edges}, slots={self.num_slots})"
         )
+
+
+class _TracedGraph(FxWalker):
+    """Walks a trace into the edges and slots of :meth:`NeuralGraph.from_module`.
+
+    Neurons merged by a residual sum are kept in a union-find forest (the
+    smaller id is the root); edges and slots keep the ids they were made with
+    and are mapped to their roots in :meth:`build`.
+    """
+
+    def __init__(
+        self,
+        gm: fx.GraphModule,
+        named: list[tuple[str, torch.Tensor]],
+        position: dict[int, int],
+    ):
+        super().__init__(gm, {name: p.shape for name, p in named})
+        self.ident = {name: id(p) for name, p in named}
+        self.position = position  # id of an optimized parameter -> its index
+        self.placed: set[int] = set()  # ids of the parameters met
+        self.role: list[int] = []
+        self.depth: list[int] = []  # at a root: the deepest of its neurons
+        self.parent: list[int] = []
+        self.slots_used: list[int] = []  # at a root: vectors placed on it
+        #: (parameter index, input ids, output ids, kernel) per edge tensor.
+        self.edges: list[tuple[int, torch.Tensor, torch.Tensor, tuple]] = []
+        #: (parameter index, node ids, slot type) per slot tensor.
+        self.slots: list[tuple[int, torch.Tensor, int]] = []
+
+    def _new(self, count: int, role: str, depth: int) -> torch.Tensor:
+        start = len(self.role)
+        self.role += [NODE_ROLES.index(role)] * count
+        self.depth += [depth] * count
+        self.parent += range(start, start + count)
+        self.slots_used += [0] * count
+        return torch.arange(start, start + count)
+
+    def _find(self, i: int) -> int:
+        while self.parent[i] != i:
+            self.parent[i] = self.parent[self.parent[i]]
+            i = self.parent[i]
+        return i
+
+    def _roots(self, nodes: torch.Tensor) -> list[int]:
+        return [self._find(i) for i in nodes.tolist()]
+
+    def _param(self, name: str) -> int | None:
+        """Mark parameter ``name`` as placed; its index in ``params`` (None:
+        not optimized)."""
+        ident = self.ident[name]
+        if ident in self.placed:
+            raise Unsupported(f"{name} is used twice (shared weights)")
+        self.placed.add(ident)
+        return self.position.get(ident)
+
+    def _slot(self, name: str, nodes: torch.Tensor) -> None:
+        if tuple(self.shapes[name]) != (len(nodes),):
+            raise Unsupported(
+                f"{name} of shape {tuple(self.shapes[name])} does not fit "
+                f"{len(nodes)} neurons"
+            )
+        index = self._param(name)
+        roots = self._roots(nodes)
+        used = max((self.slots_used[r] for r in roots), default=0)
+        for r in roots:
+            self.slots_used[r] = used + 1
+        if index is not None:
+            stype = min(used, NUM_LAYER_SLOT_TYPES - 1)
+            self.slots.append((index, nodes, stype))
+
+    def new_inputs(self, count: int) -> torch.Tensor:
+        return self._new(count, "input", 0)
+
+    def layer(self, name, inputs, out, kernel, layer_type) -> torch.Tensor:
+        weight = f"{name}.weight"
+        if weight not in self.shapes:
+            raise Unsupported(f"{name} has no weight parameter")
+        depth = max((self.depth[r] for r in self._roots(inputs)), default=0)
+        outputs = self._new(out, "hidden", depth + 1)
+        if layer_type == "flatten_linear":
+            # One edge per input feature, from the channel it belongs to.
+            inputs = inputs.repeat_interleave(math.prod(kernel))
+            kernel = ()
+        index = self._param(weight)
+        if index is not None:
+            self.edges.append((index, inputs, outputs, tuple(kernel)))
+        if f"{name}.bias" in self.shapes:
+            self._slot(f"{name}.bias", outputs)
+        return outputs
+
+    def norm(self, name: str, inputs: torch.Tensor) -> torch.Tensor:
+        for leaf in ("weight", "bias"):
+            if f"{name}.{leaf}" in self.shapes:
+                self._slot(f"{name}.{leaf}", inputs)
+        return inputs
+
+    def residual(self, operands, nodes) -> TracedValue:
+        for i, j in zip(self._roots(nodes[0]), self._roots(nodes[1])):
+            if i == j:
+                continue
+            root, other = min(i, j), max(i, j)
+            self.parent[other] = root
+            self.depth[root] = max(self.depth[root], self.depth[other])
+            self.slots_used[root] = max(self.slots_used[root], self.slots_used[other])
+        a, b = (self.env[o] for o in operands)
+        return replace(a, nodes=nodes[0], conv_dims=max(a.conv_dims, b.conv_dims))
+
+    def build(
+        self,
+        cls: type[NeuralGraph],
+        shapes: Sequence[torch.Size],
+        outputs: torch.Tensor | None,
+    ) -> NeuralGraph:
+        """The graph of the walk, over parameters of ``shapes``."""
+        shapes = tuple(torch.Size(s) for s in shapes)
+        root = torch.tensor(
+            [self._find(i) for i in range(len(self.parent))], dtype=torch.long
+        )
+        kept = torch.zeros(len(root), dtype=torch.bool)
+        for _, inputs, outs, _ in self.edges:
+            kept[root[inputs]] = True
+            kept[root[outs]] = True
+        for _, nodes, _ in self.slots:
+            kept[root[nodes]] = True
+        renumber = (kept.long().cumsum(0) - 1)[root]
+        keep = kept.nonzero().reshape(-1)
+        b = _Builder(num_nodes=len(keep))
+        depth = torch.tensor(self.depth, dtype=torch.long)[keep]
+        b.node_role.append(torch.tensor(self.role, dtype=torch.long)[keep])
+        b.node_depth.append(depth)
+        for index, inputs, outs, kernel in self.edges:
+            b.edge_layers.append((renumber[inputs], renumber[outs], kernel))
+            b.edge_tensors.append(index)
+        for index, nodes, stype in self.slots:
+            b.slot_tensors.append(index)
+            b.slot_node.append(renumber[nodes])
+            b.slot_type.append(torch.full((len(nodes),), stype, dtype=torch.long))
+        placed = set(b.edge_tensors) | set(b.slot_tensors)
+        for index, shape in enumerate(shapes):
+            if index not in placed:
+                nodes = b.add_nodes(shape.numel(), NODE_ROLES.index("standalone"), 0)
+                b.slot_tensors.append(index)
+                b.slot_node.append(nodes)
+                b.slot_type.append(torch.full((shape.numel(),), STANDALONE_SLOT))
+        last = None
+        if outputs is not None:
+            ids = root[outputs]
+            last = renumber[ids[kept[ids]]]
+        max_depth = int(depth.max()) if len(depth) else 0
+        return cls._finish(b, shapes, last, max_depth)

@@ -21,7 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 #: Folder -> the folders its modules may import (besides their own).
 #: Package ``__init__`` façades only re-export and are not checked.
 LAYERS: dict[str, set[str]] = {
-    "lopt.graph": set(),
+    # The fx walk both halves read a module's exact graph with.
+    "lopt.tracing": set(),
+    "lopt.graph": {"lopt.tracing"},
     "lopt.nn": {"lopt.graph"},
     "lopt.optim": {"lopt.graph", "lopt.nn"},
     "lopt.integrations": {"lopt.graph", "lopt.nn", "lopt.optim"},
@@ -29,7 +31,7 @@ LAYERS: dict[str, set[str]] = {
     # The weight-space half needs the shared core only; inside it, graphs
     # come first, models and splits read them, baselines and training use
     # all three; the zoos are built and stored on their own.
-    "lopt.weightspace.graph": {"lopt.graph", "lopt.nn"},
+    "lopt.weightspace.graph": {"lopt.graph", "lopt.nn", "lopt.tracing"},
     "lopt.weightspace.models": {"lopt.graph", "lopt.nn", "lopt.weightspace.graph"},
     "lopt.weightspace.splits": {"lopt.weightspace.graph"},
     "lopt.weightspace.baselines": {

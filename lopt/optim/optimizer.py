@@ -14,7 +14,7 @@ from torch import nn
 from torch.autograd.graph import increment_version
 from torch.optim import Optimizer
 
-from lopt.graph import NeuralGraph
+from lopt.graph import NeuralGraph, Unsupported
 from lopt.optim.dtensor import copy_into, full_tensors, is_dtensor
 from lopt.optim.features import FeatureState
 from lopt.optim.functional import flat_gradients, init_state, ng_step
@@ -49,6 +49,8 @@ __all__ = [
 SHIPPED_RULES = ("default", "full", "base")
 
 _NONFINITE_MODES = ("skip", "raise")
+#: Where the neural graph's structure comes from (``NGOptimizer(graph=...)``).
+_GRAPH_MODES = ("shapes", "traced")
 #: Share of ``total_steps`` at the end over which the step decays linearly to
 #: zero (the cooldown of a warmup-stable-decay schedule; see
 #: :func:`cooldown_factor`).
@@ -174,6 +176,17 @@ class NGOptimizer(Optimizer):
             (:func:`structure_order`), and plain tensors are taken in the
             order given, with a warning when the groups look like a
             decay / no-decay split. (default: ``None``)
+        graph (str, optional): where the neural graph's structure comes from,
+            with ``model``. ``"shapes"``: shape inference over the parameters
+            in the model's order (:meth:`NeuralGraph.from_shapes`).
+            ``"traced"``: the module's exact graph from its ``torch.fx``
+            trace (:meth:`NeuralGraph.from_module`: residual sums merge
+            neurons, norms attach to the neurons they normalise); when the
+            trace is unsupported (attention, recurrent layers, ...) it falls
+            back to ``"shapes"`` with a warning that says why. The default
+            is ``"shapes"`` because the shipped rule was found insensitive to
+            structure (experiment 18); whether the traced graph does better
+            is yet to be measured. (default: ``"shapes"``)
 
     State (per parameter, float32 whatever the parameter dtype; views into
     flat buffers shared by all parameters):
@@ -207,12 +220,24 @@ class NGOptimizer(Optimizer):
         total_steps: int | None = None,
         orthogonal: bool = True,
         model: nn.Module | None = None,
+        graph: str = "shapes",
     ):
         _check_number("learning rate", lr)
         if model is not None and not isinstance(model, nn.Module):
             raise ValueError(
                 f"Invalid model: expected a torch.nn.Module, got {type(model).__name__}"
             )
+        if graph not in _GRAPH_MODES:
+            raise ValueError(
+                f"Invalid graph: {graph!r} (expected one of {_GRAPH_MODES})"
+            )
+        if graph == "traced" and model is None:
+            raise ValueError(
+                "Invalid graph: 'traced' needs the module (pass model=model)"
+            )
+        #: The module whose fx trace gives the graph (``graph="traced"``),
+        #: ``None`` once its trace turned out unsupported.
+        self._traced_model = model if graph == "traced" else None
         #: Position of each of ``model``'s parameters in its own order, by id.
         self._model_order: dict[int, int] | None = None
         if model is not None:
@@ -310,6 +335,12 @@ class NGOptimizer(Optimizer):
         names = None
         if all("param_names" in group for group in self.param_groups):
             names = [n for group in self.param_groups for n in group["param_names"]]
+        if self._traced_model is not None:
+            try:
+                return NeuralGraph.from_module(self._traced_model, params)
+            except Unsupported as err:
+                _warn_untraceable(self._traced_model, err)
+                self._traced_model = None
         order = structure_order(params, self._model_order, names)
         if order is None and not self._warned_order:
             self._warned_order = _warn_split_groups(self.param_groups)
@@ -655,6 +686,17 @@ def structure_order(
     else:
         return None
     return sorted(range(len(params)), key=keys.__getitem__)
+
+
+def _warn_untraceable(model: nn.Module, err: Unsupported) -> None:
+    """Warn that ``graph="traced"`` falls back to shape inference, and why."""
+    warnings.warn(
+        f"NGOptimizer(graph='traced'): the fx trace of {type(model).__name__} "
+        f"is unsupported ({err}), so the neural graph falls back to shape "
+        "inference over its parameters in the model's order (graph='shapes').",
+        UserWarning,
+        stacklevel=_user_stacklevel(),
+    )
 
 
 def _warn_split_groups(param_groups: list[dict[str, Any]]) -> bool:

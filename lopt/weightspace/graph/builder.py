@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from lopt.tracing import Unsupported
 from lopt.weightspace.graph.data import (
     ACTIVATIONS,
     LAYER_TYPES,
@@ -25,10 +26,6 @@ from lopt.weightspace.graph.data import (
 )
 
 __all__ = ["GraphBuilder", "Unsupported"]
-
-
-class Unsupported(Exception):
-    """The structure met cannot be represented exactly; the caller falls back."""
 
 
 @dataclass
