@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 
@@ -153,6 +154,31 @@ def test_ng_runs_are_keyed_by_the_rule(tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "_rule_checksum", lambda: "another rule")
     assert cache.key(TOY, Recipe("ng"), 0, True) != key
     assert "rule" not in cache.key(TOY, Recipe("adamw", 1e-3), 0, True)
+
+
+def test_ng_runs_are_keyed_by_their_graph_source(tmp_path):
+    """``--ng-graph``: NG runs with another graph source are cached apart;
+    the default keeps the keys of runs cached before the option existed, and
+    the baselines' keys never change."""
+    default, traced = RunCache(tmp_path), RunCache(tmp_path, "traced")
+    ng, adamw = Recipe("ng"), Recipe("adamw", 1e-3)
+    assert "structure" not in default.key(TOY, ng, 0, True)
+    assert traced.key(TOY, ng, 0, True) != default.key(TOY, ng, 0, True)
+    assert traced.key(TOY, adamw, 0, True) == default.key(TOY, adamw, 0, True)
+
+
+@pytest.mark.parametrize("structure", ["model", "named", "traced"])
+def test_ng_trains_the_toy_job_with_each_graph_source(structure):
+    """The toy MLP traces, so ``traced`` uses the fx graph (no fallback
+    warning); every source trains it."""
+    import warnings
+
+    make = functools.partial(Trainer, structure=structure)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        record = train_run(TOY, Recipe("ng"), 0, True, make)
+    assert record.diverged_at is None
+    assert record.evals[-1]["val_loss"] < record.evals[0]["val_loss"]
 
 
 def _record(recipe, lr, finals, seconds=1.0):

@@ -17,6 +17,7 @@ run's in ``benchmarks/results/quick/workloads_cache`` (not committed). Results:
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 
@@ -27,16 +28,25 @@ from benchmarks.common.cli import RESULTS_DIR, print_saved
 from benchmarks.common.provenance import run_metadata
 from benchmarks.common.report import write_outputs
 from benchmarks.optim.workloads import WORKLOAD_NAMES, get_workloads
-from benchmarks.optim.workloads.recipes import RECIPES, NotApplicable, Recipe, lr_grid
+from benchmarks.optim.workloads.recipes import (
+    RECIPES,
+    STRUCTURES,
+    NotApplicable,
+    Recipe,
+    Trainer,
+    lr_grid,
+)
 from benchmarks.optim.workloads.report import markdown, plot, summarise
 from benchmarks.optim.workloads.runner import RunCache, train_run
 
 __all__ = ["main", "run_all"]
 
 
-def run_all(workloads, recipes, seeds, quick, cache, progress=True):
+def run_all(workloads, recipes, seeds, quick, cache, progress=True, structure="groups"):
     """Every (workload, recipe, lr, seed) run, from the cache where done;
-    runs whose recipe does not apply to the workload are skipped."""
+    runs whose recipe does not apply to the workload are skipped.
+    ``structure``: where NG's graph comes from (``Trainer``'s)."""
+    make = functools.partial(Trainer, structure=structure)
     plan = [
         (w, Recipe(r, lr), seed)
         for w in workloads
@@ -51,7 +61,7 @@ def run_all(workloads, recipes, seeds, quick, cache, progress=True):
         record = cache.get(w, recipe, seed, quick) if cache else None
         if record is None:
             try:
-                record = train_run(w, recipe, seed, quick)
+                record = train_run(w, recipe, seed, quick, make)
             except NotApplicable:
                 continue
             if cache:
@@ -74,6 +84,14 @@ def _parse(argv):
         "--cache", help="run cache directory ('' for none; default: see above)"
     )
     parser.add_argument("--out", help="output directory")
+    parser.add_argument(
+        "--ng-graph",
+        choices=STRUCTURES,
+        default="groups",
+        help="where NG's neural graph comes from: the param groups' order "
+        "(default, as users write them), model= ('model'), names ('named') or "
+        "the model's torch.fx trace ('traced'); cached apart",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
@@ -98,10 +116,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.cache is None:
         where = ("quick", "workloads_cache") if args.quick else ("workloads", "cache")
         args.cache = str(RESULTS_DIR.joinpath(*where))
-    cache = RunCache(args.cache) if args.cache else None
+    cache = RunCache(args.cache, args.ng_graph) if args.cache else None
     start = time.perf_counter()
     records = run_all(
-        workloads, recipes, args.seeds, args.quick, cache, not args.no_progress
+        workloads,
+        recipes,
+        args.seeds,
+        args.quick,
+        cache,
+        not args.no_progress,
+        args.ng_graph,
     )
     summary = summarise(records, workloads)
     meta = run_metadata()

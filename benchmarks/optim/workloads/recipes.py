@@ -36,6 +36,7 @@ from lopt import NGOptimizer, UpdateRule
 
 __all__ = [
     "RECIPES",
+    "STRUCTURES",
     "TUNED",
     "DISPLAY",
     "NotApplicable",
@@ -46,6 +47,8 @@ __all__ = [
 
 #: Recipes in table order.
 RECIPES = ("ng", "ng_untrained", "adamw", "muon", "schedulefree", "prodigy")
+#: Where the NG recipes' neural graph comes from (``Trainer``'s ``structure``).
+STRUCTURES = ("groups", "model", "named", "traced")
 #: Recipes whose learning rate is tuned per workload.
 TUNED = ("adamw", "muon")
 DISPLAY = {
@@ -127,9 +130,10 @@ class Trainer:
         """``rule``: the NG recipes' rule (default: the shipped one; for
         ``ng_untrained``, the rule whose config gets fresh weights).
         ``structure``: where the NG recipes' neural graph comes from: the
-        groups' order (``"groups"``), ``model=`` (``"model"``) or the
-        parameters' names (``"named"``)."""
-        if structure not in ("groups", "model", "named"):
+        groups' order (``"groups"``), ``model=`` (``"model"``), the
+        parameters' names (``"named"``) or the model's fx trace
+        (``"traced"``: ``model=``, ``graph="traced"``)."""
+        if structure not in STRUCTURES:
             raise ValueError(f"Invalid structure: {structure!r}")
         self.recipe = recipe
         self.optimizers: list[torch.optim.Optimizer] = []
@@ -174,7 +178,7 @@ class Trainer:
         else:  # ng; ng_untrained: the shipped config with fresh weights
             if name == "ng_untrained":
                 rule = untrained_like(rule or load_ng_rule())
-            model = job.model if structure == "model" else None
+            model = job.model if structure in ("model", "traced") else None
             if structure == "named":
                 names = {id(p): n for n, p in job.model.named_parameters()}
                 groups = [
@@ -183,7 +187,11 @@ class Trainer:
                 ]
             self.optimizers.append(
                 NGOptimizer(
-                    groups, rule=rule or "default", total_steps=total, model=model
+                    groups,
+                    rule=rule or "default",
+                    total_steps=total,
+                    model=model,
+                    graph="traced" if structure == "traced" else "shapes",
                 )
             )
 

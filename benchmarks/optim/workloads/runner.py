@@ -142,9 +142,12 @@ def _rule_checksum() -> str:
 class RunCache:
     """Finished runs as JSON files in ``directory`` (created when missing)."""
 
-    def __init__(self, directory: str | os.PathLike):
+    def __init__(self, directory: str | os.PathLike, structure: str = "groups"):
         self.directory = cache_directory(directory)
         self.hits = 0
+        #: The NG recipes' graph source (``Trainer``'s ``structure``): part of
+        #: their key unless it is the default.
+        self.structure = structure
 
     def key(self, workload: Workload, recipe: Recipe, seed: int, quick: bool) -> dict:
         key: dict[str, Any] = {
@@ -164,6 +167,8 @@ class RunCache:
         if recipe.name.startswith("ng"):
             key["rule"] = _rule_checksum()
             key["ng_setup"] = NG_SETUP
+            if self.structure != "groups":
+                key["structure"] = self.structure
         return key
 
     def _path(self, key: dict) -> Path:
