@@ -76,7 +76,7 @@ def _warn_adam_like_lr(lr: Any, where: str) -> bool:
         "Leave lr at 1.0 and schedule it as a multiplier (LR schedulers do), "
         "instead of writing Adam-style absolute values into param_group['lr'].",
         UserWarning,
-        stacklevel=4,
+        stacklevel=_user_stacklevel(),
     )
     return True
 
@@ -532,7 +532,7 @@ class NGOptimizer(Optimizer):
                 f"NGOptimizer: step {done + 1} is past total_steps="
                 f"{self.total_steps}; the cooldown has ended and the steps are "
                 "zero. Pass the run's real length as total_steps (or None).",
-                stacklevel=4,
+                stacklevel=_user_stacklevel(),
             )
         return cooldown_factor(done, self.total_steps)
 

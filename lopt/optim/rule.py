@@ -157,8 +157,14 @@ class _Head(nn.Module):
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
         with torch.no_grad():
-            self.skip.weight.zero_()
-            self.skip.weight[0, ADAM_RATIO_FEATURE] = 1.0
+            self.skip.weight.copy_(self.adam_skip())
+
+    def adam_skip(self) -> torch.Tensor:
+        """The skip weights of a fresh head: its direction is the Adam ratio
+        and its log-magnitude zero."""
+        weight = torch.zeros_like(self.skip.weight)
+        weight[0, ADAM_RATIO_FEATURE] = 1.0
+        return weight
 
     def forward(self, embed: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
         if not self.hidden:
@@ -262,8 +268,7 @@ class UpdateRule(nn.Module):
         with torch.no_grad():
             zero = True
             for head in (self.edge_head, self.slot_head):
-                want = torch.zeros_like(head.skip.weight)
-                want[0, ADAM_RATIO_FEATURE] = 1.0
+                want = head.adam_skip()
                 if (
                     head.out.weight.any()
                     or head.out.bias.any()
@@ -323,9 +328,7 @@ def blend_with_untrained(rule: UpdateRule, alpha: float) -> UpdateRule:
         for head in (out.edge_head, out.slot_head):
             head.out.weight.mul_(alpha)
             head.out.bias.mul_(alpha)
-            fresh = torch.zeros_like(head.skip.weight)
-            fresh[0, ADAM_RATIO_FEATURE] = 1.0
-            head.skip.weight.mul_(alpha).add_(fresh, alpha=1.0 - alpha)
+            head.skip.weight.mul_(alpha).add_(head.adam_skip(), alpha=1.0 - alpha)
     return out
 
 
