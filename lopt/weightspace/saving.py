@@ -216,6 +216,13 @@ def load_predictor(path: str | os.PathLike) -> WeightSpaceTrainer:
             f"Invalid predictor file {path}: format version "
             f"{meta.get('format_version')!r}, this lopt reads {FORMAT_VERSION}"
         )
+    missing = [
+        k for k in ("predictor", "task", "trainer", "y_mean", "y_std") if k not in meta
+    ]
+    if missing or not isinstance(meta["predictor"], dict):
+        raise ValueError(
+            f"Invalid predictor file {path}: its JSON lacks {missing or ['predictor']}"
+        )
     model = build(meta["predictor"], meta["task"])
     try:
         model.load_state_dict(tensors, strict=True)

@@ -146,7 +146,10 @@ def test_the_file_is_safetensors_with_readable_json(splits, tmp_path):
     assert meta["predictor"]["class"] == "StatNNTrees"
     assert meta["task"] == "regression" and meta["y_std"] == trainer.y_std
     assert {"trees.threshold", "trees.value", "mean", "std"} <= keys
-    assert path.read_bytes()[:8] != b"\x80\x04\x95"  # not a pickle
+    # A safetensors file: an 8-byte little-endian header length, then JSON.
+    raw = path.read_bytes()
+    header = int.from_bytes(raw[:8], "little")
+    assert json.loads(raw[8 : 8 + header])["__metadata__"]
 
 
 def test_trees_match_scikit_learn():
@@ -246,3 +249,21 @@ def test_only_fitted_library_predictors_save(splits, tmp_path):
     with pytest.raises(TypeError, match="cannot save a Mine"):
         save_predictor(trainer, tmp_path / "x.safetensors")
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_a_file_whose_json_lacks_entries_fails_naming_them(tmp_path):
+    """The right format and version but no predictor description: a
+    ``ValueError`` that names what is missing, not a ``KeyError``."""
+    from safetensors.torch import save_file
+
+    from lopt.weightspace.saving import _KEY, FORMAT_NAME, FORMAT_VERSION
+
+    path = tmp_path / "partial.safetensors"
+    meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "task": "x"}
+    save_file(
+        {"w": torch.zeros(1)},
+        str(path),
+        metadata={_KEY: json.dumps(meta)},
+    )
+    with pytest.raises(ValueError, match=r"lacks \['predictor', 'trainer'"):
+        load_predictor(path)

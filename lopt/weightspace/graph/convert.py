@@ -32,9 +32,10 @@ import torch
 from torch import nn
 
 from lopt.graph import STANDALONE_SLOT, NeuralGraph
+from lopt.tracing import NORMS
 from lopt.weightspace.graph.builder import GraphBuilder, Unsupported
 from lopt.weightspace.graph.data import NeuralGraphData
-from lopt.weightspace.graph.trace import _NORMS, add_norm_layer, guess_spatial_shape
+from lopt.weightspace.graph.trace import add_norm_layer, guess_spatial_shape
 from lopt.weightspace.graph.trace import trace_into as _trace_into
 
 __all__ = ["to_graph", "graph_state"]
@@ -203,7 +204,7 @@ def _infer_into(module: nn.Module, b: GraphBuilder) -> torch.Tensor | None:
         slot = first - num_edges
         is_slot = len(shape) == 1 and int(ng.slot_type[slot]) != STANDALONE_SLOT
         owner = _submodule(module, prefix)
-        if is_slot and isinstance(owner, _NORMS):
+        if is_slot and isinstance(owner, NORMS):
             if prefix not in norms:
                 nodes = mine[ng.slot_node[slot : slot + shape[0]].long()]
                 resolve = grow()

@@ -30,11 +30,10 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from lopt.tracing import NORMS as _NORMS
 from lopt.tracing import FxWalker, TracedValue, guess_spatial_shape, trace_module
 from lopt.weightspace.graph.builder import GraphBuilder
 
-__all__ = ["trace_into", "guess_spatial_shape", "add_norm_layer", "_NORMS"]
+__all__ = ["trace_into", "guess_spatial_shape", "add_norm_layer"]
 
 
 def trace_into(

@@ -405,8 +405,6 @@ class WeightSpaceConfig:
             return self
         auto = AUTO_FOURIER_FEATURES if edge_features == 1 else 0
         return replace(self, fourier_features=auto)
-        if self.probes and not self.probe_shape:
-            raise ValueError("probes need probe_shape, the shape of one input")
 
 
 class RandomFourierFeatures(nn.Module):
